@@ -1,0 +1,215 @@
+"""Typed schema of the Hydra config tree and the semantic checks run before any model is built.
+
+The YAML files under `conf/` carry the values; the dataclasses here carry the types. `conf/train.yaml`
+extends `train_schema`, so a misspelt key or a value of the wrong type fails at composition with Hydra's
+own error, and `check_config` catches what types cannot (lr > 0, a known pipeline, a readable manifest).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from lineclip.preprocess import PIPELINES
+
+
+@dataclass
+class ModelConfig:
+    """Image tower: DINOv2 from `name_or_path` (hub id or local dir), or random init from `config`."""
+
+    name: str = "dinov2"
+    name_or_path: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    projection_dim: int = 256
+    freeze_backbone: bool = False
+    backbone_lr_multiplier: float = 1.0
+    head_lr_multiplier: float = 1.0
+    gradient_checkpointing: bool = False
+    # Start both towers, both heads and the logit scale from an earlier run dir or checkpoint bundle.
+    init_from: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TextConfig:
+    """Text tower: the ByT5 *encoder* from `name_or_path`, or random init from `config`."""
+
+    name: str = "byt5"
+    name_or_path: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    max_length: int = 512  # in bytes (ByT5 tokens); Tibetan is 3 bytes a character
+    freeze: bool = False
+    encoder_lr_multiplier: float = 1.0
+    head_lr_multiplier: float = 1.0
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"
+    dataset_dir: str | None = None
+    train_manifest: str | None = None
+    val_manifest: str | None = None
+    batch_size: int = 32
+    eval_batch_size: int | None = None  # defaults to batch_size
+    num_workers: int = 2
+    on_bad_row: str = "skip"  # skip (and count) | error
+    augment: bool = False
+
+
+@dataclass
+class PreprocessConfig:
+    pipeline: str = "bdrc"
+    target_height: int = 56
+    max_width: int = 1024
+    width_buckets: list[int] = field(default_factory=lambda: [256, 384, 512, 768, 1024])
+    patch_multiple: int = 14
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 1000
+    schedule: str = "cosine"  # cosine | linear | constant (after linear warmup)
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class LossConfig:
+    learnable_temperature: bool = True
+    temperature: float = 0.07  # initial value when learnable (CLIP: 1/0.07), fixed value otherwise
+    max_logit_scale: float = 100.0
+    gather: bool | None = None  # None: gather embeddings across processes whenever world size > 1
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 20
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 42
+    gradient_accumulation_steps: int = 1
+    checkpoint_every_steps: int = 2400
+    eval_every_steps: int | None = None  # defaults to checkpoint_every_steps, as in the spec
+    log_every_steps: int = 10
+    export_embeddings: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "lineclip"
+    entity: str | None = None
+    group: str | None = None  # defaults to the multirun sweep dir's name
+    mode: str | None = None  # online | offline | disabled; None: online with credentials, else offline
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    output_dir: str | None = None  # defaults to Hydra's run dir
+
+
+def register_configs() -> None:
+    """Store the schemas and the `${lineclip_asset:NAME}` resolver (the package's bundled data dirs)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("lineclip_asset"):
+        OmegaConf.register_new_resolver("lineclip_asset", lambda name: str(asset_dir(name)))
+
+
+def conf_dir() -> Path:
+    """The config tree: `conf/` of a source checkout, or the copy shipped inside an installed wheel."""
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    return checkout if checkout.is_dir() else Path(str(resources.files("lineclip") / "conf"))
+
+
+def asset_dir(name: str) -> Path:
+    """A data dir bundled with the package (e.g. the demo dataset), wherever the package is installed."""
+    return Path(str(resources.files("lineclip") / "assets" / name))
+
+
+class ConfigError(ValueError):
+    """A composed config that types alone cannot reject; the message names the field."""
+
+
+_CHOICES = {
+    "preprocess.pipeline": PIPELINES,
+    "trainer.mixed_precision": ("no", "fp16", "bf16"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "optim.name": ("adamw",),
+    "data.on_bad_row": ("skip", "error"),
+    "logger.name": ("wandb", "none"),
+}
+
+
+def _get(cfg: DictConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail fast, before any model is built, with a one-line reason naming the field."""
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    positive = ["optim.lr", "data.batch_size", "preprocess.target_height", "preprocess.max_width",
+                "preprocess.patch_multiple", "text.max_length", "model.projection_dim",
+                "trainer.gradient_accumulation_steps", "trainer.checkpoint_every_steps", "loss.temperature"]
+    for key in positive:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
+    for key in ["trainer.max_steps", "trainer.eval_every_steps", "data.eval_batch_size"]:
+        value = _get(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be > 0 or null, got {value}")
+    if cfg.trainer.epochs <= 0 and cfg.trainer.max_steps is None:
+        raise ConfigError(f"trainer.epochs must be > 0 when trainer.max_steps is null, got {cfg.trainer.epochs}")
+    if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.data.num_workers < 0:
+        raise ConfigError("optim.weight_decay, optim.warmup_steps and data.num_workers must be >= 0")
+    patch = cfg.preprocess.patch_multiple
+    if cfg.preprocess.target_height % patch:
+        raise ConfigError(
+            f"preprocess.target_height={cfg.preprocess.target_height} is not a multiple of "
+            f"preprocess.patch_multiple={patch} (the bottom rows would never be seen)"
+        )
+    if not cfg.preprocess.width_buckets or sorted(cfg.preprocess.width_buckets) != list(cfg.preprocess.width_buckets):
+        raise ConfigError("preprocess.width_buckets must be a non-empty ascending list")
+    model_patch = cfg.model.config.get("patch_size") if cfg.model.name_or_path is None else None
+    if model_patch is not None and model_patch != patch:
+        raise ConfigError(f"preprocess.patch_multiple={patch} differs from model.config.patch_size={model_patch}")
+    if cfg.model.name_or_path is None and not cfg.model.config:
+        raise ConfigError("model.name_or_path is null and model.config is empty: nothing to build the image tower from")
+    if cfg.text.name_or_path is None and not cfg.text.config:
+        raise ConfigError("text.name_or_path is null and text.config is empty: nothing to build the text tower from")
+    for key in ["data.train_manifest", "data.val_manifest"]:
+        value = _get(cfg, key)
+        if key == "data.train_manifest" and not value:
+            raise ConfigError("data.train_manifest is required (e.g. data=openpecha data.train_manifest=...)")
+        if value and not os.access(value, os.R_OK):
+            raise ConfigError(f"{key}={value} is not a readable file")
+    if cfg.data.dataset_dir and not Path(cfg.data.dataset_dir).is_dir():
+        raise ConfigError(f"data.dataset_dir={cfg.data.dataset_dir} is not a directory")
+    if cfg.model.init_from and not Path(cfg.model.init_from).parent.exists():
+        raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist")

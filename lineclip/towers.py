@@ -1,0 +1,155 @@
+"""The two towers: DINOv2 for line images, the ByT5 encoder for transcriptions, and their projection heads.
+
+Both towers and the logit scale live in one `DualEncoder`, so that `accelerator.prepare` wraps all of them
+and every training forward goes through the wrapper (DDP all-reduces every gradient). The heads are laid
+out exactly as the PechaBridge Workbench rebuilds them: `net.0` / `net.2`, hidden `max(2*out, in//2, 32)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    BitImageProcessor,
+    ByT5Tokenizer,
+    Dinov2Config,
+    Dinov2Model,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5EncoderModel,
+)
+
+from lineclip.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+
+def head_hidden_dim(input_dim: int, output_dim: int) -> int:
+    return max(2 * output_dim, input_dim // 2, 32)
+
+
+class ProjectionHead(nn.Module):
+    def __init__(self, input_dim: int, output_dim: int) -> None:
+        super().__init__()
+        self.input_dim, self.output_dim = input_dim, output_dim
+        hidden = head_hidden_dim(input_dim, output_dim)
+        self.net = nn.Sequential(nn.Linear(input_dim, hidden), nn.GELU(), nn.Linear(hidden, output_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def save(self, path: str | Path) -> None:
+        """The Workbench format: a dict with `state_dict`, `input_dim`, `output_dim`."""
+        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        torch.save({"state_dict": state, "input_dim": self.input_dim, "output_dim": self.output_dim}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProjectionHead:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        head = cls(int(blob["input_dim"]), int(blob["output_dim"]))
+        head.load_state_dict(blob["state_dict"])
+        return head
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+@dataclass
+class Embeddings:
+    image: torch.Tensor | None
+    text: torch.Tensor | None
+    logit_scale: torch.Tensor
+
+
+class DualEncoder(nn.Module):
+    """DINOv2 CLS (`pooler_output`) -> head; ByT5 encoder -> masked mean -> head; a learnable logit scale."""
+
+    def __init__(
+        self,
+        image_backbone: PreTrainedModel,
+        text_encoder: PreTrainedModel,
+        projection_dim: int = 256,
+        temperature: float = 0.07,
+        learnable_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        self.image_backbone = image_backbone
+        self.text_encoder = text_encoder
+        self.image_head = ProjectionHead(image_backbone.config.hidden_size, projection_dim)
+        self.text_head = ProjectionHead(text_encoder.config.d_model, projection_dim)
+        # Stored as a log so that it stays positive; clamped at max_logit_scale as CLIP does.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable_temperature)
+        self.max_logit_scale = max_logit_scale
+        # DINOv2's mask_token is used only for masked-image pretraining: frozen, so DDP needs no
+        # find_unused_parameters (which costs a graph traversal every step).
+        mask_token = getattr(getattr(image_backbone, "embeddings", None), "mask_token", None)
+        if mask_token is not None:
+            mask_token.requires_grad_(False)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.image_backbone(pixel_values=pixel_values).pooler_output
+        return F.normalize(self.image_head(pooled).float(), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.text_head(masked_mean(hidden, attention_mask)).float(), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Embeddings:
+        image = self.encode_image(pixel_values) if pixel_values is not None else None
+        text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        return Embeddings(image=image, text=text, logit_scale=self.scale())
+
+
+def build_image_backbone(name_or_path: str | None, config: dict, trust_remote_code: bool = False) -> PreTrainedModel:
+    if name_or_path:
+        # The hub path and a local save_pretrained dir are the same call.
+        return Dinov2Model.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return Dinov2Model(Dinov2Config(**config))
+
+
+def build_image_processor(name_or_path: str | None, target_height: int) -> BitImageProcessor:
+    """The processor saved beside the backbone: the Workbench reads `image_mean`/`image_std` from it."""
+    if name_or_path:
+        try:
+            return AutoImageProcessor.from_pretrained(name_or_path)
+        except OSError:
+            pass  # a backbone dir saved without a processor: fall back to DINOv2's ImageNet statistics
+    return BitImageProcessor(
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        size={"shortest_edge": target_height},
+        do_center_crop=False,
+    )
+
+
+def build_text_encoder(name_or_path: str | None, config: dict, trust_remote_code: bool = False) -> PreTrainedModel:
+    if name_or_path:
+        # T5EncoderModel drops the decoder weights of a full ByT5 checkpoint: never loaded, never saved.
+        return T5EncoderModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return T5EncoderModel(T5Config(**{"is_encoder_decoder": False, "use_cache": False, **config}))
+
+
+def build_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path) if name_or_path else ByT5Tokenizer()
+    if not isinstance(tokenizer, ByT5Tokenizer):
+        raise ValueError(
+            f"text encoder {name_or_path!r} has a {type(tokenizer).__name__}; lineclip batches text as ByT5 bytes"
+        )
+    return tokenizer

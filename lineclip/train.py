@@ -1,0 +1,31 @@
+"""`python -m lineclip.train [overrides]`: the Hydra entry point (config tree in `conf/`, primary `train.yaml`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from lineclip.config import ConfigError, conf_dir, register_configs
+
+register_configs()
+log = logging.getLogger("lineclip")
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+def main(cfg: DictConfig) -> float:
+    from lineclip.manifest import ManifestError
+    from lineclip.trainer import train
+
+    try:
+        return train(cfg)
+    except (ConfigError, ManifestError) as err:
+        # A one-line reason and a non-zero exit, not a traceback.
+        log.error("%s", err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""The training loop: one plain accelerate loop, readable top to bottom.
+
+manifest -> LineDataset / BucketBatchSampler -> DualEncoder -> contrastive_loss -> AdamW, and every
+`checkpoint_every_steps` a bundle; validation Recall@K every `eval_every_steps` and after the last step;
+at the end the final bundle and the corpus embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import lineclip
+from lineclip import artifacts
+from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset, count_truncated
+from lineclip.config import ConfigError, check_config
+from lineclip.loss import contrastive_loss
+from lineclip.manifest import LineRecord, read_manifest
+from lineclip.metrics import retrieval_metrics
+from lineclip.preprocess import LineGeometry, LineImageTransform
+from lineclip.towers import (
+    DualEncoder,
+    build_image_backbone,
+    build_image_processor,
+    build_text_encoder,
+    build_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def text_ids_of(records: list[LineRecord]) -> torch.Tensor:
+    """One integer per distinct normalised transcription: lines sharing a text are each other's positives."""
+    codes, _ = pd.factorize(pd.Series([r.text for r in records], dtype=object))
+    return torch.as_tensor(codes, dtype=torch.long)
+
+
+class ShardedBatches:
+    """Whole single-bucket batches dealt round-robin to processes; the list is padded by repeating its first
+    batches so every process gets the same count (DDP needs equal step counts; a padded *batch* would
+    mix buckets, so pad with whole batches)."""
+
+    def __init__(self, sampler: BucketBatchSampler, rank: int, world_size: int) -> None:
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        batches = list(self.sampler)
+        if self.world_size > 1 and batches:
+            batches += batches[: (-len(batches)) % self.world_size]
+        return iter(batches[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.world_size)
+
+
+def make_loader(dataset: LineDataset, batch_sampler: Any, collate: LineCollator, num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
+    image_backbone = build_image_backbone(
+        cfg.model.name_or_path, dict(cfg.model.config), cfg.model.trust_remote_code)
+    text_encoder = build_text_encoder(cfg.text.name_or_path, dict(cfg.text.config), cfg.text.trust_remote_code)
+    patch = image_backbone.config.patch_size
+    if patch != cfg.preprocess.patch_multiple:
+        raise ConfigError(
+            f"preprocess.patch_multiple={cfg.preprocess.patch_multiple} but the image tower's patch is {patch}")
+    model = DualEncoder(
+        image_backbone,
+        text_encoder,
+        projection_dim=cfg.model.projection_dim,
+        temperature=cfg.loss.temperature,
+        learnable_temperature=cfg.loss.learnable_temperature,
+        max_logit_scale=cfg.loss.max_logit_scale,
+    )
+    if cfg.model.freeze_backbone:
+        model.image_backbone.requires_grad_(False)
+    if cfg.text.freeze:
+        model.text_encoder.requires_grad_(False)
+    if cfg.model.gradient_checkpointing:
+        model.image_backbone.gradient_checkpointing_enable()
+        model.text_encoder.gradient_checkpointing_enable()
+    processor = build_image_processor(cfg.model.name_or_path, cfg.preprocess.target_height)
+    return model, processor, build_tokenizer(cfg.text.name_or_path)
+
+
+def param_groups(model: DualEncoder, cfg: DictConfig) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and the logit scale (1-d tensors); lr multipliers per tower/head."""
+    multipliers = {
+        "image_backbone.": cfg.model.backbone_lr_multiplier,
+        "image_head.": cfg.model.head_lr_multiplier,
+        "text_encoder.": cfg.text.encoder_lr_multiplier,
+        "text_head.": cfg.text.head_lr_multiplier,
+        "logit_scale": 1.0,
+    }
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        mult = next(m for prefix, m in multipliers.items() if name.startswith(prefix))
+        decay = param.ndim >= 2
+        groups.setdefault((mult, decay), []).append(param)
+    return [
+        {"params": ps, "lr": cfg.optim.lr * mult, "weight_decay": cfg.optim.weight_decay if decay else 0.0}
+        for (mult, decay), ps in groups.items()
+    ]
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return min_ratio + (1 - min_ratio) * (1 - progress)
+        return 1.0
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------- embedding
+
+
+@dataclass
+class EmbeddedLines:
+    image: torch.Tensor  # [N, D] float32, rows for the dataset indices below, in ascending index order
+    text: torch.Tensor
+    indices: torch.Tensor
+    n_corrupt: int
+
+
+@torch.inference_mode()
+def embed_dataset(
+    accelerator: Accelerator, model: torch.nn.Module, dataset: LineDataset, collate: LineCollator,
+    batch_size: int, num_workers: int, with_text: bool = True,
+) -> EmbeddedLines:
+    """Embed every readable line once across all processes (batches dealt round-robin, never padded with
+    repeats), then gather so every process holds all rows in dataset order."""
+    sampler = BucketBatchSampler(dataset.buckets, batch_size, shuffle=False)
+    batches = list(sampler)[accelerator.process_index :: accelerator.num_processes]
+    loader = make_loader(dataset, batches, collate, num_workers)
+    was_training = model.training
+    model.eval()
+    images, texts, indices, n_corrupt = [], [], [], 0
+    for batch in loader:
+        n_corrupt += batch["n_corrupt"]
+        if len(batch["indices"]) == 0:
+            continue
+        out = model(
+            pixel_values=batch["pixel_values"].to(accelerator.device, non_blocking=True),
+            input_ids=batch["input_ids"].to(accelerator.device) if with_text else None,
+            attention_mask=batch["attention_mask"].to(accelerator.device) if with_text else None,
+        )
+        images.append(out.image.float())
+        if with_text:
+            texts.append(out.text.float())
+        indices.append(batch["indices"].to(accelerator.device))
+    model.train(was_training)
+    dim = accelerator.unwrap_model(model).image_head.output_dim
+    empty = torch.empty(0, dim, device=accelerator.device)
+    image = torch.cat(images) if images else empty
+    text = torch.cat(texts) if texts else empty
+    index = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long, device=accelerator.device)
+    # Ranks hold different counts: pad to the longest with index -1, gather, drop the padding, sort.
+    image, text, index = (accelerator.pad_across_processes(t, dim=0, pad_index=-1) for t in (image, text, index))
+    image, text, index = accelerator.gather((image, text, index))
+    keep = index >= 0
+    order = torch.argsort(index[keep])
+    n_corrupt_total = int(accelerator.reduce(torch.tensor(n_corrupt, device=accelerator.device), "sum"))
+    return EmbeddedLines(
+        image=image[keep][order].cpu(),
+        text=text[keep][order].cpu() if with_text else torch.empty(0),
+        indices=index[keep][order].cpu(),
+        n_corrupt=n_corrupt_total,
+    )
+
+
+def validate(accelerator, model, dataset, collate, text_ids, cfg) -> dict[str, float]:
+    emb = embed_dataset(accelerator, model, dataset, collate, eval_batch_size(cfg), cfg.data.num_workers)
+    metrics = retrieval_metrics(emb.image, emb.text, text_ids[emb.indices])
+    return {f"val_{k}": v for k, v in metrics.items()}
+
+
+def eval_batch_size(cfg: DictConfig) -> int:
+    return cfg.data.eval_batch_size or cfg.data.batch_size
+
+
+# ----------------------------------------------------------------------------------------- tracking
+
+
+def wandb_mode(cfg: DictConfig) -> str:
+    """online with credentials; offline (one message) without; an explicit setting always wins."""
+    if cfg.logger.mode or os.environ.get("WANDB_MODE"):
+        return cfg.logger.mode or os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC"))
+        if any("wandb" in host for host in rc.hosts):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    log.warning("W&B: no credentials (WANDB_API_KEY or ~/.netrc); logging offline to the run dir "
+                "(`wandb sync` uploads it later; logger=none turns logging off)")
+    return "offline"
+
+
+def start_tracking(accelerator: Accelerator, cfg: DictConfig, output_dir: Path) -> None:
+    if cfg.logger.name != "wandb":
+        return
+    group = cfg.logger.group
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+        run_name = f"{Path(hydra_cfg.runtime.output_dir).parent.name}/{Path(hydra_cfg.runtime.output_dir).name}"
+        if group is None and hydra_cfg.mode.name == "MULTIRUN":
+            group = Path(hydra_cfg.sweep.dir).name  # one W&B group per sweep
+    except ValueError:  # not under @hydra.main (tests, the API)
+        run_name = output_dir.name
+    init_kwargs = {"dir": str(output_dir), "group": group, "name": run_name, "mode": wandb_mode(cfg),
+                   "tags": list(cfg.logger.tags), "entity": cfg.logger.entity, "reinit": "finish_previous"}
+    accelerator.init_trackers(cfg.logger.project, config=OmegaConf.to_container(cfg, resolve=True),
+                              init_kwargs={"wandb": init_kwargs})
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+def load_lines(cfg: DictConfig) -> tuple[list[LineRecord], list[LineRecord], dict[str, Any]]:
+    train_records, train_report = read_manifest(cfg.data.train_manifest, cfg.data.dataset_dir, cfg.data.on_bad_row)
+    val_records, report = [], {"train": train_report.to_dict()}
+    if cfg.data.val_manifest:
+        val_records, val_report = read_manifest(cfg.data.val_manifest, cfg.data.dataset_dir, cfg.data.on_bad_row)
+        report["val"] = val_report.to_dict()
+    truncated = count_truncated((r.text for r in train_records), cfg.text.max_length)
+    report["train_truncated_texts"] = truncated
+    report["train_truncated_share"] = truncated / max(1, len(train_records))
+    if truncated:
+        log.warning("text: %d of %d train transcriptions exceed text.max_length=%d bytes and are truncated",
+                    truncated, len(train_records), cfg.text.max_length)
+    return train_records, val_records, report
+
+
+def train(cfg: DictConfig) -> float:
+    """Train one run into `cfg.output_dir`; returns the final `val_t2i_r1` (what sweeps maximise)."""
+    check_config(cfg)
+    output_dir = Path(cfg.output_dir or "outputs/run")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=cfg.trainer.mixed_precision,
+        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
+        log_with="wandb" if cfg.logger.name == "wandb" else None,
+        project_dir=str(output_dir),
+    )
+    set_seed(cfg.trainer.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    train_records, val_records, data_report = load_lines(cfg)
+    model, image_processor, tokenizer = build_model(cfg)
+    geometry = LineGeometry(cfg.preprocess.target_height, cfg.preprocess.max_width,
+                            tuple(cfg.preprocess.width_buckets), cfg.preprocess.patch_multiple)
+    mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
+    train_set = LineDataset(train_records, LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std,
+                                                              augment=cfg.data.augment))
+    eval_transform = LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std, augment=False)
+    collate = LineCollator(cfg.text.max_length)
+    train_ids = text_ids_of(train_records)
+    sampler = ShardedBatches(BucketBatchSampler(train_set.buckets, cfg.data.batch_size, shuffle=True,
+                                                seed=cfg.trainer.seed), rank, world)
+    loader = make_loader(train_set, sampler, collate, cfg.data.num_workers)
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    gather = cfg.loss.gather if cfg.loss.gather is not None else world > 1
+
+    # Step counts from the *sharded* per-process batch count, so warmup and totals are right on N processes.
+    steps_per_epoch = max(1, len(sampler) // cfg.trainer.gradient_accumulation_steps)
+    total_steps = cfg.trainer.max_steps or steps_per_epoch * cfg.trainer.epochs
+    warmup = cfg.optim.warmup_steps
+    if warmup >= total_steps:
+        warmup = max(1, total_steps // 10)
+        log.warning("optim.warmup_steps=%d is not below the run's %d steps; warming up for %d steps instead",
+                    cfg.optim.warmup_steps, total_steps, warmup)
+    # Not passed to accelerator.prepare: that would step it once per process per step.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(warmup, total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
+    eval_every = cfg.trainer.eval_every_steps or cfg.trainer.checkpoint_every_steps
+    schedule = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
+                "eval_every_steps": eval_every, "checkpoint_every_steps": cfg.trainer.checkpoint_every_steps}
+
+    val_set = LineDataset(val_records, eval_transform) if val_records else None
+    val_ids = text_ids_of(val_records) if val_records else None
+    start_tracking(accelerator, cfg, output_dir)
+    log.info("%d train lines, %d val lines; %d processes x batch %d; %d steps (%d per epoch), warmup %d",
+             len(train_records), len(val_records), world, cfg.data.batch_size, total_steps, steps_per_epoch, warmup)
+
+    def training_config(metrics: dict[str, float], step: int) -> dict[str, Any]:
+        return {
+            **artifacts.workbench_keys(cfg),
+            **{k: metrics.get(k) for k in ("val_i2t_r1", "val_t2i_r1")},
+            "val_metrics": metrics,
+            "global_step": step,
+            "world_size": world,
+            "global_batch_size": cfg.data.batch_size * world * cfg.trainer.gradient_accumulation_steps,
+            "seed": cfg.trainer.seed,
+            "lineclip_version": lineclip.__version__,
+            "schedule": schedule,
+            "data_report": {**data_report, "corrupt_images_skipped": n_corrupt},
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+
+    def save(prefix: str, step: int) -> None:
+        if accelerator.is_main_process:
+            artifacts.save_bundle(output_dir, prefix, accelerator.unwrap_model(model), image_processor, tokenizer,
+                                  training_config(val_metrics, step))
+        accelerator.wait_for_everyone()
+
+    step, micro, n_corrupt, val_metrics, postfix = 0, 0, 0, {}, {}
+    bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.trainer.progress_bar))
+    model.train()
+    t_last, samples_since = time.perf_counter(), 0
+    epoch = 0
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            n_corrupt += batch["n_corrupt"]
+            with accelerator.accumulate(model):
+                out = model(
+                    pixel_values=batch["pixel_values"].to(accelerator.device, non_blocking=True),
+                    input_ids=batch["input_ids"].to(accelerator.device, non_blocking=True),
+                    attention_mask=batch["attention_mask"].to(accelerator.device, non_blocking=True),
+                )
+                result = contrastive_loss(out.image, out.text, train_ids[batch["indices"]].to(accelerator.device),
+                                          out.logit_scale, gather=gather)
+                accelerator.backward(result.loss)
+                if accelerator.sync_gradients and cfg.optim.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            samples_since += len(batch["indices"]) * world
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            lr = scheduler.get_last_lr()[0]
+            postfix.update(loss=f"{result.loss.item():.3f}", i2t=f"{result.i2t_accuracy.item():.2f}",
+                           t2i=f"{result.t2i_accuracy.item():.2f}", lr=f"{lr:.2e}")
+            bar.set_postfix(postfix, refresh=False)
+            if step % cfg.trainer.log_every_steps == 0 or step == total_steps:
+                now = time.perf_counter()
+                accelerator.log({"train/loss": result.loss.item(), "train/i2t": result.i2t_accuracy.item(),
+                                 "train/t2i": result.t2i_accuracy.item(), "train/lr": lr,
+                                 "train/logit_scale": out.logit_scale.item(), "train/epoch": epoch,
+                                 "train/samples_per_s": samples_since / max(now - t_last, 1e-9)}, step=step)
+                t_last, samples_since = now, 0
+            if val_set is not None and (step % eval_every == 0 or step == total_steps):
+                val_metrics = validate(accelerator, model, val_set, collate, val_ids, cfg)
+                accelerator.log(val_metrics, step=step)
+                postfix.update({"vi2t@1": f"{val_metrics['val_i2t_r1']:.3f}",
+                                "vt2i@1": f"{val_metrics['val_t2i_r1']:.3f}"})
+                bar.set_postfix(postfix)
+            if step % cfg.trainer.checkpoint_every_steps == 0 and step < total_steps:
+                save(artifacts.checkpoint_prefix(step), step)
+            if step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+
+    n_corrupt = int(accelerator.reduce(torch.tensor(n_corrupt, device=accelerator.device), "sum"))
+    if n_corrupt:
+        log.warning("skipped %d corrupt line images while training", n_corrupt)
+    if cfg.trainer.export_embeddings:
+        corpus = LineDataset(train_records, eval_transform)
+        emb = embed_dataset(accelerator, model, corpus, collate, eval_batch_size(cfg), cfg.data.num_workers,
+                            with_text=False)
+        data_report["export_skipped_images"] = len(train_records) - len(emb.indices)
+        if accelerator.is_main_process:
+            kept = [train_records[i] for i in emb.indices.tolist()]
+            artifacts.save_corpus_embeddings(output_dir, emb.image.numpy(), kept)
+    save("", step)
+    if accelerator.is_main_process:
+        (output_dir / "data_report.json").write_text(json.dumps(data_report, indent=2, ensure_ascii=False))
+    accelerator.end_training()
+    return float(val_metrics.get("val_t2i_r1", float("nan")))
