@@ -1,0 +1,361 @@
+"""Reading line manifests (JSONL: one line image + transcription per row) into validated records.
+
+Bad rows are never dropped silently: each is counted under one reason of ``BAD_ROW_REASONS``, and the
+first occurrence of each reason is remembered as ``path:line_no`` so a user can open the file at the
+offending row. One bad row (undecodable bytes, broken JSON, a missing image) never aborts the whole
+manifest unless the caller asks for ``on_bad_row="error"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import unicodedata
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = (
+    "image",
+    "image_path",
+    "line_path",
+    "line_image",
+    "line_image_path",
+    "image_rel_path",
+    "line_image_rel_path",
+    "src__image",
+    "path",
+)
+TEXT_KEYS = (
+    "text",
+    "transcription",
+    "label",
+    "ocr_text",
+    "line_text",
+    "normalized_text",
+    "content",
+    "src__label",
+    "src__text",
+)
+ID_KEYS = ("id", "sample_id")
+BAD_ROW_REASONS = (
+    "invalid_json",
+    "not_an_object",
+    "no_image_key",
+    "image_not_found",
+    "no_text_key",
+    "empty_text",
+    "duplicate_id",
+    "invalid_utf8",
+)
+ON_BAD_ROW_CHOICES = ("skip", "error")
+
+# Keys that become LineRecord fields; every other scalar key of a row goes to LineRecord.extra.
+_RESERVED_KEYS = frozenset(IMAGE_KEYS + TEXT_KEYS + ID_KEYS + ("doc_id", "page_id", "line_id"))
+
+
+def normalize_text(text: str) -> str:
+    """Canonical form of a transcription, shared by training data and retrieval queries.
+
+    NFC first, so that a decomposed and a precomposed spelling of the same Tibetan stack (or the same
+    vowel signs typed in a different order) compare and encode identically. Then every run of Unicode
+    whitespace (``str.split()`` semantics: spaces, tabs, newlines, NBSP U+00A0, U+3000, ...) becomes
+    one ASCII space, and the ends are stripped. Zero-width characters (U+200B, U+200C/D) and the
+    Tibetan tsheg variants (U+0F0B, U+0F0C) are not whitespace and are kept.
+    """
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+class FrozenStrMap(Mapping[str, str]):
+    """A small immutable, hashable, picklable ``str -> str`` mapping for ``LineRecord.extra``.
+
+    ``types.MappingProxyType`` would be immutable too, but it cannot be pickled, and records travel to
+    DataLoader workers by pickle under the ``spawn`` start method (macOS, Windows).
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._data: dict[str, str] = dict(items or {})
+
+    def __getitem__(self, key: str) -> str:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenStrMap({self._data!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenStrMap, (self._data,))
+
+
+@dataclass(frozen=True)
+class LineRecord:
+    """One usable manifest row. ``image_path`` is absolute and normalised; ``text`` is normalised."""
+
+    sample_id: str
+    image_path: str
+    text: str
+    doc_id: str = ""
+    page_id: str = ""
+    line_id: str = ""
+    source: str = ""
+    extra: Mapping[str, str] = field(default_factory=FrozenStrMap)
+
+    def __post_init__(self) -> None:
+        # Callers may pass a plain dict; store a frozen copy so the record stays immutable and hashable.
+        if not isinstance(self.extra, FrozenStrMap):
+            object.__setattr__(self, "extra", FrozenStrMap(self.extra))
+
+
+@dataclass
+class ManifestReport:
+    """What reading one manifest kept and skipped. ``rows_total`` counts non-blank lines, so
+    ``rows_total == rows_used + sum(skipped.values())``."""
+
+    manifest: str
+    rows_total: int = 0
+    rows_used: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_ROW_REASONS, 0))
+    first_bad: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self, label: str | None = None) -> str:
+        """One line such as ``train lines.jsonl: 748 of 750 rows used; skipped: image_not_found=1, ...``."""
+        name = label if label is not None else _display_name(self.manifest)
+        text = f"{name}: {self.rows_used} of {self.rows_total} rows used"
+        bad = [f"{reason}={self.skipped[reason]}" for reason in BAD_ROW_REASONS if self.skipped.get(reason)]
+        if bad:
+            text += "; skipped: " + ", ".join(bad)
+        return text
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message is one line naming the file (and line where it applies)."""
+
+
+def _display_name(manifest: str) -> str:
+    # OpenPecha layouts name every manifest `<split>/meta/lines.jsonl`; the split is what tells them apart.
+    path = Path(manifest)
+    if path.parent.name == "meta" and path.parent.parent.name:
+        return f"{path.parent.parent.name} {path.name}"
+    return path.name
+
+
+def _candidate_dirs(manifest_path: Path, dataset_dir: Path | None) -> list[str]:
+    manifest_dir = Path(os.path.abspath(manifest_path)).parent
+    dirs = [manifest_dir, manifest_dir.parent, manifest_dir.parent.parent]
+    if dataset_dir is not None:
+        dirs.append(Path(os.path.abspath(dataset_dir)))
+    dirs.append(Path.cwd())
+    unique: list[str] = []
+    for directory in dirs:
+        if str(directory) not in unique:
+            unique.append(str(directory))
+    return unique
+
+
+def _resolve(value: str, candidate_dirs: list[str]) -> str | None:
+    value = os.path.expanduser(value)
+    if os.path.isabs(value):
+        return os.path.normpath(value) if os.path.isfile(value) else None
+    for directory in candidate_dirs:
+        candidate = os.path.join(directory, value)
+        if os.path.isfile(candidate):
+            # normpath (not realpath) keeps the user's symlinked layout and costs no system calls.
+            return os.path.normpath(candidate)
+    return None
+
+
+def resolve_image_path(value: str, manifest_path: Path, dataset_dir: Path | None) -> Path | None:
+    """Absolute path of an existing image file, or None.
+
+    An absolute ``value`` is used as is. A relative one is tried against the manifest's folder, its
+    parent, its grandparent (OpenPecha: ``<root>/<split>/meta/lines.jsonl`` with paths relative to
+    ``<root>/<split>`` or ``<root>``), ``dataset_dir``, then the current directory; the first existing
+    file wins.
+    """
+    resolved = _resolve(value, _candidate_dirs(Path(manifest_path), _opt_path(dataset_dir)))
+    return Path(resolved) if resolved is not None else None
+
+
+def _opt_path(value: str | Path | None) -> Path | None:
+    return None if value is None or str(value) == "" else Path(value)
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _first_string(row: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """(key, value) of the first alias holding a non-blank string, else (None, None)."""
+    for key in keys:
+        value = row.get(key)
+        if isinstance(value, str) and value.strip():
+            return key, value
+    return None, None
+
+
+def _id_string(value: Any) -> str:
+    # bool is an int subclass, but `true` as an id is almost certainly a data error; treat it as absent.
+    if value is None or isinstance(value, bool):
+        return ""
+    if isinstance(value, (str, int, float)):
+        return str(value).strip()
+    return ""
+
+
+def _extra_value(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)  # "true", "3", "1.5": stable, JSON-like spelling
+    return None  # lists, objects and null are not groupable scalars
+
+
+def _parse_row(
+    raw: bytes,
+    line_no: int,
+    stem: str,
+    source: str,
+    candidate_dirs: list[str],
+) -> LineRecord:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadRow("invalid_utf8", f"byte {exc.start}: {exc.reason}") from None
+    if line_no == 1:
+        line = line.lstrip("\ufeff")  # a UTF-8 BOM written by some editors would break json.loads
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise _BadRow("invalid_json", str(exc)) from None
+    if not isinstance(row, dict):
+        raise _BadRow("not_an_object", f"got a JSON {type(row).__name__}")
+
+    image_key, image_value = _first_string(row, IMAGE_KEYS)
+    if image_key is None or image_value is None:
+        present = [key for key in IMAGE_KEYS if key in row]
+        if present:
+            raise _BadRow("no_image_key", f"no non-empty string under {', '.join(present)}")
+        raise _BadRow("no_image_key", "none of " + "/".join(IMAGE_KEYS))
+
+    text_key, text_value = _first_string(row, TEXT_KEYS)
+    if text_key is None or text_value is None:
+        present = [key for key in TEXT_KEYS if key in row]
+        if present:
+            raise _BadRow("empty_text", f"no non-empty string under {', '.join(present)}")
+        raise _BadRow("no_text_key", "none of " + "/".join(TEXT_KEYS))
+    text = normalize_text(text_value)
+    if not text:  # unreachable for a non-blank string today; kept so the non-empty invariant never rots
+        raise _BadRow("empty_text", f"{text_key!r} is empty after normalisation")
+
+    image_path = _resolve(image_value, candidate_dirs)
+    if image_path is None:
+        raise _BadRow("image_not_found", f"{image_key}={image_value!r}; tried {', '.join(candidate_dirs)}")
+
+    sample_id = ""
+    for key in ID_KEYS:
+        sample_id = _id_string(row.get(key))
+        if sample_id:
+            break
+    if not sample_id:
+        sample_id = f"{stem}:{line_no}"
+
+    extra: dict[str, str] = {}
+    for key, value in row.items():
+        if key in _RESERVED_KEYS:
+            continue
+        converted = _extra_value(value)
+        if converted is not None:
+            extra[key] = converted
+
+    return LineRecord(
+        sample_id=sample_id,
+        image_path=image_path,
+        text=text,
+        doc_id=_id_string(row.get("doc_id")),
+        page_id=_id_string(row.get("page_id")),
+        line_id=_id_string(row.get("line_id")),
+        source=source,
+        extra=FrozenStrMap(extra),
+    )
+
+
+def read_manifest(
+    path: str | Path,
+    dataset_dir: str | Path | None = None,
+    on_bad_row: str = "skip",
+) -> tuple[list[LineRecord], ManifestReport]:
+    """Read a JSONL line manifest into records plus a report of what was skipped and why.
+
+    ``on_bad_row="skip"`` counts each bad row under its reason and goes on; ``"error"`` raises
+    ManifestError at the first bad row with ``path:line_no: reason (detail)``. A missing file, or a
+    manifest with no usable row, raises ManifestError in either mode.
+    """
+    if on_bad_row not in ON_BAD_ROW_CHOICES:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}")
+    manifest = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if not manifest.is_file():
+        what = "is not a file" if manifest.exists() else "does not exist"
+        raise ManifestError(f"manifest {manifest} {what}")
+
+    candidate_dirs = _candidate_dirs(manifest, _opt_path(dataset_dir))
+    report = ManifestReport(manifest=str(manifest))
+    records: list[LineRecord] = []
+    seen_ids: dict[str, str] = {}
+    # Binary mode, one line at a time: a non-UTF-8 line must cost that row only, not the whole file.
+    with manifest.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            report.rows_total += 1
+            source = f"{manifest}:{line_no}"
+            try:
+                record = _parse_row(raw, line_no, manifest.stem, source, candidate_dirs)
+                # Ids are claimed by usable rows only, so a bad first occurrence does not shadow a good one.
+                first = seen_ids.get(record.sample_id)
+                if first is not None:
+                    raise _BadRow("duplicate_id", f"id {record.sample_id!r} already used at {first}")
+            except _BadRow as bad:
+                if on_bad_row == "error":
+                    raise ManifestError(f"{source}: {bad.reason} ({bad.detail})") from None
+                report.skipped[bad.reason] += 1
+                report.first_bad.setdefault(bad.reason, source)
+                continue
+            seen_ids[record.sample_id] = source
+            records.append(record)
+            report.rows_used += 1
+
+    if not records:
+        where = "; ".join(f"first {reason} at {loc}" for reason, loc in report.first_bad.items())
+        raise ManifestError(
+            f"manifest {manifest} has no usable rows: {report.summary()}" + (f" ({where})" if where else "")
+        )
+    if report.rows_skipped:
+        where = ", ".join(f"{reason} at {loc}" for reason, loc in report.first_bad.items())
+        logger.warning("%s (first: %s)", report.summary(), where)
+    else:
+        logger.info("%s", report.summary())
+    return records, report

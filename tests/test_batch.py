@@ -1,0 +1,327 @@
+"""Tests for lineclip.batch: ByT5 byte encoding, corrupt-image tolerance, single-bucket batching."""
+
+from __future__ import annotations
+
+import io
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lineclip.batch import (
+    BYTE_OFFSET,
+    EOS_ID,
+    PAD_ID,
+    BucketBatchSampler,
+    LineCollator,
+    LineDataset,
+    count_truncated,
+    encode_texts,
+)
+from lineclip.manifest import LineRecord
+
+# Real transcriptions (tibetan_lines_dev, Derge Kangyur), copied here so tests never read ../shared.
+TIB_1 = "༄༄༎དང་སྦྱོར་བར་བྱ༎ལྷོ་ལས་དབུ་མ་བཟུང་ནས་སུ༎ཐིག་ལེ་ང་རོ་ལྡན་པར་བྱ༎"
+TIB_2 = "རྩོད་པ་དང་། །དགེ་འདུན་དབྱེན་རྣམས་བསྡུས་པ་ཡིན། །རབ་ཏུ་འབྱུང་བའི་གཞིའི་སྤྱི་སྡོམ་ལ།"
+TIB_3 = "བློན་པོ་རྣམས་ཀྱིས་སྨྲས་པ། ལྷ་གྲོང་ན་ལ་ད་ན་བྲམ་ཟེ་གནས་ལེན་གྱི་བུ་ཞེས་བགྱི་བ"
+TEXTS = [TIB_1, "Derge Kangyur, vol. 1", TIB_2, "ཀ", f"{TIB_3} (f. 12a)", "a"]
+
+
+class StandInTransform:
+    """LineImageTransform's contract (bucket_of, __call__): height 28, width padded to a multiple of 64."""
+
+    height = 28
+    multiple = 64
+
+    def bucket_of(self, width: int, height: int) -> int:
+        content = max(1, round(width * self.height / height))
+        return -(-content // self.multiple) * self.multiple
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        content = max(1, round(width * self.height / height))
+        resized = image.convert("RGB").resize((content, self.height))
+        canvas = np.full((self.height, self.bucket_of(width, height), 3), 255, dtype=np.uint8)
+        canvas[:, :content] = np.asarray(resized)
+        return torch.from_numpy(canvas).permute(2, 0, 1).float() / 255.0
+
+
+# --- text encoding -------------------------------------------------------------------------------
+
+
+def test_encode_texts_matches_byt5_tokenizer() -> None:
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.ByT5Tokenizer()  # byte-level: needs no vocabulary files
+    expected = tokenizer(TEXTS, padding=True)
+    input_ids, attention_mask, n_truncated = encode_texts(TEXTS, max_length=1024)
+    longest = len(expected["input_ids"][0])
+    assert n_truncated == 0
+    assert input_ids.dtype == attention_mask.dtype == torch.long
+    assert input_ids.shape == attention_mask.shape == (len(TEXTS), -(-longest // 8) * 8)
+    assert input_ids[:, :longest].tolist() == expected["input_ids"]
+    assert attention_mask[:, :longest].tolist() == expected["attention_mask"]
+    assert (input_ids[:, longest:] == PAD_ID).all() and (attention_mask[:, longest:] == 0).all()
+    assert attention_mask.sum(1).tolist() == [len(t.encode("utf-8")) + 1 for t in TEXTS]
+
+
+def test_encode_texts_layout() -> None:
+    input_ids, attention_mask, _ = encode_texts(["ཀ", "ab"], max_length=64, pad_to_multiple=8)
+    assert input_ids.tolist() == [
+        [0xE0 + BYTE_OFFSET, 0xBD + BYTE_OFFSET, 0x80 + BYTE_OFFSET, EOS_ID, 0, 0, 0, 0],
+        [ord("a") + BYTE_OFFSET, ord("b") + BYTE_OFFSET, EOS_ID, 0, 0, 0, 0, 0],
+    ]
+    assert attention_mask.sum(1).tolist() == [4, 3]
+    ids, _, _ = encode_texts(["ab"], max_length=64, pad_to_multiple=1)
+    assert ids.shape == (1, 3)
+
+
+def decode_row(ids: torch.Tensor) -> tuple[str, int]:
+    """(text, position of EOS) of one encoded row; raises UnicodeDecodeError on a split character."""
+    row = ids.tolist()
+    eos = row.index(EOS_ID)
+    return bytes(i - BYTE_OFFSET for i in row[:eos]).decode("utf-8"), eos
+
+
+@pytest.mark.parametrize("max_length", range(1, 24))
+def test_truncation_backs_up_to_a_character_boundary(max_length: int) -> None:
+    texts = [TIB_1, "ab" + TIB_2, "x" + TIB_3, "𝄞𝄞𝄞𝄞𝄞𝄞", "ok"]  # 3-byte Tibetan, 4-byte music symbols
+    input_ids, attention_mask, n_truncated = encode_texts(texts, max_length=max_length)
+    assert n_truncated == count_truncated(texts, max_length)
+    assert n_truncated == sum(len(t.encode()) + 1 > max_length for t in texts)
+    assert input_ids.shape[1] <= -(-max_length // 8) * 8
+    for row, text in enumerate(texts):
+        decoded, eos = decode_row(input_ids[row])  # valid UTF-8 or this raises
+        assert text.startswith(decoded)
+        assert eos + 1 <= max_length
+        assert attention_mask[row].sum().item() == eos + 1
+        # The cut keeps as much as fits: one more character would not have fitted.
+        if decoded != text:
+            next_char = text[len(decoded)]
+            assert eos + len(next_char.encode()) + 1 > max_length
+
+
+def test_truncation_count_and_exact_fit() -> None:
+    fits = "ཀ" * 21  # 63 bytes + EOS = 64 ids
+    over = "ཀ" * 22
+    input_ids, attention_mask, n_truncated = encode_texts([fits, over, TIB_2], max_length=64)
+    assert n_truncated == 2
+    assert input_ids.shape == (3, 64)
+    assert decode_row(input_ids[0]) == (fits, 63)
+    assert decode_row(input_ids[1]) == (fits, 63)
+    text, eos = decode_row(input_ids[2])
+    # TIB_2 mixes 3-byte letters and 1-byte spaces: the cut lands 0-2 bytes short of the budget.
+    assert TIB_2.startswith(text) and 61 <= eos <= 63 and attention_mask[2].sum() == eos + 1
+    # max_length 62 leaves 61 bytes: 20 whole characters, never 20 and a third.
+    input_ids, _, n_truncated = encode_texts([over], max_length=62)
+    assert n_truncated == 1 and decode_row(input_ids[0]) == ("ཀ" * 20, 60)
+    assert input_ids.shape == (1, 64)  # longest row 61 rounded up to 8, <= 62 rounded up
+    assert count_truncated([fits, over, "", TIB_1], 64) == 2
+
+
+def test_encode_texts_edge_cases() -> None:
+    input_ids, attention_mask, n = encode_texts([], max_length=16)
+    assert input_ids.shape == attention_mask.shape == (0, 0) and n == 0
+    input_ids, attention_mask, n = encode_texts([""], max_length=16)
+    assert input_ids.tolist() == [[EOS_ID] + [PAD_ID] * 7] and attention_mask.sum() == 1 and n == 0
+    with pytest.raises(ValueError):
+        encode_texts(["a"], max_length=0)
+    with pytest.raises(ValueError):
+        encode_texts(["a"], max_length=8, pad_to_multiple=0)
+
+
+# --- dataset with corrupt files ------------------------------------------------------------------
+
+
+def jpeg_bytes(size: tuple[int, int]) -> bytes:
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)  # noise: no tiny JPEG
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_records(tmp_path: Path) -> list[LineRecord]:
+    """Good lines in two buckets, one truncated JPEG (readable header), one garbage file (no header)."""
+    specs = [
+        ("g0.png", (100, 20)),  # 140 px wide at height 28 -> bucket 192
+        ("g1.png", (50, 10)),  # -> 192
+        ("g2.jpg", (300, 30)),  # -> 320
+        ("g3.png", (60, 12)),  # -> 192
+        ("g4.jpg", (320, 32)),  # -> 320
+    ]
+    records = []
+    for i, (name, size) in enumerate(specs):
+        path = tmp_path / name
+        mode = "L" if i == 3 else "RGB"  # the transform, not the dataset, handles modes
+        Image.new(mode, size, "white").save(path)
+        records.append(LineRecord(f"g{i}", str(path), TEXTS[i]))
+    truncated = tmp_path / "truncated.jpg"
+    data = jpeg_bytes((300, 30))
+    truncated.write_bytes(data[: len(data) // 2])
+    records.append(LineRecord("truncated", str(truncated), TIB_1))
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(500)))
+    records.append(LineRecord("garbage", str(garbage), TIB_2))
+    return records
+
+
+def test_dataset_buckets_and_corrupt_images(tmp_path: Path) -> None:
+    records = make_records(tmp_path)
+    dataset = LineDataset(records, StandInTransform())
+    assert len(dataset) == 7
+    assert dataset.buckets.tolist() == [192, 192, 320, 192, 320, 320, -1]
+    assert dataset.n_unreadable_headers == 1 and dataset.unreadable_indices == [6]
+    item = dataset[2]
+    assert item is not None and item["index"] == 2 and item["text"] == TEXTS[2]
+    assert item["pixel_values"].shape == (3, 28, 320)
+    assert dataset[3]["pixel_values"].shape == (3, 28, 192)  # grayscale file
+    assert dataset[5] is None  # truncated JPEG: header fine, pixels not
+    assert dataset[6] is None  # garbage
+
+
+def test_header_reads_in_threads_agree(tmp_path: Path) -> None:
+    records = make_records(tmp_path) * 60  # above the threading threshold
+    threaded = LineDataset(records, StandInTransform(), header_workers=4)
+    serial = LineDataset(records, StandInTransform(), header_workers=1)
+    assert threaded.buckets.tolist() == serial.buckets.tolist()
+    assert threaded.n_unreadable_headers == 60
+
+
+def test_file_changed_after_dataset_built_is_skipped_not_fatal(tmp_path: Path) -> None:
+    records = make_records(tmp_path)
+    dataset = LineDataset(records, StandInTransform())
+    Image.new("RGB", (1000, 20), "white").save(records[0].image_path)  # now a wider bucket
+    assert dataset[0] is None
+
+
+def test_collator_counts_and_shapes(tmp_path: Path) -> None:
+    dataset = LineDataset(make_records(tmp_path), StandInTransform())
+    collate = LineCollator(max_length=32)
+    batch = collate([dataset[i] for i in (2, 5, 4)])
+    assert batch["pixel_values"].shape == (2, 3, 28, 320)
+    assert batch["indices"].tolist() == [2, 4]
+    assert batch["n_corrupt"] == 1
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[1] % 8 == 0
+    assert batch["n_truncated"] == count_truncated([TEXTS[2], TEXTS[4]], 32) == 2
+
+    empty = collate([None, None])
+    assert empty["pixel_values"].shape[0] == empty["input_ids"].shape[0] == len(empty["indices"]) == 0
+    assert empty["n_corrupt"] == 2 and empty["n_truncated"] == 0
+
+    with pytest.raises(ValueError, match="one bucket"):
+        collate([dataset[0], dataset[2]])
+
+
+def test_dataloader_with_workers_survives_corrupt_files(tmp_path: Path) -> None:
+    dataset = LineDataset(make_records(tmp_path) * 3, StandInTransform())
+    sampler = BucketBatchSampler(dataset.buckets, batch_size=2, shuffle=True, seed=1)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=LineCollator(max_length=64), num_workers=2, timeout=60
+    )
+    seen: list[int] = []
+    n_corrupt = 0
+    for batch in loader:
+        n_corrupt += batch["n_corrupt"]
+        seen += batch["indices"].tolist()
+        assert len(batch["indices"]) + batch["n_corrupt"] > 0
+    assert n_corrupt == 3  # the truncated JPEG, three times; the garbage file is never sampled
+    assert sorted(seen) == sorted(i for i in range(21) if i % 7 < 5)
+
+
+def test_real_transform_keeps_bucket_width(tmp_path: Path) -> None:
+    preprocess = pytest.importorskip("lineclip.preprocess")
+    records = make_records(tmp_path)[:5]
+    for augment in (False, True):
+        transform = preprocess.LineImageTransform(pipeline="none", augment=augment, seed=0)
+        dataset = LineDataset(records, transform)
+        for i in range(len(dataset)):
+            item = dataset[i]
+            assert item is not None and item["pixel_values"].shape[-1] == dataset.buckets[i]
+
+
+# --- bucket batch sampler ------------------------------------------------------------------------
+
+
+def random_buckets(n: int = 503, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    buckets = rng.choice([256, 384, 512, 768, 1022], size=n, p=[0.4, 0.3, 0.15, 0.1, 0.05])
+    buckets[rng.choice(n, size=9, replace=False)] = -1
+    return buckets
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sampler_batches_are_single_bucket_and_cover_every_index(shuffle: bool, drop_last: bool) -> None:
+    buckets = random_buckets()
+    sampler = BucketBatchSampler(buckets, batch_size=16, shuffle=shuffle, seed=3, drop_last=drop_last)
+    assert sampler.batch_size == 16 and sampler.drop_last is drop_last
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    counts = Counter(int(b) for b in buckets if b != -1)
+    expected_len = sum((n // 16) if drop_last else -(-n // 16) for n in counts.values())
+    assert len(sampler) == expected_len
+    flat = [i for batch in batches for i in batch]
+    assert len(flat) == len(set(flat))
+    assert all(buckets[i] != -1 for i in flat)
+    for batch in batches:
+        assert len({int(buckets[i]) for i in batch}) == 1
+        assert all(isinstance(i, int) for i in batch)
+        assert 1 <= len(batch) <= 16
+        if drop_last:
+            assert len(batch) == 16
+    if not drop_last:
+        assert sorted(flat) == [i for i in range(len(buckets)) if buckets[i] != -1]
+
+
+def test_sampler_is_deterministic_per_seed_and_epoch() -> None:
+    buckets = random_buckets()
+
+    def epoch_batches(seed: int, epoch: int) -> list[list[int]]:
+        sampler = BucketBatchSampler(buckets, batch_size=8, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert epoch_batches(0, 0) == epoch_batches(0, 0)
+    assert epoch_batches(0, 1) == epoch_batches(0, 1)
+    assert epoch_batches(0, 0) != epoch_batches(0, 1)
+    assert epoch_batches(0, 0) != epoch_batches(1, 0)
+    assert epoch_batches(0, 1) != epoch_batches(1, 0)  # not seeded with seed + epoch
+    sampler = BucketBatchSampler(buckets, batch_size=8, shuffle=True, seed=0)
+    first = list(sampler)
+    assert list(sampler) == first  # re-iterating the same epoch replays it
+    # The batch order is shuffled too, not just the members: buckets interleave.
+    order = [int(buckets[b[0]]) for b in first]
+    assert order != sorted(order)
+
+
+def test_sampler_without_shuffle_keeps_manifest_order() -> None:
+    buckets = [384, 256, 256, -1, 384, 256, 512, 256]
+    sampler = BucketBatchSampler(buckets, batch_size=2, shuffle=False)
+    assert list(sampler) == [[1, 2], [5, 7], [0, 4], [6]]
+    sampler.set_epoch(5)
+    assert list(sampler) == [[1, 2], [5, 7], [0, 4], [6]]
+    assert list(BucketBatchSampler(buckets, batch_size=2, shuffle=False, drop_last=True)) == [
+        [1, 2],
+        [5, 7],
+        [0, 4],
+    ]
+    assert len(BucketBatchSampler([-1, -1], batch_size=4, shuffle=True)) == 0
+    assert list(BucketBatchSampler([-1, -1], batch_size=4, shuffle=True)) == []
+    with pytest.raises(ValueError):
+        BucketBatchSampler(buckets, batch_size=0, shuffle=False)
+
+
+class BrokenTransform(StandInTransform):
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        raise ValueError("bug in the transform")
+
+
+def test_transform_errors_are_not_mistaken_for_corrupt_files(tmp_path: Path) -> None:
+    dataset = LineDataset(make_records(tmp_path), BrokenTransform())
+    with pytest.raises(RuntimeError, match="g0.png"):
+        dataset[0]
