@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from transformers.utils import logging as hf_logging
 
 from lineclip.manifest import LineRecord
 from lineclip.towers import DualEncoder
@@ -65,12 +66,18 @@ def save_bundle(
     staging = output_dir / f".staging_{prefix or 'final'}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.image_backbone.save_pretrained(staging / BACKBONE)
-    image_processor.save_pretrained(staging / BACKBONE)
-    model.image_head.save(staging / IMAGE_HEAD)
-    model.text_encoder.save_pretrained(staging / TEXT_ENCODER)
-    tokenizer.save_pretrained(staging / TEXT_ENCODER)
-    model.text_head.save(staging / TEXT_HEAD)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a shard-writing bar per save would break the training bar
+    try:
+        model.image_backbone.save_pretrained(staging / BACKBONE)
+        image_processor.save_pretrained(staging / BACKBONE)
+        model.image_head.save(staging / IMAGE_HEAD)
+        model.text_encoder.save_pretrained(staging / TEXT_ENCODER)
+        tokenizer.save_pretrained(staging / TEXT_ENCODER)
+        model.text_head.save(staging / TEXT_HEAD)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     (staging / CONFIG).write_text(json.dumps(training_config, indent=2, ensure_ascii=False, default=str))
     for entry in BUNDLE_ENTRIES:  # config last: its presence marks the bundle complete
         target = output_dir / f"{prefix}{entry}"

@@ -1,0 +1,91 @@
+"""Compose every group option and every experiment with Hydra's own API (no training)."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from lineclip.config import ConfigError, check_config, conf_dir, register_configs
+
+register_configs()
+CONF = conf_dir()
+GROUPS = ["model", "text", "data", "preprocess", "optim", "loss", "trainer", "logger"]
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_defaults_are_the_offline_demo():
+    cfg = _compose()
+    assert cfg.model.name == "dinov2_tiny" and cfg.model.name_or_path is None
+    assert cfg.text.name == "byt5_tiny" and cfg.text.name_or_path is None
+    assert cfg.data.name == "demo" and cfg.preprocess.pipeline == "bdrc" and cfg.logger.name == "wandb"
+    assert Path(cfg.data.train_manifest).is_file() and Path(cfg.data.val_manifest).is_file()
+    assert Path(cfg.data.dataset_dir).is_dir()
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = _compose([f"{group}={option}"])
+    node = OmegaConf.to_container(cfg[group], resolve=False)
+    assert isinstance(node, dict) and node
+    if "name" in cfg[group]:
+        assert cfg[group].name == option
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(experiment):
+    cfg = _compose([f"experiment={experiment}"])
+    assert cfg.model.name_or_path == "facebook/dinov2-base"
+    assert cfg.text.name_or_path == "google/byt5-small"
+    assert cfg.preprocess.pipeline == "bdrc" and cfg.trainer.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="data.train_manifest"):
+        check_config(cfg)  # the presets need the user's manifests
+
+
+def test_spec_models_select_by_group():
+    cfg = _compose(["model=dinov2_base", "text=byt5_small"])
+    assert cfg.model.name_or_path == "facebook/dinov2-base" and cfg.text.name_or_path == "google/byt5-small"
+    assert cfg.model.projection_dim == 256
+
+
+@pytest.mark.parametrize("override", ["optim.lrr=1e-4", "trainer.epoch=3", "data.batchsize=8"])
+def test_misspelt_key_fails_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        _compose([override])
+
+
+@pytest.mark.parametrize("override", ["optim.lr=fast", "data.batch_size=big", "trainer.max_steps=1.5"])
+def test_wrong_type_fails_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        _compose([override])
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["optim.lr=0"], "optim.lr"),
+        (["optim.lr=-1e-4"], "optim.lr"),
+        (["preprocess.pipeline=sharpen"], "preprocess.pipeline"),
+        (["preprocess.target_height=64"], "preprocess.target_height"),
+        (["trainer.mixed_precision=fp8"], "trainer.mixed_precision"),
+        (["data.train_manifest=/nonexistent/lines.jsonl"], "data.train_manifest"),
+        (["data.on_bad_row=ignore"], "data.on_bad_row"),
+        (["data.batch_size=0"], "data.batch_size"),
+        (["preprocess.width_buckets=[512,256]"], "preprocess.width_buckets"),
+        (["preprocess.patch_multiple=7", "preprocess.target_height=56"], "patch"),
+    ],
+)
+def test_semantic_checks_name_the_field(overrides, field):
+    cfg = _compose(overrides)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_config(cfg)

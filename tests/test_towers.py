@@ -1,0 +1,119 @@
+"""Towers build offline, round-trip through save_pretrained/from_pretrained (the hub path with a local dir),
+and the optimizer groups and schedule are what the trainer promises."""
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import ByT5Tokenizer, Dinov2Config, Dinov2Model, T5Config, T5EncoderModel
+
+from lineclip.config import conf_dir, register_configs
+from lineclip.towers import (
+    DualEncoder,
+    ProjectionHead,
+    build_image_backbone,
+    build_image_processor,
+    build_text_encoder,
+    build_tokenizer,
+    head_hidden_dim,
+    masked_mean,
+)
+from lineclip.trainer import build_model, lr_lambda, param_groups
+
+register_configs()
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14)
+TINY_T5 = dict(vocab_size=384, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=1)
+
+
+def _cfg(overrides=()):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_pretrained_path_loads_a_local_save_pretrained_dir(tmp_path):
+    vit = Dinov2Model(Dinov2Config(**TINY_VIT))
+    t5 = T5EncoderModel(T5Config(**TINY_T5, is_encoder_decoder=False))
+    vit.save_pretrained(tmp_path / "vit")
+    t5.save_pretrained(tmp_path / "t5")
+    ByT5Tokenizer().save_pretrained(tmp_path / "t5")
+    loaded_vit = build_image_backbone(str(tmp_path / "vit"), {})
+    loaded_t5 = build_text_encoder(str(tmp_path / "t5"), {})
+    for a, b in ((vit, loaded_vit), (t5, loaded_t5)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert isinstance(build_tokenizer(str(tmp_path / "t5")), ByT5Tokenizer)
+    # a backbone dir without preprocessor_config.json falls back to ImageNet statistics
+    processor = build_image_processor(str(tmp_path / "vit"), 56)
+    assert list(processor.image_mean) == [0.485, 0.456, 0.406] and list(processor.image_std) == [0.229, 0.224, 0.225]
+
+
+def test_the_whole_run_config_builds_from_local_dirs(tmp_path):
+    Dinov2Model(Dinov2Config(**TINY_VIT)).save_pretrained(tmp_path / "vit")
+    T5EncoderModel(T5Config(**TINY_T5, is_encoder_decoder=False)).save_pretrained(tmp_path / "t5")
+    ByT5Tokenizer().save_pretrained(tmp_path / "t5")
+    cfg = _cfg([f"model.name_or_path={tmp_path / 'vit'}", f"text.name_or_path={tmp_path / 't5'}"])
+    model, _, tokenizer = build_model(cfg)
+    assert model.image_backbone.config.hidden_size == 32 and model.text_encoder.config.d_model == 32
+    assert model.image_head.output_dim == cfg.model.projection_dim
+
+
+def test_projection_head_is_the_workbench_format(tmp_path):
+    head = ProjectionHead(768, 256)
+    assert head.net[0].out_features == head_hidden_dim(768, 256) == 512
+    assert head_hidden_dim(64, 8) == 32 and head_hidden_dim(1536, 256) == 768
+    head.save(tmp_path / "h.pt")
+    blob = torch.load(tmp_path / "h.pt", weights_only=True)
+    assert set(blob) == {"state_dict", "input_dim", "output_dim"}
+    assert set(blob["state_dict"]) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    again = ProjectionHead.load(tmp_path / "h.pt")
+    x = torch.randn(3, 768)
+    torch.testing.assert_close(again(x), head(x))
+
+
+def test_dual_encoder_outputs_and_frozen_mask_token():
+    model = DualEncoder(Dinov2Model(Dinov2Config(**TINY_VIT)), T5EncoderModel(T5Config(**TINY_T5)), projection_dim=16)
+    assert not model.image_backbone.embeddings.mask_token.requires_grad
+    ids = torch.tensor([[10, 11, 12, 1], [20, 1, 0, 0]])
+    out = model(pixel_values=torch.randn(2, 3, 28, 56), input_ids=ids, attention_mask=(ids > 0).long())
+    assert out.image.shape == out.text.shape == (2, 16)
+    torch.testing.assert_close(out.image.norm(dim=-1), torch.ones(2))
+    assert out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    fixed = DualEncoder(Dinov2Model(Dinov2Config(**TINY_VIT)), T5EncoderModel(T5Config(**TINY_T5)),
+                        temperature=0.1, learnable_temperature=False)
+    assert not fixed.logit_scale.requires_grad and fixed.scale().item() == pytest.approx(10.0)
+    capped = DualEncoder(Dinov2Model(Dinov2Config(**TINY_VIT)), T5EncoderModel(T5Config(**TINY_T5)),
+                         temperature=0.001)
+    assert capped.scale().item() == pytest.approx(100.0)
+
+
+def test_masked_mean_ignores_padding():
+    hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
+    assert masked_mean(hidden, torch.tensor([[1, 1, 0]])).item() == 2.0
+
+
+def test_param_groups_decay_and_multipliers():
+    cfg = _cfg(["model.backbone_lr_multiplier=0.1", "text.head_lr_multiplier=3", "optim.lr=1e-3"])
+    model, _, _ = build_model(cfg)
+    groups = param_groups(model, cfg)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in by_param
+            continue
+        g = by_param[id(p)]
+        no_decay = p.ndim < 2 or name == "logit_scale"
+        assert (g["weight_decay"] == 0.0) == no_decay, name
+        expected = 1e-3 * (0.1 if name.startswith("image_backbone.") else 3 if name.startswith("text_head.") else 1)
+        assert g["lr"] == pytest.approx(expected), name
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_warmup_then_cosine():
+    f = lr_lambda(warmup=10, total=110, schedule="cosine", min_ratio=0.0)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.0, abs=1e-12)
+    lin = lr_lambda(warmup=0 or 1, total=101, schedule="linear", min_ratio=0.1)
+    assert lin(51) == pytest.approx(0.1 + 0.9 * 0.5)
