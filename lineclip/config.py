@@ -99,7 +99,8 @@ class TrainerConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs
     mixed_precision: str = "no"  # no | fp16 | bf16
     seed: int = 42
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # sums gradients of several batches; does NOT add negatives
+    grad_cache_chunks: int | None = None  # k micro-batches form one contrastive batch (k x more negatives)
     checkpoint_every_steps: int = 2400
     eval_every_steps: int | None = None  # defaults to checkpoint_every_steps, as in the spec
     log_every_steps: int = 10
@@ -184,6 +185,11 @@ def check_config(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be > 0 or null, got {value}")
+    if cfg.trainer.grad_cache_chunks is not None:
+        if cfg.trainer.grad_cache_chunks < 2:
+            raise ConfigError(f"trainer.grad_cache_chunks must be >= 2 or null, got {cfg.trainer.grad_cache_chunks}")
+        if cfg.trainer.gradient_accumulation_steps != 1:
+            raise ConfigError("trainer.grad_cache_chunks and trainer.gradient_accumulation_steps > 1 don't combine")
     if cfg.trainer.epochs <= 0 and cfg.trainer.max_steps is None:
         raise ConfigError(f"trainer.epochs must be > 0 when trainer.max_steps is null, got {cfg.trainer.epochs}")
     if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.data.num_workers < 0:

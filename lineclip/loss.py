@@ -16,22 +16,45 @@ import torch
 import torch.distributed as dist
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' `x` concatenated in rank order; gradients flow back to the rank that owns each slice."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    # torch.distributed.nn.functional.all_gather is autograd-aware (its backward reduce-scatters).
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+def _all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
+    """The autograd-aware all-gather (its backward sums each rank's gradient back to the owner). It moved
+    between torch releases: functional collectives where present, else torch.distributed.nn."""
+    try:
+        from torch.distributed import _functional_collectives as fc
+
+        gathered = fc.wait_tensor(fc.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD))
+        return list(gathered.chunk(_world_size()))
+    except (ImportError, AttributeError):
+        from torch.distributed.nn.functional import all_gather
+
+        return list(all_gather(x))
+
+
+def gather_across_processes(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """All ranks' rows of each tensor, concatenated in rank order. Float tensors keep their gradient (the
+    backward sends each rank the summed gradient of its own rows); ranks may hold different row counts
+    (bucketed batches, skipped corrupt images), so rows are padded to the largest count and cut back."""
+    if _world_size() == 1:
+        return tensors
+    count = torch.tensor([len(tensors[0])], device=tensors[0].device)
+    counts = [torch.empty_like(count) for _ in range(_world_size())]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    most = max(counts)
+    gathered = []
+    for t in tensors:
+        padded = torch.cat([t, t.new_zeros((most - len(t), *t.shape[1:]))]) if len(t) < most else t
+        if t.is_floating_point() and t.requires_grad:
+            parts = _all_gather_with_grad(padded)
+        else:
+            parts = [torch.empty_like(padded) for _ in range(_world_size())]
+            dist.all_gather(parts, padded.contiguous())
+        gathered.append(torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)]))
+    return tuple(gathered)
 
 
 @dataclass
@@ -62,7 +85,7 @@ def contrastive_loss(
     """`image`, `text`: [B, D] L2-normalised local embeddings of paired lines; `text_ids`: [B] ints, equal
     exactly when the normalised transcriptions are equal. With `gather`, columns span every process."""
     if gather:
-        all_image, all_text, all_ids = gather_with_grad(image), gather_with_grad(text), gather_no_grad(text_ids)
+        all_image, all_text, all_ids = gather_across_processes(image, text, text_ids)
     else:
         all_image, all_text, all_ids = image, text, text_ids
     positives = text_ids[:, None] == all_ids[None, :]

@@ -6,6 +6,7 @@ import logging
 import sys
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from lineclip.config import ConfigError, conf_dir, register_configs
@@ -20,11 +21,14 @@ def main(cfg: DictConfig) -> float:
     from lineclip.trainer import train
 
     try:
-        return train(cfg)
+        return train(cfg).objective
     except (ConfigError, ManifestError) as err:
         # A one-line reason and a non-zero exit, not a traceback.
         log.error("%s", err)
         sys.exit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

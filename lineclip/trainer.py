@@ -7,6 +7,7 @@ at the end the final bundle and the corpus embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from typing import Any
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -29,7 +30,7 @@ import lineclip
 from lineclip import artifacts
 from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset, count_truncated
 from lineclip.config import ConfigError, check_config
-from lineclip.loss import contrastive_loss
+from lineclip.loss import ContrastiveOutput, contrastive_loss
 from lineclip.manifest import LineRecord, read_manifest
 from lineclip.metrics import retrieval_metrics
 from lineclip.preprocess import LineGeometry, LineImageTransform
@@ -275,17 +276,88 @@ def load_lines(cfg: DictConfig) -> tuple[list[LineRecord], list[LineRecord], dic
     return train_records, val_records, report
 
 
-def train(cfg: DictConfig) -> float:
-    """Train one run into `cfg.output_dir`; returns the final `val_t2i_r1` (what sweeps maximise)."""
+@dataclass
+class TrainResult:
+    output_dir: Path
+    val_metrics: dict[str, float]
+    schedule: dict[str, int]  # steps_per_epoch, total_steps, warmup_steps, eval/checkpoint intervals
+    checkpoint_steps: list[int]
+    world_size: int
+    model: DualEncoder  # unwrapped, on the training device
+
+    @property
+    def objective(self) -> float:
+        """What sweeps maximise: the final validation text->image Recall@1."""
+        return float(self.val_metrics.get("val_t2i_r1", float("nan")))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    keys = ("pixel_values", "input_ids", "attention_mask")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys}
+
+
+def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: list[dict[str, Any]],
+                    text_ids: torch.Tensor, gather: bool) -> ContrastiveOutput:
+    """One contrastive batch of k micro-batches in the memory of one (gradient caching, Gao et al. 2021):
+    embed all k without a graph, take the loss over all k*m pairs and its gradient w.r.t. the embeddings,
+    then re-run each micro-batch with a graph and push those cached gradients through the towers."""
+    device = accelerator.device
+    raw = accelerator.unwrap_model(model)
+    rng_states, images, texts = [], [], []
+    with torch.no_grad(), accelerator.autocast():
+        for batch in batches:
+            rng_states.append(torch.get_rng_state())  # the re-run must see the same dropout masks
+            out = raw(**to_device(batch, device))
+            images.append(out.image)
+            texts.append(out.text)
+    image = torch.cat(images).requires_grad_(True)
+    text = torch.cat(texts).requires_grad_(True)
+    scale = raw.scale().detach().requires_grad_(True)
+    ids = torch.cat([text_ids[b["indices"]] for b in batches]).to(device)
+    result = contrastive_loss(image, text, ids, scale, gather=gather)
+    result.loss.backward()
+    start = 0
+    for i, batch in enumerate(batches):
+        rows = slice(start, start + len(batch["indices"]))
+        start = rows.stop
+        torch.set_rng_state(rng_states[i])
+        # Gradients are all-reduced once, on the last micro-batch.
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            out = model(**to_device(batch, device))
+            surrogate = ((out.image * image.grad[rows]).sum() + (out.text * text.grad[rows]).sum()
+                         + out.logit_scale * scale.grad / len(batches))
+            accelerator.backward(surrogate)
+    return result
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum") > 0)
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Train one run into `cfg.output_dir` (Hydra's run dir)."""
     check_config(cfg)
-    output_dir = Path(cfg.output_dir or "outputs/run")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
+        # Without this, accelerate treats torchrun workers on a CPU-only machine as N independent runs.
+        cpu=launched_world > 1 and not torch.cuda.is_available(),
         mixed_precision=cfg.trainer.mixed_precision,
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
         log_with="wandb" if cfg.logger.name == "wandb" else None,
-        project_dir=str(output_dir),
     )
+    if accelerator.num_processes != launched_world:
+        raise ConfigError(f"launched with WORLD_SIZE={launched_world} but accelerate set up "
+                          f"{accelerator.num_processes} process(es): the processes would train separate models")
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"{accelerator.distributed_type} is not supported: lineclip trains with DDP "
+                          "(see README, Multi-GPU)")
+    # Under `accelerate launch`, every process composes its own Hydra run dir (timestamps can differ by a
+    # second): all of them write where the main process says.
+    output_dir = Path(broadcast_object_list([str(cfg.output_dir or "outputs/run")])[0])
+    output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.trainer.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -307,9 +379,11 @@ def train(cfg: DictConfig) -> float:
                                   eps=cfg.optim.eps)
     model, optimizer = accelerator.prepare(model, optimizer)
     gather = cfg.loss.gather if cfg.loss.gather is not None else world > 1
+    grad_cache = cfg.trainer.grad_cache_chunks
 
     # Step counts from the *sharded* per-process batch count, so warmup and totals are right on N processes.
-    steps_per_epoch = max(1, len(sampler) // cfg.trainer.gradient_accumulation_steps)
+    micro_per_step = grad_cache or cfg.trainer.gradient_accumulation_steps
+    steps_per_epoch = max(1, len(sampler) // micro_per_step)
     total_steps = cfg.trainer.max_steps or steps_per_epoch * cfg.trainer.epochs
     warmup = cfg.optim.warmup_steps
     if warmup >= total_steps:
@@ -321,13 +395,16 @@ def train(cfg: DictConfig) -> float:
         optimizer, lr_lambda(warmup, total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
     eval_every = cfg.trainer.eval_every_steps or cfg.trainer.checkpoint_every_steps
     schedule = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
-                "eval_every_steps": eval_every, "checkpoint_every_steps": cfg.trainer.checkpoint_every_steps}
+                "eval_every_steps": eval_every, "checkpoint_every_steps": cfg.trainer.checkpoint_every_steps,
+                "micro_batches_per_step": micro_per_step}
 
     val_set = LineDataset(val_records, eval_transform) if val_records else None
     val_ids = text_ids_of(val_records) if val_records else None
     start_tracking(accelerator, cfg, output_dir)
-    log.info("%d train lines, %d val lines; %d processes x batch %d; %d steps (%d per epoch), warmup %d",
-             len(train_records), len(val_records), world, cfg.data.batch_size, total_steps, steps_per_epoch, warmup)
+    log.info("%d train lines, %d val lines; %d processes x batch %d (x%d micro-batches a step); %d steps "
+             "(%d per epoch), warmup %d; negatives: %s", len(train_records), len(val_records), world,
+             cfg.data.batch_size, micro_per_step, total_steps, steps_per_epoch, warmup,
+             "global batch (gathered)" if gather else "local batch")
 
     def training_config(metrics: dict[str, float], step: int) -> dict[str, Any]:
         return {
@@ -336,7 +413,8 @@ def train(cfg: DictConfig) -> float:
             "val_metrics": metrics,
             "global_step": step,
             "world_size": world,
-            "global_batch_size": cfg.data.batch_size * world * cfg.trainer.gradient_accumulation_steps,
+            "global_batch_size": cfg.data.batch_size * world * micro_per_step,
+            "contrastive_batch_size": cfg.data.batch_size * (world if gather else 1) * (grad_cache or 1),
             "seed": cfg.trainer.seed,
             "lineclip_version": lineclip.__version__,
             "schedule": schedule,
@@ -350,7 +428,8 @@ def train(cfg: DictConfig) -> float:
                                   training_config(val_metrics, step))
         accelerator.wait_for_everyone()
 
-    step, micro, n_corrupt, val_metrics, postfix = 0, 0, 0, {}, {}
+    step, n_corrupt, val_metrics, postfix, checkpoints = 0, 0, {}, {}, []
+    pending: list[dict[str, Any]] = []  # micro-batches of the current grad-cache step
     bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.trainer.progress_bar))
     model.train()
     t_last, samples_since = time.perf_counter(), 0
@@ -359,23 +438,32 @@ def train(cfg: DictConfig) -> float:
         sampler.set_epoch(epoch)
         for batch in loader:
             n_corrupt += batch["n_corrupt"]
-            with accelerator.accumulate(model):
-                out = model(
-                    pixel_values=batch["pixel_values"].to(accelerator.device, non_blocking=True),
-                    input_ids=batch["input_ids"].to(accelerator.device, non_blocking=True),
-                    attention_mask=batch["attention_mask"].to(accelerator.device, non_blocking=True),
-                )
-                result = contrastive_loss(out.image, out.text, train_ids[batch["indices"]].to(accelerator.device),
-                                          out.logit_scale, gather=gather)
-                accelerator.backward(result.loss)
-                if accelerator.sync_gradients and cfg.optim.grad_clip:
+            # A batch whose every image was corrupt: all processes skip it together (DDP needs matching steps).
+            if any_rank(accelerator, len(batch["indices"]) == 0):
+                continue
+            samples_since += len(batch["indices"]) * world
+            if grad_cache:
+                pending.append(batch)
+                if len(pending) < grad_cache:
+                    continue
+                result = grad_cache_step(accelerator, model, pending, train_ids, gather)
+                pending = []
+                if cfg.optim.grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            samples_since += len(batch["indices"]) * world
-            if not accelerator.sync_gradients:
-                continue
+            else:
+                with accelerator.accumulate(model):
+                    out = model(**to_device(batch, accelerator.device))
+                    result = contrastive_loss(out.image, out.text, train_ids[batch["indices"]].to(accelerator.device),
+                                              out.logit_scale, gather=gather)
+                    accelerator.backward(result.loss)
+                    if accelerator.sync_gradients and cfg.optim.grad_clip:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
             scheduler.step()
             step += 1
             bar.update(1)
@@ -387,7 +475,8 @@ def train(cfg: DictConfig) -> float:
                 now = time.perf_counter()
                 accelerator.log({"train/loss": result.loss.item(), "train/i2t": result.i2t_accuracy.item(),
                                  "train/t2i": result.t2i_accuracy.item(), "train/lr": lr,
-                                 "train/logit_scale": out.logit_scale.item(), "train/epoch": epoch,
+                                 "train/logit_scale": accelerator.unwrap_model(model).scale().item(),
+                                 "train/epoch": epoch,
                                  "train/samples_per_s": samples_since / max(now - t_last, 1e-9)}, step=step)
                 t_last, samples_since = now, 0
             if val_set is not None and (step % eval_every == 0 or step == total_steps):
@@ -398,6 +487,7 @@ def train(cfg: DictConfig) -> float:
                 bar.set_postfix(postfix)
             if step % cfg.trainer.checkpoint_every_steps == 0 and step < total_steps:
                 save(artifacts.checkpoint_prefix(step), step)
+                checkpoints.append(step)
             if step >= total_steps:
                 break
         epoch += 1
@@ -417,5 +507,7 @@ def train(cfg: DictConfig) -> float:
     save("", step)
     if accelerator.is_main_process:
         (output_dir / "data_report.json").write_text(json.dumps(data_report, indent=2, ensure_ascii=False))
-    accelerator.end_training()
-    return float(val_metrics.get("val_t2i_r1", float("nan")))
+    for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group,
+        tracker.finish()                  # which the caller (a test, a sweep) may still need
+    schedule["progress_bar_total"] = bar.total
+    return TrainResult(output_dir, val_metrics, schedule, checkpoints, world, accelerator.unwrap_model(model))

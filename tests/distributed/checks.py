@@ -1,0 +1,150 @@
+"""Run under `torchrun --standalone --nproc_per_node 2` (gloo, CPU) by tests/test_distributed.py.
+
+    python checks.py train OUT_DIR [hydra overrides...]   # a real training run, then cross-rank checks
+    python checks.py grads OUT_DIR                         # 2 x B with gathered negatives vs 1 x 2B
+
+Each rank writes OUT_DIR/<mode>_rank<r>.json; the test reads them.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+
+from lineclip.batch import LineCollator, LineDataset
+from lineclip.config import asset_dir, conf_dir, register_configs
+from lineclip.loss import contrastive_loss
+from lineclip.manifest import read_manifest
+from lineclip.metrics import retrieval_metrics
+from lineclip.preprocess import LineGeometry, LineImageTransform
+from lineclip.trainer import build_model, grad_cache_step, text_ids_of, train
+
+register_configs()
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def flat_params(model):
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
+
+
+def all_ranks(t):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return parts
+
+
+@torch.inference_mode()
+def single_process_val_metrics(model, cfg):
+    """Embed every val line one at a time in this process alone: the reference for gathered validation."""
+    records, _ = read_manifest(cfg.data.val_manifest, cfg.data.dataset_dir)
+    geometry = LineGeometry(cfg.preprocess.target_height, cfg.preprocess.max_width,
+                            tuple(cfg.preprocess.width_buckets), cfg.preprocess.patch_multiple)
+    dataset = LineDataset(records, LineImageTransform(cfg.preprocess.pipeline, geometry))
+    collate = LineCollator(cfg.text.max_length)
+    model.eval()
+    images, texts = [], []
+    for i in range(len(dataset)):
+        batch = collate([dataset[i]])
+        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"])
+        images.append(out.image)
+        texts.append(out.text)
+    metrics = retrieval_metrics(torch.cat(images), torch.cat(texts), text_ids_of(records))
+    return {f"val_{k}": v for k, v in metrics.items()}
+
+
+def check_train(out_dir: Path, overrides):
+    cfg = compose_cfg([f"output_dir={out_dir / 'run'}", *overrides])
+    result = train(cfg)
+    params = flat_params(result.model)
+    report = {
+        "rank": dist.get_rank(),
+        "world_size": dist.get_world_size(),
+        "trainer_world_size": result.world_size,
+        "schedule": result.schedule,
+        "checkpoints": result.checkpoint_steps,
+        "val_metrics": result.val_metrics,
+        "param_count": params.numel(),
+        "param_max_abs_diff_across_ranks": max(float((p - params).abs().max()) for p in all_ranks(params)),
+        "logit_scale": float(result.model.logit_scale),
+    }
+    if dist.get_rank() == 0:
+        report["single_process_val_metrics"] = single_process_val_metrics(result.model, cfg)
+    (out_dir / f"train_rank{dist.get_rank()}.json").write_text(json.dumps(report, indent=2))
+
+
+def check_grads(out_dir: Path, per_rank: int = 4):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(cpu=True)
+    cfg = compose_cfg(["data.num_workers=0"])
+    demo = asset_dir("demo")
+    records, _ = read_manifest(demo / "train" / "meta" / "lines.jsonl", demo)
+    dataset = LineDataset(records, LineImageTransform("bdrc", LineGeometry()))
+    bucket = int(torch.as_tensor(dataset.buckets).mode().values)
+    rows = [i for i in range(len(dataset)) if dataset.buckets[i] == bucket][: 2 * per_rank]
+    batch = LineCollator(cfg.text.max_length)([dataset[i] for i in rows])
+    ids = text_ids_of([records[i] for i in rows])
+
+    def build():
+        set_seed(0)
+        model, _, _ = build_model(cfg)
+        return model.eval()  # no dropout: the two computations must see the same function
+
+    reference = build()
+    model = accelerator.prepare(build())
+    rank = accelerator.process_index
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    out = model(pixel_values=batch["pixel_values"][mine], input_ids=batch["input_ids"][mine],
+                attention_mask=batch["attention_mask"][mine])
+    loss = contrastive_loss(out.image, out.text, ids[mine], out.logit_scale, gather=True).loss
+    accelerator.backward(loss)
+    global_loss = accelerator.reduce(loss.detach(), "mean")
+    grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
+
+    # Reference: one process, one batch of 2B, plain (local) loss.
+    ref_out = reference(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"])
+    ref_loss = contrastive_loss(ref_out.image, ref_out.text, ids, ref_out.logit_scale, gather=False).loss
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    # Gradient caching on top: each rank's B rows as 2 micro-batches of B/2, one contrastive batch of 2B.
+    model.zero_grad(set_to_none=True)
+    micro = [{"pixel_values": batch["pixel_values"][rows], "input_ids": batch["input_ids"][rows],
+              "attention_mask": batch["attention_mask"][rows], "indices": torch.arange(2 * per_rank)[rows]}
+             for rows in (slice(mine.start, mine.start + per_rank // 2), slice(mine.start + per_rank // 2, mine.stop))]
+    cached = grad_cache_step(accelerator, model, micro, ids, gather=True)
+    cached_loss = accelerator.reduce(cached.loss.detach(), "mean")
+    cached_grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()
+                    if p.grad is not None}
+    report = {
+        "rank": rank,
+        "loss_grad_cache": float(cached_loss),
+        "grad_cache_max_abs_diff": max(float((cached_grads[n] - ref_grads[n]).abs().max()) for n in ref_grads),
+        "loss_2xB": float(global_loss),
+        "loss_1x2B": float(ref_loss.detach()),
+        "grad_names_equal": sorted(grads) == sorted(ref_grads),
+        "n_grads": len(grads),
+        "grad_max_abs_diff": max(float((grads[n] - ref_grads[n]).abs().max()) for n in ref_grads),
+        "grad_max_abs": max(float(g.abs().max()) for g in ref_grads.values()),
+        "logit_scale_grad_diff": float((grads["logit_scale"] - ref_grads["logit_scale"]).abs()),
+    }
+    (out_dir / f"grads_rank{rank}.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    if mode == "train":
+        check_train(out, sys.argv[3:])
+    else:
+        check_grads(out)
+    dist.barrier()

@@ -1,0 +1,137 @@
+"""Two processes on one machine (torchrun, gloo, CPU): the proof that lineclip trains ONE model with
+global negatives, and that its schedule, validation and artifacts are right for world size 2."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from hydra import compose, initialize_config_dir
+
+from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset
+from lineclip.config import asset_dir, conf_dir, register_configs
+from lineclip.loss import contrastive_loss
+from lineclip.manifest import read_manifest
+from lineclip.preprocess import LineGeometry, LineImageTransform
+from lineclip.trainer import build_model, grad_cache_step, text_ids_of
+
+pytestmark = pytest.mark.distributed
+CHECKS = Path(__file__).parent / "distributed" / "checks.py"
+
+
+def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def reports(out: Path, mode: str) -> list[dict]:
+    return [json.loads((out / f"{mode}_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path):
+    torchrun(str(CHECKS), "grads", str(tmp_path))
+    for rep in reports(tmp_path, "grads"):
+        assert rep["grad_names_equal"] and rep["n_grads"] > 50
+        assert rep["loss_2xB"] == pytest.approx(rep["loss_1x2B"], rel=1e-5)
+        # every gradient of both towers, both heads and the logit scale, after DDP's all-reduce
+        assert rep["grad_max_abs_diff"] < 1e-5 * max(1.0, rep["grad_max_abs"])
+        assert rep["logit_scale_grad_diff"] < 1e-5
+        # and with gradient caching (2 micro-batches a rank) on top
+        assert rep["loss_grad_cache"] == pytest.approx(rep["loss_1x2B"], rel=1e-5)
+        assert rep["grad_cache_max_abs_diff"] < 1e-5 * max(1.0, rep["grad_max_abs"])
+
+
+@pytest.mark.slow
+def test_two_process_training_run(tmp_path):
+    batch, eval_batch, warmup, every = 8, 7, 3, 4
+    torchrun(str(CHECKS), "train", str(tmp_path), f"data.batch_size={batch}", f"data.eval_batch_size={eval_batch}",
+             "trainer.epochs=2", f"trainer.checkpoint_every_steps={every}", f"optim.warmup_steps={warmup}",
+             "logger=none", "trainer.progress_bar=false", "data.num_workers=0")
+    rank0, rank1 = reports(tmp_path, "train")
+    # 1. one model: every parameter identical on both ranks after training
+    for rep in (rank0, rank1):
+        assert rep["trainer_world_size"] == 2 and rep["param_max_abs_diff_across_ranks"] == 0.0
+    assert rank0["logit_scale"] == rank1["logit_scale"] != pytest.approx(math.log(1 / 0.07))
+    # 3. steps from the per-process share of the bucketed batches
+    demo = asset_dir("demo")
+    records, _ = read_manifest(demo / "train" / "meta" / "lines.jsonl", demo)
+    buckets = LineDataset(records, LineImageTransform("bdrc", LineGeometry())).buckets
+    n_batches = len(BucketBatchSampler(buckets, batch, shuffle=True))
+    per_process = math.ceil(n_batches / 2)
+    sched = rank0["schedule"]
+    assert sched["steps_per_epoch"] == per_process and sched["total_steps"] == 2 * per_process
+    assert sched["progress_bar_total"] == 2 * per_process and sched["warmup_steps"] == warmup
+    expected_ckpts = [s for s in range(every, 2 * per_process, every)]
+    assert rank0["checkpoints"] == rank1["checkpoints"] == expected_ckpts
+    run = tmp_path / "run"
+    assert sorted({p.name[:24] for p in run.glob("checkpoint_step_*_training_config.json")}) == [
+        f"checkpoint_step_{s:07d}_" for s in expected_ckpts]
+    # 4. validation gathered across ranks (uneven shards: 40 lines in batches of 7) == one process alone
+    for key, value in rank0["single_process_val_metrics"].items():
+        assert rank0["val_metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert rank0["val_metrics"] == rank1["val_metrics"]
+
+
+@pytest.mark.slow
+def test_two_process_cli_writes_one_complete_artifact_set(tmp_path):
+    out = tmp_path / "run"
+    torchrun("-m", "lineclip.train", f"hydra.run.dir={out}", "data.batch_size=8", "trainer.max_steps=3",
+             "trainer.checkpoint_every_steps=2", "trainer.progress_bar=false", "data.num_workers=0", "logger=wandb")
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    bundle = ["text_hierarchy_clip_text_encoder", "text_hierarchy_clip_text_projection_head.pt",
+              "text_hierarchy_projection_head.pt", "text_hierarchy_vit_backbone", "training_config.json"]
+    expected = sorted([f"checkpoint_step_0000002_{b}" for b in bundle] + bundle + [
+        "data_report.json", "faiss_embeddings.npy", "faiss_embeddings_meta.parquet", "train.log", "wandb"])
+    assert names == expected
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1  # trackers on the main process only
+    cfg = json.loads((out / "training_config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["global_batch_size"] == 16 and cfg["contrastive_batch_size"] == 16
+    emb = np.load(out / "faiss_embeddings.npy")
+    assert emb.shape[0] == 160  # every train line once, no duplicates from sharding
+    assert not list(out.glob(".staging*"))
+
+
+def _micro_batches(n_micro=3, per=4):
+    demo = asset_dir("demo")
+    records, _ = read_manifest(demo / "train" / "meta" / "lines.jsonl", demo)
+    dataset = LineDataset(records, LineImageTransform("bdrc", LineGeometry()))
+    rows = [i for i in range(len(dataset)) if dataset.buckets[i] == 1036][: n_micro * per]
+    collate = LineCollator(128)
+    batches = [collate([dataset[i] for i in rows[k * per:(k + 1) * per]]) for k in range(n_micro)]
+    return batches, text_ids_of(records)
+
+
+def test_grad_cache_equals_one_big_batch_with_dropout_on():
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        register_configs()
+        cfg = compose(config_name="train", overrides=["+text.config.dropout_rate=0.3"])
+    torch.manual_seed(0)
+    model, _, _ = build_model(cfg)
+    model.train()
+    batches, ids = _micro_batches()
+
+    torch.manual_seed(123)  # the same dropout masks for both computations
+    outs = [model(pixel_values=b["pixel_values"], input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            for b in batches]
+    ref = contrastive_loss(torch.cat([o.image for o in outs]), torch.cat([o.text for o in outs]),
+                           torch.cat([ids[b["indices"]] for b in batches]), outs[0].logit_scale)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(123)
+    cached = grad_cache_step(Accelerator(cpu=True), model, batches, ids, gather=False)
+    assert cached.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and "logit_scale" in grads
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
