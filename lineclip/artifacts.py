@@ -53,6 +53,15 @@ def workbench_keys(cfg: Any) -> dict[str, Any]:
     }
 
 
+def staging_dir(output_dir: str | Path, prefix: str, reset: bool = False) -> Path:
+    """Where a bundle is assembled before its entries are renamed into place."""
+    staging = Path(output_dir) / f".staging_{prefix or 'final'}"
+    if reset:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    return staging
+
+
 def save_bundle(
     output_dir: str | Path,
     prefix: str,
@@ -60,12 +69,14 @@ def save_bundle(
     image_processor: Any,
     tokenizer: Any,
     training_config: dict[str, Any],
+    extra_entries: tuple[str, ...] = (),
 ) -> None:
-    """Write one complete bundle. `model` must be the unwrapped module (accelerator.unwrap_model)."""
+    """Write one complete bundle. `model` must be the unwrapped module (accelerator.unwrap_model).
+
+    `extra_entries` were already written into `staging_dir(output_dir, prefix)` by the caller (the training
+    state); they are renamed into place with the rest, before the config."""
     output_dir = Path(output_dir)
-    staging = output_dir / f".staging_{prefix or 'final'}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_dir(output_dir, prefix, reset=not extra_entries)
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a shard-writing bar per save would break the training bar
     try:
@@ -79,7 +90,7 @@ def save_bundle(
         if bars_were_on:
             hf_logging.enable_progress_bar()
     (staging / CONFIG).write_text(json.dumps(training_config, indent=2, ensure_ascii=False, default=str))
-    for entry in BUNDLE_ENTRIES:  # config last: its presence marks the bundle complete
+    for entry in (*extra_entries, *BUNDLE_ENTRIES):  # config last: its presence marks the bundle complete
         target = output_dir / f"{prefix}{entry}"
         if target.is_dir():
             shutil.rmtree(target)

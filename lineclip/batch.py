@@ -112,7 +112,8 @@ def _header_size(path: str) -> tuple[int, int] | None:
 
 
 class LineDataset(torch.utils.data.Dataset):
-    """Line images (transformed) with their texts. A file that fails to decode yields None, never raises.
+    """Line images (transformed) with their texts. A file that fails to decode yields
+    ``{"index": i, "corrupt": "corrupt_image"}``, never raises, so a data-loader worker never dies.
 
     ``buckets[i]`` is the canvas width record i will get, computed up front from image headers so the
     sampler can group lines without decoding them; -1 marks a header that could not be read (such
@@ -135,15 +136,26 @@ class LineDataset(torch.utils.data.Dataset):
                 sizes = list(pool.map(_header_size, paths))
         else:
             sizes = [_header_size(path) for path in paths]
+        # Found before training, from headers: "empty_image" (a zero-byte file or a zero width/height, what a
+        # degenerate OCR crop leaves; decoders refuse a 0-px header) or "unreadable_image" (any other header
+        # that fails). Such lines are never sampled; the trainer counts them by kind or, in error mode, stops.
+        self.image_problems: dict[int, str] = {}
+        for i, size in enumerate(sizes):
+            if size is None:
+                empty = os.path.isfile(paths[i]) and os.path.getsize(paths[i]) == 0
+                self.image_problems[i] = "empty_image" if empty else "unreadable_image"
+            elif min(size) <= 0:
+                self.image_problems[i] = "empty_image"
         self.buckets = np.array(
-            [transform.bucket_of(*size) if size is not None else -1 for size in sizes], dtype=np.int64
+            [-1 if i in self.image_problems else transform.bucket_of(*size) for i, size in enumerate(sizes)],
+            dtype=np.int64,
         )
-        self.unreadable_indices: list[int] = [i for i, size in enumerate(sizes) if size is None]
+        self.unreadable_indices: list[int] = sorted(self.image_problems)
         self.n_unreadable_headers = len(self.unreadable_indices)
         if self.n_unreadable_headers:
             first = records[self.unreadable_indices[0]]
             logger.warning(
-                "%d of %d line images have unreadable headers and will not be sampled (first: %s)",
+                "%d of %d line images have unreadable or empty headers and will not be sampled (first: %s)",
                 self.n_unreadable_headers,
                 len(records),
                 _where(first),
@@ -152,7 +164,7 @@ class LineDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         try:
             with Image.open(record.image_path) as image:
@@ -163,7 +175,7 @@ class LineDataset(torch.utils.data.Dataset):
                 image.load()
         except _DECODE_ERRORS as exc:
             logger.warning("skipping corrupt line image %s: %s", _where(record), exc)
-            return None
+            return {"index": index, "corrupt": "corrupt_image"}
         try:
             pixel_values = self.transform(image)
         except Exception as exc:
@@ -179,7 +191,7 @@ class LineDataset(torch.utils.data.Dataset):
                 pixel_values.shape[-1],
                 bucket,
             )
-            return None
+            return {"index": index, "corrupt": "corrupt_image"}
         return {"pixel_values": pixel_values, "text": record.text, "index": index}
 
 
@@ -241,15 +253,16 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 @dataclass
 class LineCollator:
-    """Stacks one bucket's images and byte-encodes the texts. Items that are None (corrupt images) are
+    """Stacks one bucket's images and byte-encodes the texts. Corrupt items (marked, or None) are
     dropped and counted; if every item was corrupt the batch has B == 0 so the trainer can skip it."""
 
     max_length: int
     pad_to_multiple: int = 8
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
-        good = [item for item in items if item is not None]
+        good = [item for item in items if item is not None and "corrupt" not in item]
         n_corrupt = len(items) - len(good)
+        corrupt_indices = [item["index"] for item in items if item is not None and "corrupt" in item]
         if not good:
             return {
                 "pixel_values": torch.zeros((0, 3, 0, 0), dtype=torch.float32),
@@ -257,6 +270,7 @@ class LineCollator:
                 "attention_mask": torch.zeros((0, 0), dtype=torch.long),
                 "indices": torch.zeros((0,), dtype=torch.long),
                 "n_corrupt": n_corrupt,
+                "corrupt_indices": corrupt_indices,
                 "n_truncated": 0,
             }
         shapes = {tuple(item["pixel_values"].shape) for item in good}
@@ -272,5 +286,6 @@ class LineCollator:
             "attention_mask": attention_mask,
             "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
             "n_corrupt": n_corrupt,
+            "corrupt_indices": corrupt_indices,
             "n_truncated": n_truncated,
         }

@@ -60,6 +60,7 @@ class DataConfig:
     eval_batch_size: int | None = None  # defaults to batch_size
     num_workers: int = 2
     on_bad_row: str = "skip"  # skip (and count) | error
+    max_text_bytes: int | None = 8192  # longer transcriptions are bad rows (text_too_long), not lines
     augment: bool = False
 
 
@@ -106,6 +107,9 @@ class TrainerConfig:
     log_every_steps: int = 10
     export_embeddings: bool = True
     progress_bar: bool = True
+    resume: str | None = None  # latest | a run dir | a checkpoint_step_XXXXXXX_ bundle
+    keep_last_checkpoints: int | None = None  # rotate older checkpoints away (final artifacts never)
+    max_bad_steps: int = 10  # non-finite losses in a row before the run stops
 
 
 @dataclass
@@ -181,7 +185,8 @@ def check_config(cfg: DictConfig) -> None:
     for key in positive:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
-    for key in ["trainer.max_steps", "trainer.eval_every_steps", "data.eval_batch_size"]:
+    for key in ["trainer.max_steps", "trainer.eval_every_steps", "data.eval_batch_size",
+                "trainer.keep_last_checkpoints", "data.max_text_bytes", "trainer.max_bad_steps"]:
         value = _get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be > 0 or null, got {value}")

@@ -51,7 +51,11 @@ BAD_ROW_REASONS = (
     "empty_text",
     "duplicate_id",
     "invalid_utf8",
+    "text_too_long",
 )
+# A real line is ~450 bytes; a row far beyond that is a page or a file glued into one "line" by a broken
+# OCR export, and would only be truncated to noise.
+DEFAULT_MAX_TEXT_BYTES = 8192
 ON_BAD_ROW_CHOICES = ("skip", "error")
 
 # Keys that become LineRecord fields; every other scalar key of a row goes to LineRecord.extra.
@@ -240,6 +244,7 @@ def _parse_row(
     stem: str,
     source: str,
     candidate_dirs: list[str],
+    max_text_bytes: int | None = DEFAULT_MAX_TEXT_BYTES,
 ) -> LineRecord:
     try:
         line = raw.decode("utf-8")
@@ -270,6 +275,8 @@ def _parse_row(
     text = normalize_text(text_value)
     if not text:  # unreachable for a non-blank string today; kept so the non-empty invariant never rots
         raise _BadRow("empty_text", f"{text_key!r} is empty after normalisation")
+    if max_text_bytes and len(text.encode("utf-8")) > max_text_bytes:
+        raise _BadRow("text_too_long", f"{len(text.encode('utf-8'))} bytes > data.max_text_bytes={max_text_bytes}")
 
     image_path = _resolve(image_value, candidate_dirs)
     if image_path is None:
@@ -307,6 +314,7 @@ def read_manifest(
     path: str | Path,
     dataset_dir: str | Path | None = None,
     on_bad_row: str = "skip",
+    max_text_bytes: int | None = DEFAULT_MAX_TEXT_BYTES,
 ) -> tuple[list[LineRecord], ManifestReport]:
     """Read a JSONL line manifest into records plus a report of what was skipped and why.
 
@@ -333,7 +341,7 @@ def read_manifest(
             report.rows_total += 1
             source = f"{manifest}:{line_no}"
             try:
-                record = _parse_row(raw, line_no, manifest.stem, source, candidate_dirs)
+                record = _parse_row(raw, line_no, manifest.stem, source, candidate_dirs, max_text_bytes)
                 # Ids are claimed by usable rows only, so a bad first occurrence does not shadow a good one.
                 first = seen_ids.get(record.sample_id)
                 if first is not None:

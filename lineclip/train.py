@@ -17,12 +17,14 @@ log = logging.getLogger("lineclip")
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
+    from lineclip.checkpoint import ResumeError
     from lineclip.manifest import ManifestError
-    from lineclip.trainer import train
+    from lineclip.trainer import TrainingDiverged, train
 
     try:
-        return train(cfg).objective
-    except (ConfigError, ManifestError) as err:
+        result = train(cfg)
+        return result.objective
+    except (ConfigError, ManifestError, ResumeError, TrainingDiverged) as err:
         # A one-line reason and a non-zero exit, not a traceback.
         log.error("%s", err)
         sys.exit(2)

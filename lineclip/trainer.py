@@ -11,8 +11,8 @@ import contextlib
 import json
 import logging
 import math
-import netrc
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 import lineclip
 from lineclip import artifacts
 from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset, count_truncated
+from lineclip.checkpoint import TrainerState, resolve_resume, rotate_checkpoints, training_state_dir
 from lineclip.config import ConfigError, check_config
 from lineclip.loss import ContrastiveOutput, contrastive_loss
-from lineclip.manifest import LineRecord, read_manifest
+from lineclip.manifest import LineRecord, ManifestError, read_manifest
 from lineclip.metrics import retrieval_metrics
 from lineclip.preprocess import LineGeometry, LineImageTransform
 from lineclip.towers import (
@@ -41,6 +42,7 @@ from lineclip.towers import (
     build_text_encoder,
     build_tokenizer,
 )
+from lineclip.tracking import start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +63,25 @@ class ShardedBatches:
 
     def __init__(self, sampler: BucketBatchSampler, rank: int, world_size: int) -> None:
         self.sampler, self.rank, self.world_size = sampler, rank, world_size
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """`skip`: batches of this epoch already consumed before a resume; they are not loaded again."""
         self.sampler.set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self):
         batches = list(self.sampler)
         if self.world_size > 1 and batches:
             batches += batches[: (-len(batches)) % self.world_size]
-        return iter(batches[self.rank :: self.world_size])
+        return iter(batches[self.rank :: self.world_size][self.skip :])
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.world_size)
 
 
-def make_loader(dataset: LineDataset, batch_sampler: Any, collate: LineCollator, num_workers: int) -> DataLoader:
+def make_loader(dataset: LineDataset, batch_sampler: Any, collate: LineCollator, num_workers: int,
+                seed: int = 0) -> DataLoader:
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
@@ -83,6 +89,9 @@ def make_loader(dataset: LineDataset, batch_sampler: Any, collate: LineCollator,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # Its own generator: starting an iterator must not draw from the global RNG, or a resumed run's
+        # dropout masks would drift from the uninterrupted run's.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -219,53 +228,17 @@ def eval_batch_size(cfg: DictConfig) -> int:
     return cfg.data.eval_batch_size or cfg.data.batch_size
 
 
-# ----------------------------------------------------------------------------------------- tracking
-
-
-def wandb_mode(cfg: DictConfig) -> str:
-    """online with credentials; offline (one message) without; an explicit setting always wins."""
-    if cfg.logger.mode or os.environ.get("WANDB_MODE"):
-        return cfg.logger.mode or os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        rc = netrc.netrc(os.environ.get("NETRC"))
-        if any("wandb" in host for host in rc.hosts):
-            return "online"
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        pass
-    log.warning("W&B: no credentials (WANDB_API_KEY or ~/.netrc); logging offline to the run dir "
-                "(`wandb sync` uploads it later; logger=none turns logging off)")
-    return "offline"
-
-
-def start_tracking(accelerator: Accelerator, cfg: DictConfig, output_dir: Path) -> None:
-    if cfg.logger.name != "wandb":
-        return
-    group = cfg.logger.group
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hydra_cfg = HydraConfig.get()
-        run_name = f"{Path(hydra_cfg.runtime.output_dir).parent.name}/{Path(hydra_cfg.runtime.output_dir).name}"
-        if group is None and hydra_cfg.mode.name == "MULTIRUN":
-            group = Path(hydra_cfg.sweep.dir).name  # one W&B group per sweep
-    except ValueError:  # not under @hydra.main (tests, the API)
-        run_name = output_dir.name
-    init_kwargs = {"dir": str(output_dir), "group": group, "name": run_name, "mode": wandb_mode(cfg),
-                   "tags": list(cfg.logger.tags), "entity": cfg.logger.entity, "reinit": "finish_previous"}
-    accelerator.init_trackers(cfg.logger.project, config=OmegaConf.to_container(cfg, resolve=True),
-                              init_kwargs={"wandb": init_kwargs})
-
-
 # -------------------------------------------------------------------------------------------- train
 
 
 def load_lines(cfg: DictConfig) -> tuple[list[LineRecord], list[LineRecord], dict[str, Any]]:
-    train_records, train_report = read_manifest(cfg.data.train_manifest, cfg.data.dataset_dir, cfg.data.on_bad_row)
+    def read(path: str):
+        return read_manifest(path, cfg.data.dataset_dir, cfg.data.on_bad_row, cfg.data.max_text_bytes)
+
+    train_records, train_report = read(cfg.data.train_manifest)
     val_records, report = [], {"train": train_report.to_dict()}
     if cfg.data.val_manifest:
-        val_records, val_report = read_manifest(cfg.data.val_manifest, cfg.data.dataset_dir, cfg.data.on_bad_row)
+        val_records, val_report = read(cfg.data.val_manifest)
         report["val"] = val_report.to_dict()
     truncated = count_truncated((r.text for r in train_records), cfg.text.max_length)
     report["train_truncated_texts"] = truncated
@@ -284,11 +257,30 @@ class TrainResult:
     checkpoint_steps: list[int]
     world_size: int
     model: DualEncoder  # unwrapped, on the training device
+    interrupted: bool = False  # stopped by SIGTERM after writing a checkpoint: resume with trainer.resume=latest
+    bad_steps: int = 0
 
     @property
     def objective(self) -> float:
         """What sweeps maximise: the final validation text->image Recall@1."""
         return float(self.val_metrics.get("val_t2i_r1", float("nan")))
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint is kept."""
+
+
+def image_problems(dataset: LineDataset, cfg: DictConfig, split: str) -> dict[str, int]:
+    """Count the lines whose image headers are unreadable or empty; in error mode, stop at the first."""
+    counts = {"unreadable_image": 0, "empty_image": 0}
+    for index, kind in sorted(dataset.image_problems.items()):
+        if cfg.data.on_bad_row == "error":
+            record = dataset.records[index]
+            raise ManifestError(f"{record.source}: {kind} ({record.image_path})")
+        counts[kind] += 1
+    if any(counts.values()):
+        log.warning("%s: skipping %s", split, ", ".join(f"{k}={v}" for k, v in counts.items() if v))
+    return counts
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -358,9 +350,11 @@ def train(cfg: DictConfig) -> TrainResult:
     # second): all of them write where the main process says.
     output_dir = Path(broadcast_object_list([str(cfg.output_dir or "outputs/run")])[0])
     output_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = resolve_resume(cfg.trainer.resume, output_dir) if cfg.trainer.resume else None
     set_seed(cfg.trainer.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
+    # ---- data
     train_records, val_records, data_report = load_lines(cfg)
     model, image_processor, tokenizer = build_model(cfg)
     geometry = LineGeometry(cfg.preprocess.target_height, cfg.preprocess.max_width,
@@ -369,18 +363,23 @@ def train(cfg: DictConfig) -> TrainResult:
     train_set = LineDataset(train_records, LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std,
                                                               augment=cfg.data.augment))
     eval_transform = LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std, augment=False)
+    data_report["train"]["skipped"].update(image_problems(train_set, cfg, "train"))
+    val_set = LineDataset(val_records, eval_transform) if val_records else None
+    if val_set is not None:
+        data_report["val"]["skipped"].update(image_problems(val_set, cfg, "val"))
     collate = LineCollator(cfg.text.max_length)
     train_ids = text_ids_of(train_records)
+    val_ids = text_ids_of(val_records) if val_records else None
     sampler = ShardedBatches(BucketBatchSampler(train_set.buckets, cfg.data.batch_size, shuffle=True,
                                                 seed=cfg.trainer.seed), rank, world)
-    loader = make_loader(train_set, sampler, collate, cfg.data.num_workers)
+    loader = make_loader(train_set, sampler, collate, cfg.data.num_workers, cfg.trainer.seed)
 
+    # ---- model, optimizer, schedule
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps)
     model, optimizer = accelerator.prepare(model, optimizer)
     gather = cfg.loss.gather if cfg.loss.gather is not None else world > 1
     grad_cache = cfg.trainer.grad_cache_chunks
-
     # Step counts from the *sharded* per-process batch count, so warmup and totals are right on N processes.
     micro_per_step = grad_cache or cfg.trainer.gradient_accumulation_steps
     steps_per_epoch = max(1, len(sampler) // micro_per_step)
@@ -390,27 +389,36 @@ def train(cfg: DictConfig) -> TrainResult:
         warmup = max(1, total_steps // 10)
         log.warning("optim.warmup_steps=%d is not below the run's %d steps; warming up for %d steps instead",
                     cfg.optim.warmup_steps, total_steps, warmup)
-    # Not passed to accelerator.prepare: that would step it once per process per step.
+    # Not passed to accelerator.prepare (that would step it once per process per step); registered so that
+    # save_state/load_state carry it.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(warmup, total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
+    accelerator.register_for_checkpointing(scheduler)
     eval_every = cfg.trainer.eval_every_steps or cfg.trainer.checkpoint_every_steps
     schedule = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
                 "eval_every_steps": eval_every, "checkpoint_every_steps": cfg.trainer.checkpoint_every_steps,
-                "micro_batches_per_step": micro_per_step}
+                "micro_batches_per_step": micro_per_step, "progress_bar_total": total_steps}
 
-    val_set = LineDataset(val_records, eval_transform) if val_records else None
-    val_ids = text_ids_of(val_records) if val_records else None
-    start_tracking(accelerator, cfg, output_dir)
+    state = TrainerState()
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))  # model, optimizer, scheduler, scaler, every RNG
+        state = TrainerState.load(resume_from)
+        log.info("resumed from %s at step %d (epoch %d, batch %d of it)", resume_from.name, state.step,
+                 state.epoch, state.batches_done_in_epoch)
+    start_tracking(accelerator, cfg, output_dir, resuming=resume_from is not None)
     log.info("%d train lines, %d val lines; %d processes x batch %d (x%d micro-batches a step); %d steps "
              "(%d per epoch), warmup %d; negatives: %s", len(train_records), len(val_records), world,
              cfg.data.batch_size, micro_per_step, total_steps, steps_per_epoch, warmup,
              "global batch (gathered)" if gather else "local batch")
 
-    def training_config(metrics: dict[str, float], step: int) -> dict[str, Any]:
+    corrupt = torch.zeros(len(train_records), dtype=torch.bool)
+    corrupt[state.corrupt_indices] = True
+
+    def training_config(step: int) -> dict[str, Any]:
         return {
             **artifacts.workbench_keys(cfg),
-            **{k: metrics.get(k) for k in ("val_i2t_r1", "val_t2i_r1")},
-            "val_metrics": metrics,
+            **{k: state.val_metrics.get(k) for k in ("val_i2t_r1", "val_t2i_r1")},
+            "val_metrics": state.val_metrics,
             "global_step": step,
             "world_size": world,
             "global_batch_size": cfg.data.batch_size * world * micro_per_step,
@@ -418,26 +426,60 @@ def train(cfg: DictConfig) -> TrainResult:
             "seed": cfg.trainer.seed,
             "lineclip_version": lineclip.__version__,
             "schedule": schedule,
-            "data_report": {**data_report, "corrupt_images_skipped": n_corrupt},
+            "bad_steps_skipped": state.bad_steps,
+            "logit_scale": float(accelerator.unwrap_model(model).scale().detach()),
+            "data_report": {**data_report, "corrupt_images_skipped": len(state.corrupt_indices)},
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
 
-    def save(prefix: str, step: int) -> None:
+    def save_checkpoint() -> None:
+        """The bundle and the training state under one prefix, renamed into place config-last."""
+        prefix = artifacts.checkpoint_prefix(state.step)
+        state.checkpoints = sorted({*state.checkpoints, state.step})
+        state.corrupt_indices = sync_corrupt()
         if accelerator.is_main_process:
+            artifacts.staging_dir(output_dir, prefix, reset=True)
+        accelerator.wait_for_everyone()
+        staging = artifacts.staging_dir(output_dir, prefix)
+        accelerator.save_state(str(training_state_dir(staging)))  # every process writes its RNG state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state.save(training_state_dir(staging))
             artifacts.save_bundle(output_dir, prefix, accelerator.unwrap_model(model), image_processor, tokenizer,
-                                  training_config(val_metrics, step))
+                                  training_config(state.step), extra_entries=(training_state_dir(staging).name,))
+            if cfg.trainer.keep_last_checkpoints:
+                rotate_checkpoints(output_dir, cfg.trainer.keep_last_checkpoints)
         accelerator.wait_for_everyone()
 
-    step, n_corrupt, val_metrics, postfix, checkpoints = 0, 0, {}, {}, []
+    def sync_corrupt() -> list[int]:
+        merged = accelerator.reduce(corrupt.to(accelerator.device, torch.int32), "max") if world > 1 else corrupt
+        return torch.nonzero(merged.cpu()).flatten().tolist()
+
+    # SIGTERM (SLURM pre-emption, spot VMs): finish the step in flight, checkpoint, exit cleanly.
+    stop_requested = False
+
+    def request_stop(signum, frame):  # noqa: ARG001
+        nonlocal stop_requested
+        stop_requested = True
+
+    previous_handler = signal.signal(signal.SIGTERM, request_stop)
+
+    # ---- the loop
+    bar = tqdm(total=total_steps, initial=state.step, desc="train",
+               disable=not (accelerator.is_main_process and cfg.trainer.progress_bar))
+    postfix: dict[str, str] = {}
     pending: list[dict[str, Any]] = []  # micro-batches of the current grad-cache step
-    bar = tqdm(total=total_steps, desc="train", disable=not (accelerator.is_main_process and cfg.trainer.progress_bar))
-    model.train()
+    bad_in_a_row, interrupted = 0, False
     t_last, samples_since = time.perf_counter(), 0
-    epoch = 0
-    while step < total_steps:
-        sampler.set_epoch(epoch)
+    model.train()
+    while state.step < total_steps and not interrupted:
+        sampler.set_epoch(state.epoch, skip=state.batches_done_in_epoch)
         for batch in loader:
-            n_corrupt += batch["n_corrupt"]
+            state.batches_done_in_epoch += 1
+            corrupt[batch["corrupt_indices"]] = True
+            if batch["corrupt_indices"] and cfg.data.on_bad_row == "error":
+                record = train_records[batch["corrupt_indices"][0]]
+                raise ManifestError(f"{record.source}: corrupt_image ({record.image_path})")
             # A batch whose every image was corrupt: all processes skip it together (DDP needs matching steps).
             if any_rank(accelerator, len(batch["indices"]) == 0):
                 continue
@@ -448,24 +490,35 @@ def train(cfg: DictConfig) -> TrainResult:
                     continue
                 result = grad_cache_step(accelerator, model, pending, train_ids, gather)
                 pending = []
-                if cfg.optim.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
             else:
                 with accelerator.accumulate(model):
                     out = model(**to_device(batch, accelerator.device))
                     result = contrastive_loss(out.image, out.text, train_ids[batch["indices"]].to(accelerator.device),
                                               out.logit_scale, gather=gather)
-                    accelerator.backward(result.loss)
-                    if accelerator.sync_gradients and cfg.optim.grad_clip:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if torch.isfinite(result.loss):
+                        accelerator.backward(result.loss)
                 if not accelerator.sync_gradients:
                     continue
+            # A non-finite loss (on any process) skips the whole step; too many in a row stop the run.
+            if any_rank(accelerator, not torch.isfinite(result.loss).item()):
+                optimizer.zero_grad(set_to_none=True)
+                state.bad_steps += 1
+                bad_in_a_row += 1
+                log.warning("non-finite loss at step %d: step skipped (%d in a row)", state.step + 1, bad_in_a_row)
+                if bad_in_a_row >= cfg.trainer.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{bad_in_a_row} non-finite losses in a row at step {state.step + 1} "
+                        f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); last good checkpoint: "
+                        f"{state.checkpoints[-1] if state.checkpoints else 'none'}. Lower optim.lr or try bf16")
+                continue
+            bad_in_a_row = 0
+            if cfg.optim.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            step += 1
+            state.step += 1
+            step = state.step
             bar.update(1)
             lr = scheduler.get_last_lr()[0]
             postfix.update(loss=f"{result.loss.item():.3f}", i2t=f"{result.i2t_accuracy.item():.2f}",
@@ -476,38 +529,51 @@ def train(cfg: DictConfig) -> TrainResult:
                 accelerator.log({"train/loss": result.loss.item(), "train/i2t": result.i2t_accuracy.item(),
                                  "train/t2i": result.t2i_accuracy.item(), "train/lr": lr,
                                  "train/logit_scale": accelerator.unwrap_model(model).scale().item(),
-                                 "train/epoch": epoch,
+                                 "train/epoch": state.epoch, "train/bad_steps": state.bad_steps,
                                  "train/samples_per_s": samples_since / max(now - t_last, 1e-9)}, step=step)
                 t_last, samples_since = now, 0
             if val_set is not None and (step % eval_every == 0 or step == total_steps):
-                val_metrics = validate(accelerator, model, val_set, collate, val_ids, cfg)
-                accelerator.log(val_metrics, step=step)
-                postfix.update({"vi2t@1": f"{val_metrics['val_i2t_r1']:.3f}",
-                                "vt2i@1": f"{val_metrics['val_t2i_r1']:.3f}"})
+                state.val_metrics = validate(accelerator, model, val_set, collate, val_ids, cfg)
+                accelerator.log(state.val_metrics, step=step)
+                postfix.update({"vi2t@1": f"{state.val_metrics['val_i2t_r1']:.3f}",
+                                "vt2i@1": f"{state.val_metrics['val_t2i_r1']:.3f}"})
                 bar.set_postfix(postfix)
-            if step % cfg.trainer.checkpoint_every_steps == 0 and step < total_steps:
-                save(artifacts.checkpoint_prefix(step), step)
-                checkpoints.append(step)
+            stop_now = any_rank(accelerator, stop_requested)
+            if step < total_steps and (step % cfg.trainer.checkpoint_every_steps == 0 or stop_now):
+                save_checkpoint()
+            if stop_now and step < total_steps:
+                log.warning("SIGTERM: stopped at step %d after writing %s; continue with trainer.resume=latest",
+                            step, artifacts.checkpoint_prefix(step))
+                interrupted = True
+                break
             if step >= total_steps:
                 break
-        epoch += 1
+        else:  # the epoch ran out
+            state.epoch += 1
+            state.batches_done_in_epoch = 0
     bar.close()
+    signal.signal(signal.SIGTERM, previous_handler)
 
-    n_corrupt = int(accelerator.reduce(torch.tensor(n_corrupt, device=accelerator.device), "sum"))
-    if n_corrupt:
-        log.warning("skipped %d corrupt line images while training", n_corrupt)
-    if cfg.trainer.export_embeddings:
-        corpus = LineDataset(train_records, eval_transform)
-        emb = embed_dataset(accelerator, model, corpus, collate, eval_batch_size(cfg), cfg.data.num_workers,
-                            with_text=False)
-        data_report["export_skipped_images"] = len(train_records) - len(emb.indices)
+    state.corrupt_indices = sync_corrupt()
+    if state.corrupt_indices:
+        log.warning("skipped %d corrupt line images while training", len(state.corrupt_indices))
+    if not interrupted:
+        if cfg.trainer.export_embeddings:
+            corpus = LineDataset(train_records, eval_transform)
+            emb = embed_dataset(accelerator, model, corpus, collate, eval_batch_size(cfg), cfg.data.num_workers,
+                                with_text=False)
+            data_report["export_skipped_images"] = len(train_records) - len(emb.indices)
+            if accelerator.is_main_process:
+                kept = [train_records[i] for i in emb.indices.tolist()]
+                artifacts.save_corpus_embeddings(output_dir, emb.image.numpy(), kept)
         if accelerator.is_main_process:
-            kept = [train_records[i] for i in emb.indices.tolist()]
-            artifacts.save_corpus_embeddings(output_dir, emb.image.numpy(), kept)
-    save("", step)
-    if accelerator.is_main_process:
-        (output_dir / "data_report.json").write_text(json.dumps(data_report, indent=2, ensure_ascii=False))
+            artifacts.save_bundle(output_dir, "", accelerator.unwrap_model(model), image_processor, tokenizer,
+                                  training_config(state.step))
+            (output_dir / "data_report.json").write_text(json.dumps(
+                {**data_report, "corrupt_images_skipped": len(state.corrupt_indices),
+                 "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
+        accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group,
         tracker.finish()                  # which the caller (a test, a sweep) may still need
-    schedule["progress_bar_total"] = bar.total
-    return TrainResult(output_dir, val_metrics, schedule, checkpoints, world, accelerator.unwrap_model(model))
+    return TrainResult(output_dir, state.val_metrics, schedule, state.checkpoints, world,
+                       accelerator.unwrap_model(model), interrupted=interrupted, bad_steps=state.bad_steps)

@@ -179,8 +179,8 @@ def test_dataset_buckets_and_corrupt_images(tmp_path: Path) -> None:
     assert item is not None and item["index"] == 2 and item["text"] == TEXTS[2]
     assert item["pixel_values"].shape == (3, 28, 320)
     assert dataset[3]["pixel_values"].shape == (3, 28, 192)  # grayscale file
-    assert dataset[5] is None  # truncated JPEG: header fine, pixels not
-    assert dataset[6] is None  # garbage
+    assert dataset[5] == {"index": 5, "corrupt": "corrupt_image"}  # truncated JPEG: header fine, pixels not
+    assert dataset[6] == {"index": 6, "corrupt": "corrupt_image"}  # garbage
 
 
 def test_header_reads_in_threads_agree(tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_file_changed_after_dataset_built_is_skipped_not_fatal(tmp_path: Path) -
     records = make_records(tmp_path)
     dataset = LineDataset(records, StandInTransform())
     Image.new("RGB", (1000, 20), "white").save(records[0].image_path)  # now a wider bucket
-    assert dataset[0] is None
+    assert dataset[0] == {"index": 0, "corrupt": "corrupt_image"}
 
 
 def test_collator_counts_and_shapes(tmp_path: Path) -> None:

@@ -246,6 +246,7 @@ def bad_rows_manifest(tmp_path: Path) -> Path:
         b'{"image": "ok.png", "text": "\xff\xfe\xbd"}',  # 11 invalid_utf8
         b"   ",  # 12 whitespace only: ignored
         json.dumps({"image": "ok.png", "text": TIB_3}, ensure_ascii=False).encode(),  # 13 good
+        json.dumps({"image": "ok.png", "text": TIB_1 * 400}, ensure_ascii=False).encode(),  # 14 text_too_long
     ]
     path = tmp_path / "lines.jsonl"
     path.write_bytes(b"\r\n".join(lines) + b"\r\n")
@@ -261,6 +262,7 @@ EXPECTED_FIRST_BAD_LINE = {
     "empty_text": 9,
     "duplicate_id": 10,
     "invalid_utf8": 11,
+    "text_too_long": 14,
 }
 
 
@@ -273,19 +275,19 @@ def test_every_bad_row_kind_is_counted(tmp_path: Path, caplog: pytest.LogCapture
     assert [r.sample_id for r in records] == ["g1", "dup", "lines:13"]
     assert [r.text for r in records] == [TIB_1, TIB_1, TIB_3]
     assert report.rows_used == 3
-    assert report.rows_total == 11
+    assert report.rows_total == 12
     assert report.skipped == dict.fromkeys(BAD_ROW_REASONS, 1)
     assert report.first_bad == {reason: f"{manifest}:{n}" for reason, n in EXPECTED_FIRST_BAD_LINE.items()}
     assert report.summary() == (
-        "lines.jsonl: 3 of 11 rows used; skipped: invalid_json=1, not_an_object=1, no_image_key=1, "
-        "image_not_found=1, no_text_key=1, empty_text=1, duplicate_id=1, invalid_utf8=1"
+        "lines.jsonl: 3 of 12 rows used; skipped: invalid_json=1, not_an_object=1, no_image_key=1, "
+        "image_not_found=1, no_text_key=1, empty_text=1, duplicate_id=1, invalid_utf8=1, text_too_long=1"
     )
-    assert report.summary(label="val").startswith("val: 3 of 11")
+    assert report.summary(label="val").startswith("val: 3 of 12")
     as_dict = report.to_dict()
     assert json.loads(json.dumps(as_dict)) == as_dict
     assert as_dict["skipped"]["invalid_utf8"] == 1 and as_dict["manifest"] == str(manifest)
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "3 of 11 rows used" in warnings[0] and f"{manifest}:2" in warnings[0]
+    assert len(warnings) == 1 and "3 of 12 rows used" in warnings[0] and f"{manifest}:2" in warnings[0]
 
 
 def test_clean_manifest_reports_zero_for_every_reason(

@@ -17,7 +17,6 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from lineclip import artifacts
-from lineclip.config import asset_dir
 
 pytestmark = pytest.mark.slow
 SPEC_BUNDLE = [
@@ -27,24 +26,6 @@ SPEC_BUNDLE = [
     "text_hierarchy_clip_text_projection_head.pt",
     "training_config.json",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    """24 train and 12 eval real lines (from the bundled demo) in an OpenPecha layout; two eval lines share a
-    transcription."""
-    root = tmp_path_factory.mktemp("openpecha")
-    demo = asset_dir("demo")
-    for split, n in (("train", 24), ("eval", 12)):
-        rows = [json.loads(x) for x in (demo / split / "meta" / "lines.jsonl").read_text().splitlines()[:n]]
-        (root / split / "meta").mkdir(parents=True)
-        (root / split / "lines").mkdir()
-        for row in rows:
-            (root / row["line_path"]).write_bytes((demo / row["line_path"]).read_bytes())
-        if split == "eval":
-            rows[1]["text"] = rows[0]["text"]
-        (root / split / "meta" / "lines.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
-    return root
 
 
 def run_train(out: Path, dataset: Path, *overrides: str, multirun: bool = False, env: dict | None = None):
