@@ -323,10 +323,31 @@ def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: l
     return result
 
 
-def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+def train_step(accelerator: Accelerator, model: torch.nn.Module, micro_batches: list[dict[str, Any]],
+               text_ids: torch.Tensor, gather: bool, grad_cache: bool) -> ContrastiveOutput:
+    """Forward and backward of one optimizer step (no optimizer call): gradient caching turns the micro-batches
+    into one contrastive batch; otherwise their gradients are summed (accumulation: no extra negatives)."""
+    if grad_cache:
+        return grad_cache_step(accelerator, model, micro_batches, text_ids, gather)
+    for i, batch in enumerate(micro_batches):
+        # All-reduce once, on the last micro-batch.
+        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            out = model(**to_device(batch, accelerator.device))
+            result = contrastive_loss(out.image, out.text, text_ids[batch["indices"]].to(accelerator.device),
+                                      out.logit_scale, gather=gather)
+            # Always backward, even a non-finite loss: every process must join the all-reduce; the caller
+            # then skips the step on all of them.
+            accelerator.backward(result.loss / len(micro_batches))
+    return result
+
+
+def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any process (one small all-reduce for all of them)."""
     if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum") > 0)
+        return list(flags)
+    summed = accelerator.reduce(torch.tensor([int(f) for f in flags], device=accelerator.device), "sum")
+    return [bool(v > 0) for v in summed.tolist()]
 
 
 def train(cfg: DictConfig) -> TrainResult:
@@ -337,7 +358,6 @@ def train(cfg: DictConfig) -> TrainResult:
         # Without this, accelerate treats torchrun workers on a CPU-only machine as N independent runs.
         cpu=launched_world > 1 and not torch.cuda.is_available(),
         mixed_precision=cfg.trainer.mixed_precision,
-        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
         log_with="wandb" if cfg.logger.name == "wandb" else None,
     )
     if accelerator.num_processes != launched_world:
@@ -481,26 +501,17 @@ def train(cfg: DictConfig) -> TrainResult:
                 record = train_records[batch["corrupt_indices"][0]]
                 raise ManifestError(f"{record.source}: corrupt_image ({record.image_path})")
             # A batch whose every image was corrupt: all processes skip it together (DDP needs matching steps).
-            if any_rank(accelerator, len(batch["indices"]) == 0):
+            if any_rank(accelerator, len(batch["indices"]) == 0)[0]:
                 continue
             samples_since += len(batch["indices"]) * world
-            if grad_cache:
-                pending.append(batch)
-                if len(pending) < grad_cache:
-                    continue
-                result = grad_cache_step(accelerator, model, pending, train_ids, gather)
-                pending = []
-            else:
-                with accelerator.accumulate(model):
-                    out = model(**to_device(batch, accelerator.device))
-                    result = contrastive_loss(out.image, out.text, train_ids[batch["indices"]].to(accelerator.device),
-                                              out.logit_scale, gather=gather)
-                    if torch.isfinite(result.loss):
-                        accelerator.backward(result.loss)
-                if not accelerator.sync_gradients:
-                    continue
+            pending.append(batch)
+            if len(pending) < micro_per_step:
+                continue
+            result = train_step(accelerator, model, pending, train_ids, gather, grad_cache=bool(grad_cache))
+            pending = []
             # A non-finite loss (on any process) skips the whole step; too many in a row stop the run.
-            if any_rank(accelerator, not torch.isfinite(result.loss).item()):
+            non_finite, stop_now = any_rank(accelerator, not torch.isfinite(result.loss).item(), stop_requested)
+            if non_finite:
                 optimizer.zero_grad(set_to_none=True)
                 state.bad_steps += 1
                 bad_in_a_row += 1
@@ -538,7 +549,6 @@ def train(cfg: DictConfig) -> TrainResult:
                 postfix.update({"vi2t@1": f"{state.val_metrics['val_i2t_r1']:.3f}",
                                 "vt2i@1": f"{state.val_metrics['val_t2i_r1']:.3f}"})
                 bar.set_postfix(postfix)
-            stop_now = any_rank(accelerator, stop_requested)
             if step < total_steps and (step % cfg.trainer.checkpoint_every_steps == 0 or stop_now):
                 save_checkpoint()
             if stop_now and step < total_steps:

@@ -89,8 +89,9 @@ def test_two_process_cli_writes_one_complete_artifact_set(tmp_path):
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     bundle = ["text_hierarchy_clip_text_encoder", "text_hierarchy_clip_text_projection_head.pt",
               "text_hierarchy_projection_head.pt", "text_hierarchy_vit_backbone", "training_config.json"]
-    expected = sorted([f"checkpoint_step_0000002_{b}" for b in bundle] + bundle + [
-        "data_report.json", "faiss_embeddings.npy", "faiss_embeddings_meta.parquet", "train.log", "wandb"])
+    expected = sorted([f"checkpoint_step_0000002_{b}" for b in [*bundle, "training_state"]] + bundle + [
+        "data_report.json", "faiss_embeddings.npy", "faiss_embeddings_meta.parquet", "train.log", "wandb",
+        "wandb_run_id"])
     assert names == expected
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1  # trackers on the main process only
     cfg = json.loads((out / "training_config.json").read_text())
@@ -135,3 +136,23 @@ def test_grad_cache_equals_one_big_batch_with_dropout_on():
     assert grads.keys() == ref_grads.keys() and "logit_scale" in grads
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_gradient_accumulation_sums_batches_without_adding_negatives():
+    from lineclip.trainer import train_step
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="train")
+    torch.manual_seed(0)
+    model, _, _ = build_model(cfg)
+    model.eval()
+    batches, ids = _micro_batches(n_micro=2)
+    expected = {}
+    for b in batches:  # each micro-batch's own loss (its own negatives only), averaged
+        out = model(pixel_values=b["pixel_values"], input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        (contrastive_loss(out.image, out.text, ids[b["indices"]], out.logit_scale).loss / 2).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    train_step(Accelerator(cpu=True), model, batches, ids, gather=False, grad_cache=False)
+    for name, g in expected.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, g, atol=1e-6, rtol=1e-4, msg=name)

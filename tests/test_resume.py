@@ -81,26 +81,31 @@ def test_sigkill_after_a_checkpoint_then_resume_latest(tmp_path, tiny_dataset, u
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_checkpoints_and_exits_cleanly(tmp_path, tiny_dataset, uninterrupted):
+def test_sigterm_mid_epoch_checkpoints_and_exits_cleanly(tmp_path, tiny_dataset):
+    # batch 1: an epoch is 24 steps, so wherever the signal lands in the 16 steps it is mid-epoch
+    args = ("trainer.checkpoint_every_steps=100", "data.batch_size=1")
+    reference = tmp_path / "reference"
+    subprocess.run(cli(reference, tiny_dataset, *args), check=True, capture_output=True, timeout=600)
     out = tmp_path / "run"
-    proc = subprocess.Popen(cli(out, tiny_dataset, "trainer.checkpoint_every_steps=100"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cli(out, tiny_dataset, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # wait until training is under way (the first log line of a step), then pre-empt
     log = out / "train.log"
     deadline = time.time() + 300
     while "steps (" not in (log.read_text() if log.exists() else ""):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.02)
-    time.sleep(1.0)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0
     steps = checkpoint_steps(out)
-    assert len(steps) == 1 and 0 < steps[0] < 16 and steps[0] % 6 != 0  # mid-epoch (6 batches an epoch)
+    assert len(steps) == 1 and 0 < steps[0] < 16
+    state = json.loads((out / f"checkpoint_step_{steps[0]:07d}_{TRAINING_STATE}" / "trainer_state.json").read_text())
+    assert state["epoch"] == 0 and state["batches_done_in_epoch"] == steps[0]  # mid-epoch
     assert "SIGTERM: stopped at step" in log.read_text()
     assert not (out / "training_config.json").exists()
-    subprocess.run(cli(out, tiny_dataset, "trainer.resume=latest", "trainer.checkpoint_every_steps=100"),
-                   check=True, capture_output=True, timeout=600)
-    assert_same_final(out, uninterrupted)
+    subprocess.run(cli(out, tiny_dataset, "trainer.resume=latest", *args), check=True, capture_output=True,
+                   timeout=600)
+    assert_same_final(out, reference)
 
 
 def _cfg(out: Path, dataset: Path, *extra: str):
