@@ -16,8 +16,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from lineclip.preprocess import PIPELINES
-
 
 @dataclass
 class ModelConfig:
@@ -158,7 +156,6 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    "preprocess.pipeline": PIPELINES,
     "trainer.mixed_precision": ("no", "fp16", "bf16"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.name": ("adamw",),
@@ -176,7 +173,9 @@ def _get(cfg: DictConfig, dotted: str) -> Any:
 
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, before any model is built, with a one-line reason naming the field."""
-    for key, allowed in _CHOICES.items():
+    from lineclip.preprocess import PIPELINES  # here, not at import: it pulls in torch (seconds per CLI start)
+
+    for key, allowed in {"preprocess.pipeline": PIPELINES, **_CHOICES}.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
     positive = ["optim.lr", "data.batch_size", "preprocess.target_height", "preprocess.max_width",
