@@ -1,0 +1,299 @@
+"""A searchable corpus of line images: embeddings, their meta rows, a FAISS index and (optionally) text embeddings.
+
+A corpus dir holds
+- `faiss_embeddings.npy` (float32 [N, D], L2-normalised image embeddings) and `faiss_embeddings_meta.parquet`
+  (`sample_id, doc_id, page_id, line_id, text, image_path`, same row order): the very files a training run
+  leaves in its run dir, so a finished run dir *is* a corpus (its training lines) and loads without
+  re-encoding;
+- `text_embeddings.npy` (float32 [N, D], rows aligned with the meta) for line -> text search; when absent
+  (a training run dir) they are computed on demand from the meta texts;
+- `index.faiss` for the approximate kinds (`ivf`, `hnsw`); the exact kind (`flat`, inner product) is
+  rebuilt from the .npy at load time, which costs one copy and no training;
+- `corpus.json`: kind, size, dims, the manifest and the bundle it was built with, and that bundle's
+  fingerprint, so a search with another model fails instead of returning noise.
+
+A corpus is built in a staging dir and renamed into place: an index dir either is complete or does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from lineclip import artifacts
+
+if TYPE_CHECKING:
+    import faiss
+
+    from lineclip.encoder import LineEncoder
+    from lineclip.manifest import LineRecord
+
+log = logging.getLogger(__name__)
+
+CORPUS_INFO = "corpus.json"
+INDEX_FILE = "index.faiss"
+TEXT_EMBEDDINGS = "text_embeddings.npy"
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+
+
+class CorpusError(ValueError):
+    """A corpus dir that cannot be used (missing files, another model's embeddings); one line."""
+
+
+@dataclass
+class IndexParams:
+    kind: str = "flat"  # flat (exact inner product) | ivf | hnsw
+    nlist: int | None = None  # ivf: number of clusters; None: about 4 * sqrt(N), at least 39 points each
+    nprobe: int = 16  # ivf: clusters visited per query
+    hnsw_m: int = 32  # hnsw: links per node
+    ef_construction: int = 200
+    ef_search: int = 128  # hnsw: candidate list per query
+
+
+def build_index(embeddings: np.ndarray, params: IndexParams) -> faiss.Index:
+    """An inner-product FAISS index over L2-normalised rows (inner product = cosine similarity)."""
+    import faiss
+
+    if params.kind not in INDEX_KINDS:
+        raise CorpusError(f"index.kind={params.kind!r} is not one of {', '.join(INDEX_KINDS)}")
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, dim = x.shape
+    if params.kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif params.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params.ef_construction
+        index.hnsw.efSearch = params.ef_search
+    else:
+        # k-means wants >= 39 points per centroid; fewer clusters beats a poorly trained quantiser.
+        nlist = params.nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
+        nlist = max(1, min(nlist, n))
+        index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        sample = x if n <= 256 * nlist else x[np.sort(rng.choice(n, 256 * nlist, replace=False))]
+        index.train(sample)
+        faiss.extract_index_ivf(index).nprobe = min(params.nprobe, nlist)
+    index.add(x)
+    return index
+
+
+@dataclass
+class Corpus:
+    """A loaded corpus. `search_*` return (scores, row indices) per query, best first."""
+
+    directory: Path
+    meta: pd.DataFrame
+    image_embeddings: np.ndarray
+    index: Any
+    info: dict[str, Any]
+    text_embeddings: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    @property
+    def dim(self) -> int:
+        return int(self.image_embeddings.shape[1])
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name") or self.directory.name)
+
+    @classmethod
+    def load(cls, directory: str | Path, nprobe: int | None = None, ef_search: int | None = None) -> Corpus:
+        directory = Path(os.path.expanduser(str(directory))).absolute()
+        if not directory.is_dir():
+            raise CorpusError(f"corpus dir {directory} does not exist")
+        emb_path, meta_path = directory / artifacts.EMBEDDINGS, directory / artifacts.EMBEDDINGS_META
+        absent = [p.name for p in (emb_path, meta_path) if not p.exists()]
+        if absent:
+            hint = " (was the run trained with trainer.export_embeddings=false? build one with lineclip.index)"
+            raise CorpusError(f"{directory} is not a corpus: no {' or '.join(absent)}"
+                              + (hint if (directory / artifacts.CONFIG).exists() else ""))
+        try:
+            info = json.loads((directory / CORPUS_INFO).read_text(encoding="utf-8")) \
+                if (directory / CORPUS_INFO).exists() else {}
+            # mmap: a corpus of millions of lines is not read into memory twice (FAISS copies what it indexes).
+            embeddings = np.load(emb_path, mmap_mode="r")
+            meta = pd.read_parquet(meta_path)
+            texts = np.load(directory / TEXT_EMBEDDINGS, mmap_mode="r") \
+                if (directory / TEXT_EMBEDDINGS).exists() else None
+        except (OSError, ValueError) as exc:
+            raise CorpusError(f"cannot read corpus {directory}: {type(exc).__name__}: {exc}") from None
+        if embeddings.ndim != 2 or embeddings.dtype != np.float32 or len(embeddings) != len(meta):
+            raise CorpusError(f"corpus {directory}: {emb_path.name} is {embeddings.dtype} {embeddings.shape} "
+                              f"for {len(meta)} meta rows (want float32 [N, D])")
+        missing_cols = [c for c in artifacts.META_COLUMNS if c not in meta.columns]
+        if missing_cols:
+            raise CorpusError(f"corpus {directory}: {meta_path.name} lacks column(s) {', '.join(missing_cols)}")
+        if texts is not None and texts.shape != embeddings.shape:
+            raise CorpusError(f"corpus {directory}: {TEXT_EMBEDDINGS} is {texts.shape}, images {embeddings.shape}")
+        if not info:  # a training run dir: the final bundle beside the embeddings made them
+            info = {"kind": "flat", "source": "training run", "bundle": str(directory), "n_lines": len(meta)}
+        index = cls._load_index(directory, info, embeddings, nprobe, ef_search)
+        return cls(directory, meta, embeddings, index, info, texts)
+
+    @staticmethod
+    def _load_index(directory: Path, info: dict[str, Any], embeddings: np.ndarray, nprobe: int | None,
+                    ef_search: int | None) -> Any:
+        import faiss
+
+        kind = info.get("kind", "flat")
+        if kind == "flat":
+            return build_index(embeddings, IndexParams(kind="flat"))
+        path = directory / INDEX_FILE
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise CorpusError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        if index.ntotal != len(embeddings):
+            raise CorpusError(f"{path} holds {index.ntotal} vectors for {len(embeddings)} meta rows")
+        if nprobe is not None and kind == "ivf":
+            faiss.extract_index_ivf(index).nprobe = nprobe
+        if ef_search is not None and hasattr(index, "hnsw"):
+            index.hnsw.efSearch = ef_search
+        return index
+
+    def check_model(self, encoder: LineEncoder) -> None:
+        """Fail (one line) if this corpus was embedded by another model than `encoder`."""
+        from lineclip.encoder import BundleError, check_bundle, model_fingerprint, resolve_bundle
+
+        if encoder.dim != self.dim:
+            raise CorpusError(f"corpus {self.directory} has {self.dim}-dim embeddings, the model gives {encoder.dim}")
+        expected = self.info.get("fingerprint")
+        if expected is None:
+            try:  # a training run dir: compare with its own final bundle
+                ref = resolve_bundle(self.info.get("bundle", self.directory))
+                check_bundle(ref)
+                expected = model_fingerprint(ref)
+            except (BundleError, OSError):
+                log.warning("corpus %s does not say which model embedded it; assuming %s", self.directory,
+                            encoder.bundle.label if encoder.bundle else "this one")
+                return
+        if encoder.bundle is not None and expected != encoder.fingerprint():
+            raise CorpusError(
+                f"corpus {self.directory} was embedded by another model ({self.info.get('bundle')}) than "
+                f"{encoder.bundle.label}; build an index with this model: python -m lineclip.index "
+                f"run_dir={encoder.bundle.label} manifest=...")
+
+    def search_images(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest line images of each query embedding (a text's or a line image's)."""
+        k = min(k, len(self))
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, rows
+
+    def ensure_text_embeddings(self, encoder: LineEncoder, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        if self.text_embeddings is None:
+            log.info("embedding the %d corpus texts for line -> text search (lineclip.index stores them)",
+                     len(self))
+            self.text_embeddings = encoder.encode_texts(self.meta["text"].tolist(), batch_size, progress)
+        return self.text_embeddings
+
+    def search_texts(self, query: np.ndarray, k: int) -> list[tuple[float, str, list[int]]]:
+        """The `k` best *distinct* texts for one query embedding: (score, text, corpus rows carrying it)."""
+        if self.text_embeddings is None:
+            raise RuntimeError("call ensure_text_embeddings first")
+        # Identical texts have identical embeddings: score each distinct text once, then list its lines.
+        codes, uniques = pd.factorize(self.meta["text"])
+        first = np.full(len(uniques), len(codes), dtype=np.int64)
+        np.minimum.at(first, codes, np.arange(len(codes)))
+        scores = np.asarray(self.text_embeddings[first], dtype=np.float32) @ np.asarray(query, dtype=np.float32)
+        top = np.argsort(-scores, kind="stable")[: min(k, len(uniques))]
+        return [(float(scores[u]), str(uniques[u]), np.flatnonzero(codes == u).tolist()) for u in top]
+
+
+def corpus_meta(records: Sequence[LineRecord]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "sample_id": [r.sample_id for r in records],
+        "doc_id": [r.doc_id for r in records],
+        "page_id": [r.page_id for r in records],
+        "line_id": [r.line_id for r in records],
+        "text": [r.text for r in records],
+        "image_path": [r.image_path for r in records],
+    }, columns=list(artifacts.META_COLUMNS))
+
+
+def write_corpus(
+    output: str | Path,
+    encoder: LineEncoder,
+    records: Sequence[LineRecord],
+    params: IndexParams,
+    with_texts: bool = True,
+    batch_size: int = 32,
+    text_batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+    overwrite: bool = False,
+    extra_info: dict[str, Any] | None = None,
+) -> Path:
+    """Embed `records` and write a corpus dir at `output` (all at once: staged, then renamed into place)."""
+    import faiss
+
+    import lineclip
+
+    output = Path(os.path.expanduser(str(output))).absolute()
+    if params.kind not in INDEX_KINDS:
+        raise CorpusError(f"index.kind={params.kind!r} is not one of {', '.join(INDEX_KINDS)}")
+    if output.exists() and not overwrite:
+        raise CorpusError(f"{output} already exists (index.overwrite=true replaces it)")
+    started = time.perf_counter()
+    image, kept = encoder.encode_image_files([r.image_path for r in records], batch_size, num_workers, progress)
+    if len(kept) == 0:
+        raise CorpusError(f"none of the {len(records)} line images could be read")
+    used = [records[i] for i in kept]
+    texts = encoder.encode_texts([r.text for r in used], text_batch_size, progress) if with_texts else None
+    index = build_index(image, params) if params.kind != "flat" else None
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.{os.getpid()}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        np.save(staging / artifacts.EMBEDDINGS, np.ascontiguousarray(image, dtype=np.float32))
+        corpus_meta(used).to_parquet(staging / artifacts.EMBEDDINGS_META, index=False)
+        if texts is not None:
+            np.save(staging / TEXT_EMBEDDINGS, texts)
+        if index is not None:
+            faiss.write_index(index, str(staging / INDEX_FILE))
+        info = {
+            "name": output.name,
+            "kind": params.kind,
+            "params": {k: getattr(params, k) for k in IndexParams.__dataclass_fields__},
+            "n_lines": len(used),
+            "n_rows": len(records),
+            "images_unreadable": len(records) - len(used),
+            "dim": int(image.shape[1]),
+            "text_embeddings": texts is not None,
+            "bundle": encoder.bundle.label if encoder.bundle else None,
+            "fingerprint": encoder.fingerprint(),
+            "seconds": round(time.perf_counter() - started, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "lineclip_version": lineclip.__version__,
+            **(extra_info or {}),
+        }
+        if params.kind == "ivf":
+            ivf = faiss.extract_index_ivf(index)
+            info["params"].update(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe))  # what was used, not asked
+        (staging / CORPUS_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+        if output.exists():  # overwrite: move the old one aside first, so a failure keeps one complete corpus
+            old = output.parent / f".{output.name}.{os.getpid()}.old"
+            output.rename(old)
+            staging.rename(output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output

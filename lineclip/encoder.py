@@ -1,0 +1,418 @@
+"""Load a trained bundle and embed line images and transcriptions with it.
+
+``LineEncoder.load(path)`` accepts
+- a finished run dir (its final bundle, the files without a prefix);
+- a checkpoint bundle by prefix: ``run/checkpoint_step_0000002_`` (the trailing ``_`` may be left out);
+- the path of any file or folder of a bundle, e.g. ``run/checkpoint_step_0000002_training_config.json``.
+
+Everything that decides what the model sees comes from the bundle itself: preprocessing pipeline, geometry
+and ``text_max_length`` from its ``training_config.json``, mean/std from the backbone's
+``preprocessor_config.json``. Images go through the eval ``LineImageTransform`` (no augmentation) and texts
+through ``normalize_text`` + ``lineclip.batch.encode_texts``, exactly as in training, so an embedding made
+here equals the one made during validation or export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from lineclip import artifacts
+from lineclip.batch import _DECODE_ERRORS, BucketBatchSampler, count_truncated
+from lineclip.batch import encode_texts as byte_encode
+from lineclip.manifest import normalize_text
+from lineclip.preprocess import IMAGENET_MEAN, IMAGENET_STD, LineGeometry, LineImageTransform
+from lineclip.towers import DualEncoder, ProjectionHead, build_image_backbone, build_text_encoder
+
+log = logging.getLogger(__name__)
+
+ImageInput = str | os.PathLike | Image.Image
+_CHECKPOINT_NAME = re.compile(r"checkpoint_step_\d+")
+_REQUIRED_KEYS = ("target_height", "max_width", "width_buckets", "patch_multiple", "image_preprocess_pipeline")
+
+
+class BundleError(ValueError):
+    """A run dir or bundle that cannot be loaded; the message is one line naming the path."""
+
+
+class ImageReadError(ValueError):
+    """A line image that cannot be opened or decoded; the message is one line naming the file."""
+
+
+class DeviceError(ValueError):
+    """A device that this machine does not have."""
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """Where a bundle lives: its folder and the prefix its five entries share (``""`` for the final one)."""
+
+    directory: Path
+    prefix: str
+
+    def path(self, entry: str) -> Path:
+        return self.directory / f"{self.prefix}{entry}"
+
+    @property
+    def label(self) -> str:
+        return str(self.directory / self.prefix) if self.prefix else str(self.directory)
+
+
+def bundle_prefixes(directory: str | Path) -> list[str]:
+    """Prefixes of the complete bundles in a folder (``""`` first, then checkpoints in step order)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [n[: -len(artifacts.CONFIG)] for n in os.listdir(directory) if n.endswith(artifacts.CONFIG)]
+    return sorted((p for p in found if artifacts.is_complete_bundle(directory, p)), key=lambda p: (p != "", p))
+
+
+def resolve_bundle(path: str | Path) -> BundleRef:
+    """Turn a run dir, a bundle prefix or one file of a bundle into a ``BundleRef`` (not yet checked)."""
+    p = Path(os.path.expanduser(str(path))).absolute()
+    if p.is_dir() and (p / artifacts.CONFIG).exists():
+        return BundleRef(p, "")  # a run dir with its final bundle
+    # An entry name is matched longest first so that no shorter entry name wins on a common suffix.
+    for entry in sorted(artifacts.BUNDLE_ENTRIES, key=len, reverse=True):
+        if p.name.endswith(entry):
+            return BundleRef(p.parent, p.name[: -len(entry)])
+    for prefix in bundle_prefixes(p.parent):
+        if prefix and p.name.startswith(prefix):  # something else of a checkpoint, e.g. its training_state/
+            return BundleRef(p.parent, prefix)
+    if p.is_dir():
+        return BundleRef(p, "")  # a run dir without a final bundle: check_bundle lists its checkpoints
+    prefix = p.name
+    if _CHECKPOINT_NAME.fullmatch(prefix):
+        prefix += "_"  # `checkpoint_step_0000002` names the bundle as well as its prefix does
+    return BundleRef(p.parent, prefix)
+
+
+def check_bundle(ref: BundleRef) -> dict[str, Any]:
+    """Raise BundleError (one line) unless all five entries exist under one prefix; return the training config."""
+    if not ref.directory.is_dir():
+        raise BundleError(f"run dir {ref.directory} does not exist")
+    missing = [entry for entry in artifacts.BUNDLE_ENTRIES if not ref.path(entry).exists()]
+    if missing:
+        names = os.listdir(ref.directory)
+        elsewhere = sorted(n for n in names for e in missing if n.endswith(e) and n != f"{ref.prefix}{e}")
+        complete = bundle_prefixes(ref.directory)
+        if len(missing) == len(artifacts.BUNDLE_ENTRIES) and ref.prefix and not any(
+                n.startswith(ref.prefix) for n in names):
+            msg = f"{ref.label} does not exist (neither a run dir nor a bundle prefix)"
+        elif len(missing) == len(artifacts.BUNDLE_ENTRIES):
+            msg = f"no lineclip bundle at {ref.label}"
+            if complete:
+                msg += "; bundles there: " + ", ".join(repr(p) if p else "'' (final)" for p in complete)
+                if "" not in complete:
+                    msg += f" (pass e.g. {ref.directory / complete[-1]})"
+        else:
+            msg = f"incomplete bundle at {ref.label}: missing {', '.join(missing)}"
+            if elsewhere:
+                shown = ", ".join(elsewhere[:3]) + (f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else "")
+                msg += f"; found {shown} instead (every file of one bundle must share one prefix: '{ref.prefix}')"
+        if any(n.startswith(".staging_") for n in names):
+            msg += "; a .staging_* folder is there: training may still be running or was interrupted"
+        raise BundleError(msg)
+    config_path = ref.path(artifacts.CONFIG)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {config_path}: {exc}") from None
+    if not isinstance(config, dict) or config.get("mode") != "line_clip":
+        raise BundleError(f"{config_path} is not a line_clip training config (mode={config.get('mode')!r})"
+                          if isinstance(config, dict) else f"{config_path} does not hold a JSON object")
+    absent = [key for key in _REQUIRED_KEYS if key not in config]
+    if absent:
+        raise BundleError(f"{config_path} lacks {', '.join(absent)}")
+    return config
+
+
+def model_fingerprint(ref: BundleRef) -> str:
+    """A short hash of the two projection heads: they change at every training step, so two bundles with equal
+    heads embed alike. Corpora record it so that a search never mixes embeddings of two models."""
+    digest = hashlib.sha256()
+    for entry in (artifacts.IMAGE_HEAD, artifacts.TEXT_HEAD):
+        digest.update(ref.path(entry).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _text_max_length(config: dict[str, Any]) -> int:
+    value = config.get("text_max_length")
+    if value is None:  # bundles written before the key existed keep it in the resolved config only
+        value = (config.get("config") or {}).get("text", {}).get("max_length")
+    if not isinstance(value, int) or value < 1:
+        raise BundleError(f"training_config.json has no usable text_max_length (got {value!r})")
+    return value
+
+
+def _mean_std(backbone_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    path = backbone_dir / "preprocessor_config.json"
+    if not path.exists():
+        log.warning("%s is missing; normalising with ImageNet mean/std (DINOv2's own)", path)
+        return IMAGENET_MEAN, IMAGENET_STD
+    try:
+        blob = json.loads(path.read_text(encoding="utf-8"))
+        return tuple(float(v) for v in blob["image_mean"]), tuple(float(v) for v in blob["image_std"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"cannot read image_mean/image_std from {path}: {exc}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default: cuda when available), or DeviceError before any weights are read."""
+    try:
+        resolved = torch.device(device or default_device())
+    except RuntimeError as exc:
+        raise DeviceError(f"device={device!r}: {_first_line(exc)}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device={device} but CUDA is not available here (torch {torch.__version__})")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise DeviceError(f"device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
+def _header_size(item: ImageInput) -> tuple[int, int] | str:
+    """(width, height), or why the image cannot be opened."""
+    if isinstance(item, Image.Image):
+        return item.size
+    try:
+        with Image.open(item) as image:  # the header only; pixels are decoded in the batch that needs them
+            return image.size
+    except FileNotFoundError:
+        return "no such file"
+    except _DECODE_ERRORS as exc:
+        return _first_line(exc)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Paths or PIL images -> (tensor or None, index, error). Never raises on a bad file."""
+
+    def __init__(self, items: Sequence[ImageInput], transform: LineImageTransform) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
+        item = self.items[index]
+        if isinstance(item, Image.Image):
+            return self.transform(item), index, ""
+        try:
+            with Image.open(item) as image:
+                image.load()  # a truncated file opens fine and fails only here
+        except _DECODE_ERRORS as exc:
+            return None, index, _first_line(exc)
+        return self.transform(image), index, ""
+
+
+def _collate(items: list[tuple[torch.Tensor | None, int, str]]) -> dict[str, Any]:
+    good = [item for item in items if item[0] is not None]
+    return {
+        "pixel_values": torch.stack([item[0] for item in good]) if good else None,
+        "indices": [item[1] for item in good],
+        "failed": [(item[1], item[2]) for item in items if item[0] is None],
+    }
+
+
+class LineEncoder:
+    """A trained dual encoder with its own preprocessing: images and texts in, L2-normalised float32 out.
+
+    Scores between the two are cosine similarities (``image_emb @ text_emb.T``); the training temperature is
+    irrelevant to ranking and is not stored in a bundle.
+    """
+
+    def __init__(
+        self,
+        model: DualEncoder,
+        transform: LineImageTransform,
+        text_max_length: int,
+        training_config: dict[str, Any],
+        bundle: BundleRef | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.device = check_device(device)
+        self.model = model.to(self.device).eval()
+        self.transform = transform
+        self.text_max_length = text_max_length
+        self.training_config = training_config
+        self.bundle = bundle
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> LineEncoder:
+        """Load a run dir's final bundle, or a checkpoint bundle by prefix or by any of its files."""
+        device = check_device(device)
+        ref = resolve_bundle(path)
+        config = check_bundle(ref)
+        mean, std = _mean_std(ref.path(artifacts.BACKBONE))
+        try:
+            geometry = LineGeometry(int(config["target_height"]), int(config["max_width"]),
+                                    tuple(config["width_buckets"]), int(config["patch_multiple"]))
+            transform = LineImageTransform(str(config["image_preprocess_pipeline"]), geometry, mean, std)
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"{ref.path(artifacts.CONFIG)}: {_first_line(exc)}") from None
+        text_max_length = _text_max_length(config)
+        what = ""
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per tower is noise in a CLI's output
+        try:
+            what = artifacts.BACKBONE
+            backbone = build_image_backbone(str(ref.path(what)), {})
+            what = artifacts.TEXT_ENCODER
+            text_encoder = build_text_encoder(str(ref.path(what)), {})
+            what = artifacts.IMAGE_HEAD
+            image_head = ProjectionHead.load(ref.path(what))
+            what = artifacts.TEXT_HEAD
+            text_head = ProjectionHead.load(ref.path(what))
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises (pickle, safetensors, OSError, ...)
+            raise BundleError(f"cannot load {ref.path(what)}: {_first_line(exc)}") from None
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
+        if image_head.input_dim != backbone.config.hidden_size or text_head.input_dim != text_encoder.config.d_model:
+            raise BundleError(f"bundle {ref.label}: a projection head does not fit its tower (image head in "
+                              f"{image_head.input_dim} vs backbone {backbone.config.hidden_size}, text head in "
+                              f"{text_head.input_dim} vs encoder {text_encoder.config.d_model})")
+        if image_head.output_dim != text_head.output_dim:
+            raise BundleError(f"bundle {ref.label}: image head gives {image_head.output_dim} dims, text head "
+                              f"{text_head.output_dim}")
+        if backbone.config.patch_size != geometry.patch_multiple:
+            raise BundleError(f"bundle {ref.label}: patch_multiple={geometry.patch_multiple} in training_config.json "
+                              f"but the backbone's patch is {backbone.config.patch_size}")
+        model = DualEncoder(backbone, text_encoder, projection_dim=image_head.output_dim)
+        model.image_head, model.text_head = image_head, text_head
+        log.info("loaded %s (step %s, %s pipeline, height %d, text_max_length %d) on %s", ref.label,
+                 config.get("global_step", "?"), transform.pipeline, geometry.target_height, text_max_length,
+                 device)
+        return cls(model, transform, text_max_length, config, ref, device)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.image_head.output_dim)
+
+    def fingerprint(self) -> str | None:
+        return model_fingerprint(self.bundle) if self.bundle is not None else None
+
+    # ------------------------------------------------------------------------------------------- images
+
+    def encode_images(
+        self, images: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0, progress: bool = False
+    ) -> np.ndarray:
+        """[N, D] float32 L2-normalised embeddings, rows in input order. Raises ImageReadError (naming the file)
+        if any image cannot be read."""
+        embeddings, kept, failed = self._encode_images(images, batch_size, num_workers, progress, stop_early=True)
+        if failed:
+            index, reason = failed[0]
+            raise ImageReadError(f"cannot read line image {images[index]}: {reason}")
+        return embeddings
+
+    def encode_image_files(
+        self, paths: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``encode_images`` but skipping (and logging) unreadable files, as training does: returns the
+        embeddings of the readable ones and their input indices (ascending)."""
+        embeddings, kept, failed = self._encode_images(paths, batch_size, num_workers, progress, stop_early=False)
+        if failed:
+            index, reason = failed[0]
+            log.warning("skipped %d unreadable line images of %d (first: %s: %s)", len(failed), len(paths),
+                        paths[index], reason)
+        return embeddings, kept
+
+    def _encode_images(
+        self, items: Sequence[ImageInput], batch_size: int, num_workers: int, progress: bool, stop_early: bool
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+        if isinstance(items, (str, os.PathLike, Image.Image)):
+            raise TypeError("encode_images takes a sequence of paths or PIL images, not a single one")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(items)
+        # Header reads are I/O bound (slow on network file systems); threads overlap them.
+        if n > 256:
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                sizes = list(pool.map(_header_size, items))
+        else:
+            sizes = [_header_size(item) for item in items]
+        failed = [(i, size) for i, size in enumerate(sizes) if isinstance(size, str)]
+        if failed and stop_early:
+            return np.empty((0, self.dim), np.float32), np.empty(0, np.int64), failed
+        buckets = np.array([-1 if isinstance(s, str) else self.transform.bucket_of(*s) for s in sizes], dtype=np.int64)
+        # One bucket per batch: no padding beyond a line's own bucket, so its embedding ignores its batch mates.
+        sampler = BucketBatchSampler(buckets, batch_size, shuffle=False)
+        # More worker processes than cores or than batches only costs their start-up.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = max(0, min(num_workers, cores, len(sampler)))
+        loader = torch.utils.data.DataLoader(_Images(items, self.transform), batch_sampler=sampler,
+                                             collate_fn=_collate, num_workers=workers)
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        done = np.zeros(n, dtype=bool)
+        with torch.inference_mode(), tqdm(total=n - len(failed), desc="images", unit="line",
+                                          disable=not progress) as bar:
+            for batch in loader:
+                failed.extend(batch["failed"])
+                if batch["failed"] and stop_early:
+                    break
+                if batch["pixel_values"] is not None:
+                    emb = self.model.encode_image(batch["pixel_values"].to(self.device, non_blocking=True))
+                    out[batch["indices"]] = emb.float().cpu().numpy()
+                    done[batch["indices"]] = True
+                bar.update(len(batch["indices"]) + len(batch["failed"]))
+        failed.sort()
+        kept = np.flatnonzero(done)
+        return (out if len(kept) == n else out[kept]), kept, failed
+
+    # -------------------------------------------------------------------------------------------- texts
+
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False, warn_truncated: bool = True
+    ) -> np.ndarray:
+        """[N, D] float32 L2-normalised embeddings, rows in input order. Texts are normalised as in training;
+        one longer than ``text_max_length`` bytes (UTF-8 + </s>) is cut at a character boundary, with a warning."""
+        if isinstance(texts, str):
+            raise TypeError("encode_texts takes a sequence of strings, not a single string")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        normalized = [normalize_text(t) for t in texts]
+        truncated = count_truncated(normalized, self.text_max_length)
+        if truncated and warn_truncated:
+            log.warning("%d of %d texts exceed text_max_length=%d bytes (UTF-8 + </s>) and are truncated, as in "
+                        "training", truncated, len(normalized), self.text_max_length)
+        # Identical texts are embedded once (and so score identically); longest first groups similar lengths
+        # into a batch (less padding) and surfaces an out-of-memory batch at once.
+        unique, inverse = np.unique(np.array(normalized, dtype=object), return_inverse=True)
+        order = sorted(range(len(unique)), key=lambda i: -len(unique[i].encode("utf-8")))
+        out = np.zeros((len(unique), self.dim), dtype=np.float32)
+        with torch.inference_mode(), tqdm(total=len(unique), desc="texts", unit="text",
+                                          disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                ids, mask, _ = byte_encode([unique[i] for i in chunk], self.text_max_length)
+                emb = self.model.encode_text(ids.to(self.device), mask.to(self.device))
+                out[chunk] = emb.float().cpu().numpy()
+                bar.update(len(chunk))
+        return out[inverse.reshape(-1)] if len(normalized) else np.empty((0, self.dim), np.float32)
+
+
+def load_encoder(path: str | Path, device: str | torch.device | None = None) -> LineEncoder:
+    """``LineEncoder.load``: a run dir, a checkpoint prefix (``run/checkpoint_step_0000002_``) or any bundle file."""
+    return LineEncoder.load(path, device=device)

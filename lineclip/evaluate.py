@@ -1,0 +1,263 @@
+"""`python -m lineclip.evaluate run_dir=... manifest=...`: retrieval quality of a trained bundle on any manifest.
+
+Both directions (line image -> text, text -> line image), Recall@K, MRR and median rank, in two flavours:
+- duplicate-aware: a retrieved item is correct when its normalised text equals the query's (what a user
+  searching a corpus wants: any line carrying the phrase is a hit);
+- strict: only the query's own pair is correct (one-to-one). Ties count in the query's favour, so a line
+  whose text is shared scores as well as its twin in i2t.
+With `eval.group_key=collection` the same numbers per value of that manifest key (gallery = the group's lines).
+
+The result is printed as a table and written as JSON to `<run dir>/<bundle prefix>eval_<name>.json` (or
+`eval.output`), where `<name>` is the manifest's stem, or `<split>_<stem>` for OpenPecha's
+`<root>/<split>/meta/lines.jsonl` (so `eval_eval_lines.json`, `eval_train_lines.json`). Similarities are
+computed in chunks: memory O(N x chunk) besides the N x D embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import hydra
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from lineclip.cli import (
+    ModelArgs,
+    UsageError,
+    check_manifest_args,
+    check_model_args,
+    manifest_label,
+    run_command,
+    write_text_atomic,
+)
+from lineclip.config import conf_dir, register_configs
+
+if TYPE_CHECKING:
+    from lineclip.encoder import LineEncoder
+    from lineclip.manifest import LineRecord
+
+log = logging.getLogger("lineclip.evaluate")
+MISSING_GROUP = "(missing)"
+
+
+@dataclass
+class EvalOptions:
+    group_key: str | None = None  # a manifest key (LineRecord.extra), e.g. collection
+    output: str | None = None  # JSON path; default <run dir>/<bundle prefix>eval_<name>.json
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    chunk_size: int = 256  # query rows per similarity block: 256 x 100k lines is 100 MB of scores
+
+
+@dataclass
+class EvaluateConfig(ModelArgs):
+    manifest: str | None = None
+    dataset_dir: str | None = None  # also tried for relative image paths, as in training
+    on_bad_row: str = "skip"  # skip (and count) | error
+    text_batch_size: int = 64
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def chance_level(text_ids: np.ndarray, ks: Sequence[int], strict: bool) -> dict[str, float]:
+    """Expected Recall@K, MRR and mean rank of a random ranking of this gallery (the same in both directions).
+
+    A query with m correct items among N hits the top k with probability 1 - C(N-m, k) / C(N, k); its first
+    correct item sits at rank r with probability prod_{i<r-1} (N-m-i)/(N-i) * m/(N-r+1). Strict: m = 1.
+    """
+    ids = np.asarray(text_ids)
+    n = len(ids)
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    multiplicity = np.ones(n, dtype=np.int64) if strict else counts[inverse.reshape(-1)]
+    out = {f"r{k}": 0.0 for k in ks} | {"mrr": 0.0, "mean_rank": 0.0}
+    for m, n_queries in zip(*np.unique(multiplicity, return_counts=True), strict=True):
+        r = np.arange(1, n - m + 2, dtype=np.float64)
+        # P(first r-1 items all wrong) as a running product; the factor for r = 1 is 1.
+        survive = np.concatenate([[1.0], np.cumprod((n - m - r[:-1] + 1) / (n - r[:-1] + 1))])
+        p_first = survive * m / (n - r + 1)
+        weight = n_queries / n
+        for k in ks:
+            out[f"r{k}"] += weight * float(p_first[: min(k, len(p_first))].sum())
+        out["mrr"] += weight * float((p_first / r).sum())
+        out["mean_rank"] += weight * (n + 1) / (m + 1)
+    return out
+
+
+def _metrics(image: np.ndarray, text: np.ndarray, ids: np.ndarray, ks: Sequence[int], chunk: int) -> dict[str, Any]:
+    import torch
+
+    from lineclip.metrics import retrieval_metrics
+
+    image_t, text_t, ids_t = torch.from_numpy(image), torch.from_numpy(text), torch.from_numpy(ids)
+    return {
+        "n_lines": len(ids),
+        "n_distinct_texts": int(len(np.unique(ids))),
+        "metrics": {
+            "duplicate_aware": retrieval_metrics(image_t, text_t, ids_t, ks=tuple(ks), chunk_size=chunk),
+            "strict": retrieval_metrics(image_t, text_t, ids_t, ks=tuple(ks), strict=True, chunk_size=chunk),
+        },
+        "chance": {"duplicate_aware": chance_level(ids, ks, strict=False),
+                   "strict": chance_level(ids, ks, strict=True)},
+    }
+
+
+def evaluate_records(
+    encoder: LineEncoder,
+    records: Sequence[LineRecord],
+    group_key: str | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 256,
+    batch_size: int = 32,
+    text_batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Embed the records' images and texts with `encoder` and compute both kinds of metrics (and per group).
+
+    Lines whose image cannot be read are left out (counted in `images_unreadable`)."""
+    import pandas as pd
+
+    from lineclip.batch import count_truncated
+
+    image, kept = encoder.encode_image_files([r.image_path for r in records], batch_size, num_workers, progress)
+    if len(kept) == 0:
+        raise UsageError(f"none of the {len(records)} line images could be read")
+    used = [records[i] for i in kept]
+    texts = [r.text for r in used]
+    text = encoder.encode_texts(texts, text_batch_size, progress)
+    ids = pd.factorize(pd.Series(texts, dtype=object))[0].astype(np.int64)
+    counts = np.bincount(ids)
+    result: dict[str, Any] = {
+        **_metrics(image, text, ids, ks, chunk_size),
+        "n_rows": len(records),
+        "images_unreadable": len(records) - len(kept),
+        "lines_with_shared_text": int(counts[counts > 1].sum()),
+        "texts_truncated": count_truncated(texts, encoder.text_max_length),
+        "ks": list(ks),
+    }
+    _check_group_key(records, group_key)
+    if group_key:
+        values = [r.extra.get(group_key, MISSING_GROUP) for r in used]
+        members = pd.Series(values).groupby(values).indices  # value -> row positions, in manifest order
+        groups = {value: _metrics(image[rows], text[rows], ids[rows], ks, chunk_size)
+                  for value, rows in sorted(members.items())}
+        result["groups"] = {"key": group_key, "values": groups}
+    return result
+
+
+def _check_group_key(records: Sequence[LineRecord], group_key: str | None) -> None:
+    if group_key and not any(group_key in r.extra for r in records):
+        raise UsageError(f"eval.group_key={group_key}: no row of the manifest has that key")
+
+
+# -------------------------------------------------------------------------------------------------- table
+
+
+def _rows(block: dict[str, Any], ks: Sequence[int]) -> list[tuple[str, list[str]]]:
+    rows = []
+    for direction in ("i2t", "t2i"):
+        for kind, label in (("duplicate_aware", "dup-aware"), ("strict", "strict")):
+            m = block["metrics"][kind]
+            cells = [f"{m[f'{direction}_r{k}']:.3f}" for k in ks]
+            rows.append((f"{direction} {label}", cells + [f"{m[f'{direction}_mrr']:.3f}",
+                                                          f"{m[f'{direction}_median_rank']:g}"]))
+    for kind, label in (("duplicate_aware", "dup-aware"), ("strict", "strict")):
+        c = block["chance"][kind]
+        rows.append((f"chance {label}", [f"{c[f'r{k}']:.3f}" for k in ks] + [f"{c['mrr']:.3f}",
+                                                                              f"~{c['mean_rank']:.0f}"]))
+    return rows
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The metrics as a plain-text table (overall, then one block per group)."""
+    ks = result["ks"]
+    header = ["", *[f"R@{k}" for k in ks], "MRR", "medR"]
+    blocks = [(f"all {result['n_lines']} lines, {result['n_distinct_texts']} distinct texts", result)]
+    for value, block in (result.get("groups") or {}).get("values", {}).items():
+        blocks.append((f"{result['groups']['key']}={value}: {block['n_lines']} lines, "
+                       f"{block['n_distinct_texts']} distinct texts", block))
+    lines = []
+    for title, block in blocks:
+        lines.append(title)
+        lines.append("  " + f"{header[0]:<16}" + "".join(f"{h:>8}" for h in header[1:]))
+        for label, cells in _rows(block, ks):
+            lines.append("  " + f"{label:<16}" + "".join(f"{c:>8}" for c in cells))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ command
+
+
+def default_output(bundle_dir: Path, prefix: str, manifest: str) -> Path:
+    return bundle_dir / f"{prefix}eval_{manifest_label(manifest)}.json"
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """The command: load, read, embed, score, print, write (the JSON only once everything succeeded)."""
+    check_model_args(cfg)
+    check_manifest_args(cfg)
+    if not cfg.eval.ks or min(cfg.eval.ks) < 1 or cfg.eval.chunk_size < 1:
+        raise UsageError("eval.ks must be positive integers and eval.chunk_size >= 1")
+    from lineclip.encoder import check_bundle, load_encoder, resolve_bundle
+    from lineclip.manifest import read_manifest
+
+    ref = resolve_bundle(cfg.run_dir)
+    check_bundle(ref)  # a bad run dir fails before the manifest is read
+    records, report = read_manifest(cfg.manifest, cfg.dataset_dir, cfg.on_bad_row)
+    _check_group_key(records, cfg.eval.group_key)  # before minutes of embedding, not after
+    output = Path(cfg.eval.output) if cfg.eval.output else default_output(ref.directory, ref.prefix, cfg.manifest)
+    encoder = load_encoder(cfg.run_dir, device=cfg.device)
+    started = time.perf_counter()
+    result = evaluate_records(encoder, records, cfg.eval.group_key, list(cfg.eval.ks), cfg.eval.chunk_size,
+                              cfg.batch_size, cfg.text_batch_size, cfg.num_workers, cfg.progress)
+    import lineclip
+
+    config = encoder.training_config
+    document = {
+        "manifest": report.manifest,
+        "bundle": {"path": ref.label, "run_dir": str(ref.directory), "prefix": ref.prefix,
+                   "global_step": config.get("global_step"), "fingerprint": encoder.fingerprint()},
+        **result,
+        "manifest_report": report.to_dict(),
+        "seconds": round(time.perf_counter() - started, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "lineclip_version": lineclip.__version__,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    _check_finite(document)
+    print(f"{encoder.bundle.label if encoder.bundle else cfg.run_dir} on {report.manifest}")
+    print(format_table(result))
+    write_text_atomic(output, json.dumps(document, indent=2, ensure_ascii=False))
+    log.info("wrote %s", output)
+    return document
+
+
+def _check_finite(value: Any) -> None:
+    # json.dumps would write NaN, which is not JSON; a NaN metric means a bug, not bad input.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RuntimeError("a metric is not finite")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_finite(item)
+
+
+register_configs()  # the `${lineclip_asset:...}` resolver, usable in evaluate overrides too
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_command(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()
