@@ -8,6 +8,7 @@ padded to the widest line of its batch, so no padding mask is needed on the visi
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,35 @@ def count_truncated(texts: Iterable[str], max_length: int) -> int:
     return sum(len(text.encode("utf-8")) + 1 > max_length for text in texts)
 
 
+def text_lengths(texts: Iterable[str], max_length: int) -> np.ndarray:
+    """Per text, the number of ids ``encode_texts`` gives it (UTF-8 bytes after truncation + </s>, so at most
+    ``max_length``): the ``lengths`` that ``BucketBatchSampler`` groups by."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1 (room for </s>), got {max_length}")
+    budget = max_length - 1
+    return np.array([_cut_at_char_boundary(text.encode("utf-8"), budget) + 1 for text in texts], dtype=np.int64)
+
+
+def text_padding_fraction(
+    batches: Iterable[Sequence[int]], lengths: Sequence[int] | np.ndarray, pad_to_multiple: int = 8
+) -> float:
+    """Share of the text positions that are padding over ``batches`` (lists of record indices), with each
+    batch encoded as ``encode_texts`` does: ``[B, longest rounded up to pad_to_multiple]``, where record i
+    takes ``lengths[i]`` ids (see ``text_lengths``). 0.0 when there is nothing to encode."""
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+    length_array = np.asarray(lengths, dtype=np.int64)
+    padded = total = 0
+    for batch in batches:
+        if len(batch) == 0:
+            continue
+        batch_lengths = length_array[np.asarray(batch, dtype=np.int64)]
+        width = _round_up(int(batch_lengths.max()), pad_to_multiple)
+        total += width * batch_lengths.size
+        padded += width * batch_lengths.size - int(batch_lengths.sum())
+    return padded / total if total else 0.0
+
+
 def _where(record: LineRecord) -> str:
     return f"{record.image_path} ({record.source})" if record.source else record.image_path
 
@@ -125,9 +155,19 @@ class LineDataset(torch.utils.data.Dataset):
         records: Sequence[LineRecord],
         transform: LineImageTransform,
         header_workers: int | None = None,
+        crop_to_text_bytes: int | None = None,
     ) -> None:
+        """`crop_to_text_bytes`: when a transcription is cut to this many bytes (text.max_length), cut its image to
+        the same leading share of its width, so image and text still show the same part of the line."""
         self.records = records
         self.transform = transform
+        self.visible_share = np.ones(len(records))
+        if crop_to_text_bytes:
+            for i, record in enumerate(records):
+                total = len(record.text.encode("utf-8"))
+                kept = _cut_at_char_boundary(record.text.encode("utf-8"), crop_to_text_bytes - 1)
+                # a little slack so the last kept syllable is not sliced through
+                self.visible_share[i] = min(1.0, kept / total * 1.04 + 0.01) if kept < total else 1.0
         paths = [record.image_path for record in records]
         workers = header_workers if header_workers is not None else min(8, os.cpu_count() or 1)
         # Header reads are I/O bound (and slow on network file systems), so threads overlap them well.
@@ -147,7 +187,8 @@ class LineDataset(torch.utils.data.Dataset):
             elif min(size) <= 0:
                 self.image_problems[i] = "empty_image"
         self.buckets = np.array(
-            [-1 if i in self.image_problems else transform.bucket_of(*size) for i, size in enumerate(sizes)],
+            [-1 if i in self.image_problems else transform.bucket_of(*self._visible(i, size))
+             for i, size in enumerate(sizes)],
             dtype=np.int64,
         )
         self.unreadable_indices: list[int] = sorted(self.image_problems)
@@ -161,6 +202,10 @@ class LineDataset(torch.utils.data.Dataset):
                 _where(first),
             )
 
+    def _visible(self, index: int, size: tuple[int, int]) -> tuple[int, int]:
+        width, height = size
+        return max(1, math.ceil(width * self.visible_share[index])), height
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -173,6 +218,8 @@ class LineDataset(torch.utils.data.Dataset):
                 # No mode conversion here: the transform owns it (it flattens alpha onto white paper,
                 # which a plain convert("RGB") would turn black).
                 image.load()
+                if self.visible_share[index] < 1.0:
+                    image = image.crop((0, 0, *self._visible(index, image.size)))
         except _DECODE_ERRORS as exc:
             logger.warning("skipping corrupt line image %s: %s", _where(record), exc)
             return {"index": index, "corrupt": "corrupt_image"}
@@ -198,9 +245,14 @@ class LineDataset(torch.utils.data.Dataset):
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of indices that all share one bucket (canvas width); bucket -1 is never sampled.
 
-    With ``shuffle``, indices are shuffled within each bucket and the batch order is shuffled, both with
+    With ``lengths`` (per record, the text ids it will get: ``text_lengths(texts, max_length)``), a batch
+    also shares one text-length bucket, ``lengths[i] // text_bucket_bytes``, so a batch of short lines is
+    not padded to one long line: ByT5's cost grows with the padded length. A group is then one (width,
+    text bucket) pair; without ``lengths`` it is one width, as before.
+
+    With ``shuffle``, indices are shuffled within each group and the batch order is shuffled, both with
     a numpy Generator seeded from ``(seed, epoch)``, so an epoch is reproducible. Without, indices keep
-    manifest order and buckets come in ascending width order.
+    manifest order and groups come in ascending (width, text bucket) order.
 
     Multi-process note: accelerate's ``BatchSamplerShard`` assumes every batch but the last has
     ``batch_size`` items. With ``drop_last=False`` each bucket ends in a short batch, which accelerate
@@ -214,19 +266,37 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         shuffle: bool,
         seed: int = 0,
         drop_last: bool = False,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        text_bucket_bytes: int = 64,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if text_bucket_bytes < 1:
+            raise ValueError(f"text_bucket_bytes must be >= 1, got {text_bucket_bytes}")
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.text_bucket_bytes = text_bucket_bytes
         bucket_array = np.asarray(buckets, dtype=np.int64)
-        widths = np.unique(bucket_array[bucket_array != -1])  # sorted ascending
-        self._groups: list[np.ndarray] = [np.flatnonzero(bucket_array == width) for width in widths]
+        if lengths is None:
+            text_keys = np.zeros_like(bucket_array)
+        else:
+            length_array = np.asarray(lengths, dtype=np.int64)
+            if length_array.shape != bucket_array.shape:
+                raise ValueError(f"lengths has shape {length_array.shape}, buckets {bucket_array.shape}")
+            if length_array.size and length_array.min() < 0:
+                raise ValueError("lengths must be >= 0")
+            text_keys = length_array // text_bucket_bytes
+        sampled = np.flatnonzero(bucket_array != -1)
+        # Stable sort by (width, text bucket): each group keeps manifest order, groups come in ascending order.
+        by_group = sampled[np.lexsort((text_keys[sampled], bucket_array[sampled]))]
+        keys = np.stack([bucket_array[by_group], text_keys[by_group]], axis=1)
+        starts = np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1
+        self._groups: list[np.ndarray] = [g for g in np.split(by_group, starts) if g.size]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -35,6 +35,7 @@ class TrainerState:
     bad_steps: int = 0  # non-finite losses skipped, in all
     corrupt_indices: list[int] = field(default_factory=list)  # train lines whose pixels failed to decode
     val_metrics: dict[str, float] = field(default_factory=dict)
+    val_history: list[dict[str, float]] = field(default_factory=list)  # the learning curve: step + metrics
     checkpoints: list[int] = field(default_factory=list)
     wandb_run_id: str | None = None
 

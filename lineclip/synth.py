@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -572,8 +572,9 @@ def generate(cfg: SynthConfig | DictConfig) -> SynthReport:
             _init_worker(job)
             results: Iterator[list[tuple[str, dict[str, Any]]]] = map(_render_chunk, chunks)
         else:
-            # Leaving the block terminates the pool, so an error or Ctrl-C never leaves workers behind.
-            pool = stack.enter_context(Pool(workers, initializer=_init_worker, initargs=(job,)))
+            # Leaving the block terminates the pool, so an error or Ctrl-C never leaves workers behind. Spawned,
+            # not forked: a fork of a process that already runs threads (torch, W&B) can deadlock in the child.
+            pool = stack.enter_context(get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(job,)))
             results = pool.imap(_render_chunk, chunks)  # ordered, so the manifests follow the index order
         for rows in results:
             for split, row in rows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,6 @@ from torch import nn
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
-    BitImageProcessor,
     ByT5Tokenizer,
     Dinov2Config,
     Dinov2Model,
@@ -26,6 +26,7 @@ from transformers import (
     T5Config,
     T5EncoderModel,
 )
+from transformers.utils import logging as hf_logging
 
 from lineclip.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -117,20 +118,30 @@ class DualEncoder(nn.Module):
         return Embeddings(image=image, text=text, logit_scale=self.scale())
 
 
-def build_image_backbone(name_or_path: str | None, config: dict, trust_remote_code: bool = False) -> PreTrainedModel:
+def build_image_backbone(name_or_path: str | None, config: dict, trust_remote_code: bool = False,
+                         attn_implementation: str | None = None) -> PreTrainedModel:
     if name_or_path:
         # The hub path and a local save_pretrained dir are the same call.
-        return Dinov2Model.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    return Dinov2Model(Dinov2Config(**config))
+        return Dinov2Model.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                           attn_implementation=attn_implementation)
+    return Dinov2Model(Dinov2Config(**config, attn_implementation=attn_implementation))
 
 
-def build_image_processor(name_or_path: str | None, target_height: int) -> BitImageProcessor:
+def build_image_processor(name_or_path: str | None, target_height: int) -> Any:
     """The processor saved beside the backbone: the Workbench reads `image_mean`/`image_std` from it."""
     if name_or_path:
         try:
             return AutoImageProcessor.from_pretrained(name_or_path)
         except OSError:
             pass  # a backbone dir saved without a processor: fall back to DINOv2's ImageNet statistics
+    # Imported here, quietly: transformers warns at import that its torchvision backend is missing, and
+    # lineclip only uses the processor to carry mean/std into preprocessor_config.json.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        from transformers import BitImageProcessor
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return BitImageProcessor(
         image_mean=list(IMAGENET_MEAN),
         image_std=list(IMAGENET_STD),
@@ -139,11 +150,14 @@ def build_image_processor(name_or_path: str | None, target_height: int) -> BitIm
     )
 
 
-def build_text_encoder(name_or_path: str | None, config: dict, trust_remote_code: bool = False) -> PreTrainedModel:
+def build_text_encoder(name_or_path: str | None, config: dict, trust_remote_code: bool = False,
+                       attn_implementation: str | None = None) -> PreTrainedModel:
     if name_or_path:
         # T5EncoderModel drops the decoder weights of a full ByT5 checkpoint: never loaded, never saved.
-        return T5EncoderModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    return T5EncoderModel(T5Config(**{"is_encoder_decoder": False, "use_cache": False, **config}))
+        return T5EncoderModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                              attn_implementation=attn_implementation)
+    return T5EncoderModel(T5Config(**{"is_encoder_decoder": False, "use_cache": False, **config},
+                                   attn_implementation=attn_implementation))
 
 
 def build_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:

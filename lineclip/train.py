@@ -18,13 +18,14 @@ log = logging.getLogger("lineclip")
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
     from lineclip.checkpoint import ResumeError
+    from lineclip.encoder import BundleError
     from lineclip.manifest import ManifestError
     from lineclip.trainer import TrainingDiverged, train
 
     try:
         result = train(cfg)
         return result.objective
-    except (ConfigError, ManifestError, ResumeError, TrainingDiverged) as err:
+    except (ConfigError, ManifestError, ResumeError, BundleError, TrainingDiverged) as err:
         # A one-line reason and a non-zero exit, not a traceback.
         log.error("%s", err)
         sys.exit(2)

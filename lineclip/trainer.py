@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 
 import lineclip
 from lineclip import artifacts
-from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset, count_truncated
+from lineclip.batch import (
+    BucketBatchSampler,
+    LineCollator,
+    LineDataset,
+    count_truncated,
+    text_lengths,
+    text_padding_fraction,
+)
 from lineclip.checkpoint import TrainerState, resolve_resume, rotate_checkpoints, training_state_dir
 from lineclip.config import ConfigError, check_config
 from lineclip.loss import ContrastiveOutput, contrastive_loss
@@ -37,6 +44,7 @@ from lineclip.metrics import retrieval_metrics
 from lineclip.preprocess import LineGeometry, LineImageTransform
 from lineclip.towers import (
     DualEncoder,
+    ProjectionHead,
     build_image_backbone,
     build_image_processor,
     build_text_encoder,
@@ -99,9 +107,19 @@ def make_loader(dataset: LineDataset, batch_sampler: Any, collate: LineCollator,
 
 
 def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
-    image_backbone = build_image_backbone(
-        cfg.model.name_or_path, dict(cfg.model.config), cfg.model.trust_remote_code)
-    text_encoder = build_text_encoder(cfg.text.name_or_path, dict(cfg.text.config), cfg.text.trust_remote_code)
+    """The towers from `model`/`text` (hub id, local dir or random init), or, with `model.init_from`, both towers,
+    both heads and the logit scale of an earlier run (the spec's pretraining before domain adaptation)."""
+    image_path, text_path = cfg.model.name_or_path, cfg.text.name_or_path
+    init = None
+    if cfg.model.init_from:
+        from lineclip.encoder import check_bundle, resolve_bundle
+
+        init = resolve_bundle(cfg.model.init_from)
+        init_config = check_bundle(init)
+        image_path, text_path = str(init.path(artifacts.BACKBONE)), str(init.path(artifacts.TEXT_ENCODER))
+    attn = cfg.model.attn_implementation
+    image_backbone = build_image_backbone(image_path, dict(cfg.model.config), cfg.model.trust_remote_code, attn)
+    text_encoder = build_text_encoder(text_path, dict(cfg.text.config), cfg.text.trust_remote_code, attn)
     patch = image_backbone.config.patch_size
     if patch != cfg.preprocess.patch_multiple:
         raise ConfigError(
@@ -114,6 +132,15 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         learnable_temperature=cfg.loss.learnable_temperature,
         max_logit_scale=cfg.loss.max_logit_scale,
     )
+    if init is not None:
+        model.image_head = ProjectionHead.load(init.path(artifacts.IMAGE_HEAD))
+        model.text_head = ProjectionHead.load(init.path(artifacts.TEXT_HEAD))
+        if model.image_head.output_dim != cfg.model.projection_dim:
+            raise ConfigError(f"model.init_from={cfg.model.init_from} has projection_dim "
+                              f"{model.image_head.output_dim}; the config asks for {cfg.model.projection_dim}")
+        if cfg.loss.learnable_temperature and init_config.get("logit_scale"):
+            model.logit_scale.data.fill_(math.log(init_config["logit_scale"]))
+        log.info("model.init_from: towers, heads and logit scale from %s", init.label)
     if cfg.model.freeze_backbone:
         model.image_backbone.requires_grad_(False)
     if cfg.text.freeze:
@@ -121,8 +148,8 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
     if cfg.model.gradient_checkpointing:
         model.image_backbone.gradient_checkpointing_enable()
         model.text_encoder.gradient_checkpointing_enable()
-    processor = build_image_processor(cfg.model.name_or_path, cfg.preprocess.target_height)
-    return model, processor, build_tokenizer(cfg.text.name_or_path)
+    processor = build_image_processor(image_path, cfg.preprocess.target_height)
+    return model, processor, build_tokenizer(text_path)
 
 
 def param_groups(model: DualEncoder, cfg: DictConfig) -> list[dict[str, Any]]:
@@ -259,6 +286,7 @@ class TrainResult:
     model: DualEncoder  # unwrapped, on the training device
     interrupted: bool = False  # stopped by SIGTERM after writing a checkpoint: resume with trainer.resume=latest
     bad_steps: int = 0
+    val_history: list[dict[str, float]] | None = None
 
     @property
     def objective(self) -> float:
@@ -380,23 +408,33 @@ def train(cfg: DictConfig) -> TrainResult:
     geometry = LineGeometry(cfg.preprocess.target_height, cfg.preprocess.max_width,
                             tuple(cfg.preprocess.width_buckets), cfg.preprocess.patch_multiple)
     mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
+    crop = cfg.text.max_length if cfg.data.crop_to_text else None
     train_set = LineDataset(train_records, LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std,
-                                                              augment=cfg.data.augment))
+                                                              augment=cfg.data.augment), crop_to_text_bytes=crop)
     eval_transform = LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std, augment=False)
     data_report["train"]["skipped"].update(image_problems(train_set, cfg, "train"))
-    val_set = LineDataset(val_records, eval_transform) if val_records else None
+    val_set = LineDataset(val_records, eval_transform, crop_to_text_bytes=crop) if val_records else None
     if val_set is not None:
         data_report["val"]["skipped"].update(image_problems(val_set, cfg, "val"))
     collate = LineCollator(cfg.text.max_length)
     train_ids = text_ids_of(train_records)
     val_ids = text_ids_of(val_records) if val_records else None
-    sampler = ShardedBatches(BucketBatchSampler(train_set.buckets, cfg.data.batch_size, shuffle=True,
-                                                seed=cfg.trainer.seed), rank, world)
+    text_lengths_ = text_lengths((r.text for r in train_records), cfg.text.max_length)
+    bucketed = BucketBatchSampler(train_set.buckets, cfg.data.batch_size, shuffle=True, seed=cfg.trainer.seed,
+                                  lengths=text_lengths_ if cfg.data.text_bucket_bytes else None,
+                                  text_bucket_bytes=cfg.data.text_bucket_bytes or 64)
+    data_report["text_padding_fraction"] = text_padding_fraction(list(bucketed), text_lengths_)
+    log.info("text padding: %.1f%% of the text positions of an epoch", 100 * data_report["text_padding_fraction"])
+    sampler = ShardedBatches(bucketed, rank, world)
     loader = make_loader(train_set, sampler, collate, cfg.data.num_workers, cfg.trainer.seed)
 
     # ---- model, optimizer, schedule
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps)
+    if cfg.trainer.compile:
+        # In place (nn.Module.compile), so state_dict keys and save_pretrained stay as they are.
+        model.image_backbone.compile()
+        model.text_encoder.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
     gather = cfg.loss.gather if cfg.loss.gather is not None else world > 1
     grad_cache = cfg.trainer.grad_cache_chunks
@@ -439,6 +477,7 @@ def train(cfg: DictConfig) -> TrainResult:
             **artifacts.workbench_keys(cfg),
             **{k: state.val_metrics.get(k) for k in ("val_i2t_r1", "val_t2i_r1")},
             "val_metrics": state.val_metrics,
+            "val_history": state.val_history,
             "global_step": step,
             "world_size": world,
             "global_batch_size": cfg.data.batch_size * world * micro_per_step,
@@ -448,6 +487,7 @@ def train(cfg: DictConfig) -> TrainResult:
             "schedule": schedule,
             "bad_steps_skipped": state.bad_steps,
             "logit_scale": float(accelerator.unwrap_model(model).scale().detach()),
+            "crop_to_text": bool(cfg.data.crop_to_text),
             "data_report": {**data_report, "corrupt_images_skipped": len(state.corrupt_indices)},
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
@@ -545,6 +585,7 @@ def train(cfg: DictConfig) -> TrainResult:
                 t_last, samples_since = now, 0
             if val_set is not None and (step % eval_every == 0 or step == total_steps):
                 state.val_metrics = validate(accelerator, model, val_set, collate, val_ids, cfg)
+                state.val_history.append({"step": step, "train_loss": result.loss.item(), **state.val_metrics})
                 accelerator.log(state.val_metrics, step=step)
                 postfix.update({"vi2t@1": f"{state.val_metrics['val_i2t_r1']:.3f}",
                                 "vt2i@1": f"{state.val_metrics['val_t2i_r1']:.3f}"})
@@ -586,4 +627,5 @@ def train(cfg: DictConfig) -> TrainResult:
     for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group,
         tracker.finish()                  # which the caller (a test, a sweep) may still need
     return TrainResult(output_dir, state.val_metrics, schedule, state.checkpoints, world,
-                       accelerator.unwrap_model(model), interrupted=interrupted, bad_steps=state.bad_steps)
+                       accelerator.unwrap_model(model), interrupted=interrupted, bad_steps=state.bad_steps,
+                       val_history=state.val_history)

@@ -21,6 +21,8 @@ from lineclip.batch import (
     LineDataset,
     count_truncated,
     encode_texts,
+    text_lengths,
+    text_padding_fraction,
 )
 from lineclip.manifest import LineRecord
 
@@ -314,6 +316,112 @@ def test_sampler_without_shuffle_keeps_manifest_order() -> None:
     assert list(BucketBatchSampler([-1, -1], batch_size=4, shuffle=True)) == []
     with pytest.raises(ValueError):
         BucketBatchSampler(buckets, batch_size=0, shuffle=False)
+
+
+# --- text-length buckets and padding --------------------------------------------------------------
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    """Tibetan-like texts (3-byte letters, 1-byte spaces) from a few bytes to well past 512 bytes."""
+    rng = random.Random(seed)
+    letters = [chr(c) for c in range(0x0F40, 0x0F6A)] + [" ", "་"]
+    return ["".join(rng.choice(letters) for _ in range(rng.choice([2, 20, 60, 120, 150, 170, 250]))) for _ in range(n)]
+
+
+def test_text_lengths_are_what_encode_texts_gives() -> None:
+    texts = random_texts(200) + ["", "a", "ཀ" * 200]
+    for max_length in (1, 7, 64, 512):
+        lengths = text_lengths(texts, max_length)
+        _, attention_mask, _ = encode_texts(texts, max_length)
+        assert lengths.dtype == np.int64 and lengths.tolist() == attention_mask.sum(1).tolist()
+        assert lengths.max() <= max_length
+    with pytest.raises(ValueError):
+        text_lengths(["a"], 0)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("text_bucket_bytes", [1, 64, 1000])
+def test_sampler_with_lengths_groups_width_and_text_bucket(
+    shuffle: bool, drop_last: bool, text_bucket_bytes: int
+) -> None:
+    buckets = random_buckets()
+    lengths = text_lengths(random_texts(len(buckets)), max_length=512)
+    sampler = BucketBatchSampler(
+        buckets, 16, shuffle=shuffle, seed=3, drop_last=drop_last, lengths=lengths, text_bucket_bytes=text_bucket_bytes
+    )
+    batches = list(sampler)
+    groups = Counter((int(b), int(n) // text_bucket_bytes) for b, n in zip(buckets, lengths, strict=True) if b != -1)
+    assert len(sampler) == len(batches) == sum((c // 16) if drop_last else -(-c // 16) for c in groups.values())
+    flat = [i for batch in batches for i in batch]
+    assert len(flat) == len(set(flat)) and all(buckets[i] != -1 for i in flat)
+    if drop_last:
+        assert all(len(batch) == 16 for batch in batches)
+        assert len(flat) == sum(c // 16 * 16 for c in groups.values())
+    else:
+        assert sorted(flat) == [i for i in range(len(buckets)) if buckets[i] != -1]
+    for batch in batches:
+        assert len({(int(buckets[i]), int(lengths[i]) // text_bucket_bytes) for i in batch}) == 1
+        assert all(isinstance(i, int) for i in batch) and 1 <= len(batch) <= 16
+        # One text bucket: no row is padded by a text bucket's width or more (plus the multiple of 8).
+        assert -(-max(lengths[batch]) // 8) * 8 - min(lengths[batch]) < text_bucket_bytes + 8
+
+
+def test_sampler_with_lengths_is_deterministic_per_seed_and_epoch() -> None:
+    buckets = random_buckets()
+    lengths = text_lengths(random_texts(len(buckets)), max_length=512)
+
+    def epoch_batches(seed: int, epoch: int) -> list[list[int]]:
+        sampler = BucketBatchSampler(buckets, 8, shuffle=True, seed=seed, lengths=lengths, text_bucket_bytes=64)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert epoch_batches(0, 0) == epoch_batches(0, 0)
+    assert epoch_batches(0, 1) == epoch_batches(0, 1)
+    assert epoch_batches(0, 0) != epoch_batches(0, 1)
+    assert epoch_batches(0, 0) != epoch_batches(1, 0)
+
+
+def test_sampler_with_lengths_without_shuffle_keeps_manifest_order() -> None:
+    buckets = [384, 256, 256, -1, 384, 256, 512, 256]
+    lengths = [10, 70, 5, 9, 20, 60, 300, 66]  # text buckets of 64: 0, 1, 0, -, 0, 0, 4, 1
+    sampler = BucketBatchSampler(buckets, batch_size=2, shuffle=False, lengths=lengths, text_bucket_bytes=64)
+    assert list(sampler) == [[2, 5], [1, 7], [0, 4], [6]]
+    # Without lengths, the same sampler groups by width only (the behaviour before text buckets).
+    assert list(BucketBatchSampler(buckets, batch_size=2, shuffle=False)) == [[1, 2], [5, 7], [0, 4], [6]]
+    with pytest.raises(ValueError, match="shape"):
+        BucketBatchSampler(buckets, 2, shuffle=False, lengths=lengths[:-1])
+    with pytest.raises(ValueError, match=">= 0"):
+        BucketBatchSampler(buckets, 2, shuffle=False, lengths=[-1] * len(buckets))
+    with pytest.raises(ValueError, match="text_bucket_bytes"):
+        BucketBatchSampler(buckets, 2, shuffle=False, lengths=lengths, text_bucket_bytes=0)
+
+
+@pytest.mark.parametrize("max_length", [16, 512])
+@pytest.mark.parametrize("pad_to_multiple", [1, 8])
+def test_padding_fraction_matches_the_encoded_batches(max_length: int, pad_to_multiple: int) -> None:
+    texts = random_texts(300, seed=1)
+    buckets = np.full(len(texts), 256)
+    lengths = text_lengths(texts, max_length)
+    for sampler_lengths in (None, lengths):
+        batches = list(BucketBatchSampler(buckets, 32, shuffle=True, seed=0, lengths=sampler_lengths))
+        padded = total = 0
+        for batch in batches:  # independent count: what the collator would really build
+            _, attention_mask, _ = encode_texts([texts[i] for i in batch], max_length, pad_to_multiple)
+            padded += int((attention_mask == 0).sum())
+            total += attention_mask.numel()
+        assert text_padding_fraction(batches, lengths, pad_to_multiple) == pytest.approx(padded / total)
+    assert text_padding_fraction([], lengths) == 0.0
+    assert text_padding_fraction([[0]], [8]) == 0.0 and text_padding_fraction([[0, 1]], [8, 2]) == 6 / 16
+
+
+def test_text_buckets_cut_padding() -> None:
+    texts = random_texts(2000, seed=2)
+    buckets = np.full(len(texts), 256)
+    lengths = text_lengths(texts, 512)
+    width_only = text_padding_fraction(BucketBatchSampler(buckets, 32, shuffle=True), lengths)
+    with_text = text_padding_fraction(BucketBatchSampler(buckets, 32, shuffle=True, lengths=lengths), lengths)
+    assert with_text < width_only / 2
 
 
 class BrokenTransform(StandInTransform):

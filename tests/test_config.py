@@ -42,8 +42,21 @@ def test_every_group_option_composes(group, option):
         assert cfg[group].name == option
 
 
-@pytest.mark.parametrize("experiment", _options("experiment"))
-def test_every_experiment_composes(experiment):
+def test_every_experiment_has_a_test():
+    assert set(_options("experiment")) == {"openpecha_bdrc_1gpu", "openpecha_bdrc_3gpu", "cpu_small",
+                                           "stage1_synthetic", "stage2_real"}
+
+
+def test_cpu_small_recipe_composes_and_checks():
+    cfg = _compose(["experiment=cpu_small"])
+    assert (cfg.preprocess.target_height, cfg.preprocess.patch_multiple) == (32, 8)
+    assert cfg.model.config.patch_size == 8 and cfg.text.max_length == 128 and cfg.data.crop_to_text
+    check_config(cfg)  # on the bundled demo data it is ready to run
+
+
+@pytest.mark.parametrize("experiment", ["openpecha_bdrc_1gpu", "openpecha_bdrc_3gpu", "stage1_synthetic",
+                                        "stage2_real"])
+def test_gpu_experiments_compose(experiment):
     cfg = _compose([f"experiment={experiment}"])
     assert cfg.model.name_or_path == "facebook/dinov2-base"
     assert cfg.text.name_or_path == "google/byt5-small"

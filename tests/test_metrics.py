@@ -55,3 +55,31 @@ def test_recall_mrr_and_median_from_ranks():
         assert m[f"t2i_r{k}"] == pytest.approx(np.mean(ref <= k))
     assert m["t2i_mrr"] == pytest.approx(np.mean(1 / ref))
     assert m["t2i_median_rank"] == pytest.approx(np.median(ref))
+
+
+@pytest.mark.parametrize("n_ids", [1, 2, 5, 200])  # 1-2 ids: the dense mask path; 200: gathered index pairs
+@pytest.mark.parametrize("chunk", [1, 16, 64])
+def test_duplicate_heavy_and_unique_ids_take_the_same_ranks(n_ids, chunk):
+    g = torch.Generator().manual_seed(n_ids)
+    n = 64
+    image = F.normalize(torch.randn(n, 8, generator=g), dim=-1)
+    text = F.normalize(image + torch.randn(n, 8, generator=g), dim=-1)
+    ids = torch.randint(0, n_ids, (n,), generator=g)
+    ranks = first_correct_ranks(text, image, ids, ids, chunk_size=chunk)
+    np.testing.assert_array_equal(ranks.numpy(), _reference_ranks(text, image, ids.numpy(), ids.numpy(), False))
+
+
+def test_query_without_a_correct_item_ranks_past_the_gallery():
+    g = torch.Generator().manual_seed(0)
+    queries = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    gallery = F.normalize(torch.randn(7, 8, generator=g), dim=-1)
+    ranks = first_correct_ranks(queries, gallery, torch.tensor([0, 1, 99, 2, 98]), torch.arange(7), chunk_size=2)
+    assert ranks[2] == ranks[4] == 8
+    assert ((ranks[[0, 1, 3]] >= 1) & (ranks[[0, 1, 3]] <= 7)).all()
+
+
+def test_ranks_are_an_ordinary_tensor_and_inputs_may_require_grad():
+    image = torch.eye(3, requires_grad=True)
+    ranks = first_correct_ranks(image, image.detach(), torch.arange(3), torch.arange(3))
+    ranks[0] = 5  # not an inference tensor: in-place edits by the caller must work
+    assert ranks.tolist() == [5, 1, 1] and not ranks.requires_grad

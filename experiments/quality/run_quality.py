@@ -1,0 +1,137 @@
+"""Retrieval quality of the CPU recipe on real lines: train `experiment=cpu_small` with a fixed step budget on
+the real dev train lines (with and without synthetic pretraining), evaluate on the real dev eval lines with
+`lineclip.evaluate`, and print a markdown table against chance for that gallery, plus the learning curves.
+
+    python experiments/quality/run_quality.py --dev-dir ../shared/data/tibetan_lines_dev [--steps 500]
+    python experiments/quality/run_quality.py --study crop_to_text --steps 150    # one study: its variants
+
+Runs go to experiments/quality/runs/ (ignored by git); the summary to runs/summary.json. A dev tool: it reads
+a dataset dir you name (the real dev lines are not shipped with lineclip; the bundled demo set is the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Each study: its variants as extra overrides on top of the recipe (the first is the recipe's own choice).
+STUDIES: dict[str, dict[str, list[str]]] = {
+    "crop_to_text": {"crop (recipe)": [], "no crop, same 128 bytes": ["data.crop_to_text=false"]},
+    "text_length": {"128 bytes (recipe)": [], "256 bytes": ["text.max_length=256"]},
+    "pipeline": {"bdrc (recipe)": [], "none": ["preprocess=none"]},
+    "temperature": {"learnable (recipe)": [],
+                    "fixed 0.1": ["loss.learnable_temperature=false", "loss.temperature=0.1"]},
+    "image_height": {"32 px (recipe)": [], "48 px": ["preprocess.target_height=48"]},
+    "image_tower": {"trained (recipe)": [], "frozen": ["model.freeze_backbone=true"]},
+    "projection_dim": {"128 (recipe)": [], "64": ["model.projection_dim=64"]},
+    "lr_per_tower": {"1x (recipe)": [], "text 0.3x": ["text.encoder_lr_multiplier=0.3"]},
+}
+
+
+def data_args(dataset: Path) -> list[str]:
+    return ["data=openpecha", f"data.dataset_dir={dataset}", f"data.train_manifest={dataset}/train/meta/lines.jsonl",
+            f"data.val_manifest={dataset}/eval/meta/lines.jsonl"]
+
+
+def train(out: Path, dataset: Path, steps: int, *overrides: str) -> dict:
+    if not (out / "training_config.json").exists():
+        cmd = [sys.executable, "-m", "lineclip.train", "experiment=cpu_small", *data_args(dataset), "logger=none",
+               f"trainer.max_steps={steps}", f"trainer.eval_every_steps={max(10, steps // 10)}",
+               "trainer.checkpoint_every_steps=100000", "trainer.progress_bar=false", f"hydra.run.dir={out}",
+               *overrides]
+        t0 = time.time()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        (out / "wall_seconds").write_text(f"{time.time() - t0:.0f}")
+    return json.loads((out / "training_config.json").read_text())
+
+
+def evaluate(run: Path, manifest: Path) -> dict:
+    out = run / "eval_dev.json"
+    if not out.exists():
+        subprocess.run([sys.executable, "-m", "lineclip.evaluate", f"run_dir={run}", f"manifest={manifest}",
+                        f"eval.output={out}"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def synth(out: Path, n_lines: int) -> Path:
+    if not (out / "train" / "meta" / "lines.jsonl").exists():
+        subprocess.run([sys.executable, "-m", "lineclip.synth", f"out_dir={out}", f"n_lines={n_lines}", "workers=2",
+                        "overwrite=true"], check=True, cwd=ROOT)
+    return out
+
+
+def row(name: str, run: Path, result: dict) -> dict:
+    aware = result["metrics"]["duplicate_aware"] if "metrics" in result else result
+    return {"name": name, "run": str(run), "wall_s": float((run / "wall_seconds").read_text()),
+            **{f"{d}_r{k}": aware[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)},
+            "chance": result.get("chance", {}).get("duplicate_aware")}
+
+
+def table(rows: list[dict], n: int) -> str:
+    lines = ["| variant | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | wall |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['t2i_r1']:.3f} | {r['t2i_r5']:.3f} | {r['t2i_r10']:.3f} | {r['i2t_r1']:.3f} "
+                     f"| {r['i2t_r5']:.3f} | {r['i2t_r10']:.3f} | {r['wall_s']:.0f} s |")
+    lines.append(f"| chance ({n} lines) | {1 / n:.3f} | {5 / n:.3f} | {10 / n:.3f} | {1 / n:.3f} | {5 / n:.3f} "
+                 f"| {10 / n:.3f} | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_dev = ROOT.parent / "shared" / "data" / "tibetan_lines_dev"
+    parser.add_argument("--dev-dir", type=Path, default=default_dev if default_dev.is_dir() else None)
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "quality" / "runs")
+    parser.add_argument("--steps", type=int, default=500, help="fine-tuning / baseline optimizer steps")
+    parser.add_argument("--synth-lines", type=int, default=4000)
+    parser.add_argument("--synth-steps", type=int, default=500)
+    parser.add_argument("--study", choices=[*STUDIES, "recipe"], default="recipe")
+    args = parser.parse_args()
+    if args.dev_dir is None:
+        from lineclip.config import asset_dir
+
+        args.dev_dir = asset_dir("demo")
+    dev, out = args.dev_dir.resolve(), args.out.resolve()
+    eval_manifest = dev / "eval" / "meta" / "lines.jsonl"
+    n_eval = sum(1 for line in eval_manifest.read_text().splitlines() if line.strip())
+    rows, curves = [], {}
+    if args.study == "recipe":
+        base = out / f"recipe_{args.steps}"
+        cfg = train(base, dev, args.steps)
+        rows.append(row("cpu_small, real lines only", base, evaluate(base, eval_manifest)))
+        curves["real only"] = cfg["val_history"]
+        synth_dir = synth(out / f"synth_{args.synth_lines}", args.synth_lines)
+        pre = out / f"synth_pretrain_{args.synth_steps}"
+        train(pre, synth_dir, args.synth_steps)
+        fine = out / f"synth_then_real_{args.synth_steps}_{args.steps}"
+        cfg = train(fine, dev, args.steps, f"model.init_from={pre}")
+        rows.append(row(f"synthetic pretraining ({args.synth_lines} lines, {args.synth_steps} steps) then real", fine,
+                        evaluate(fine, eval_manifest)))
+        curves["synthetic then real"] = cfg["val_history"]
+    else:
+        for name, overrides in STUDIES[args.study].items():
+            # the recipe's own variant is one run shared by every study
+            slug = "_".join(o.replace("=", "-") for o in overrides) or "recipe"
+            run = out / f"study_{args.steps}_{slug}"
+            cfg = train(run, dev, args.steps, *overrides)
+            rows.append(row(name, run, evaluate(run, eval_manifest)))
+            curves[name] = cfg["val_history"]
+    print(table(rows, n_eval))
+    print()
+    for name, history in curves.items():
+        points = ", ".join(f"{h['step']}: {h['val_t2i_r10']:.2f}" for h in history)
+        print(f"- learning curve ({name}), val t2i R@10 by step: {points}")
+    summary = out / "summary.json"
+    previous = json.loads(summary.read_text()) if summary.exists() else {}
+    previous[f"{args.study}_{args.steps}"] = {"rows": rows, "curves": curves, "n_eval": n_eval}
+    summary.write_text(json.dumps(previous, indent=2))
+
+
+if __name__ == "__main__":
+    main()
