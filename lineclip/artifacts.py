@@ -104,22 +104,24 @@ def is_complete_bundle(output_dir: str | Path, prefix: str) -> bool:
     return all((Path(output_dir) / f"{prefix}{entry}").exists() for entry in BUNDLE_ENTRIES)
 
 
+def corpus_meta(records: Sequence[LineRecord]) -> pd.DataFrame:
+    """The meta parquet's rows: one per corpus line, in embedding order."""
+    return pd.DataFrame({
+        "sample_id": [r.sample_id for r in records],
+        "doc_id": [r.doc_id for r in records],
+        "page_id": [r.page_id for r in records],
+        "line_id": [r.line_id for r in records],
+        "text": [r.text for r in records],
+        "image_path": [r.image_path for r in records],
+    }, columns=list(META_COLUMNS))
+
+
 def save_corpus_embeddings(output_dir: str | Path, embeddings: np.ndarray, records: Sequence[LineRecord]) -> None:
     """`faiss_embeddings.npy` (float32 [N, D], L2-normalised) and its meta parquet, rows in the same order."""
     if len(embeddings) != len(records):
         raise ValueError(f"{len(embeddings)} embeddings for {len(records)} records")
     output_dir = Path(output_dir)
-    meta = pd.DataFrame(
-        {
-            "sample_id": [r.sample_id for r in records],
-            "doc_id": [r.doc_id for r in records],
-            "page_id": [r.page_id for r in records],
-            "line_id": [r.line_id for r in records],
-            "text": [r.text for r in records],
-            "image_path": [r.image_path for r in records],
-        },
-        columns=list(META_COLUMNS),
-    )
+    meta = corpus_meta(records)
     tmp_npy, tmp_meta = output_dir / f".{EMBEDDINGS}.tmp", output_dir / f".{EMBEDDINGS_META}.tmp"
     with open(tmp_npy, "wb") as f:
         np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))

@@ -213,17 +213,6 @@ class Corpus:
         return [(float(scores[u]), str(uniques[u]), np.flatnonzero(codes == u).tolist()) for u in top]
 
 
-def corpus_meta(records: Sequence[LineRecord]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "sample_id": [r.sample_id for r in records],
-        "doc_id": [r.doc_id for r in records],
-        "page_id": [r.page_id for r in records],
-        "line_id": [r.line_id for r in records],
-        "text": [r.text for r in records],
-        "image_path": [r.image_path for r in records],
-    }, columns=list(artifacts.META_COLUMNS))
-
-
 def write_corpus(
     output: str | Path,
     encoder: LineEncoder,
@@ -261,7 +250,7 @@ def write_corpus(
     staging.mkdir()
     try:
         np.save(staging / artifacts.EMBEDDINGS, np.ascontiguousarray(image, dtype=np.float32))
-        corpus_meta(used).to_parquet(staging / artifacts.EMBEDDINGS_META, index=False)
+        artifacts.corpus_meta(used).to_parquet(staging / artifacts.EMBEDDINGS_META, index=False)
         if texts is not None:
             np.save(staging / TEXT_EMBEDDINGS, texts)
         if index is not None:

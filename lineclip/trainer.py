@@ -586,6 +586,10 @@ def train(cfg: DictConfig) -> TrainResult:
             if val_set is not None and (step % eval_every == 0 or step == total_steps):
                 state.val_metrics = validate(accelerator, model, val_set, collate, val_ids, cfg)
                 state.val_history.append({"step": step, "train_loss": result.loss.item(), **state.val_metrics})
+                m = state.val_metrics
+                log.info("step %d/%d: loss %.3f; val t2i R@1/5/10 %.3f/%.3f/%.3f, i2t %.3f/%.3f/%.3f", step,
+                         total_steps, result.loss.item(), m["val_t2i_r1"], m["val_t2i_r5"], m["val_t2i_r10"],
+                         m["val_i2t_r1"], m["val_i2t_r5"], m["val_i2t_r10"])
                 accelerator.log(state.val_metrics, step=step)
                 postfix.update({"vi2t@1": f"{state.val_metrics['val_i2t_r1']:.3f}",
                                 "vt2i@1": f"{state.val_metrics['val_t2i_r1']:.3f}"})
