@@ -88,6 +88,16 @@ def build_index(embeddings: np.ndarray, params: IndexParams) -> faiss.Index:
     return index
 
 
+def on_gpu_if_available(index: Any) -> Any:
+    """A search-only copy of `index` on the GPUs when faiss-gpu is installed and sees one (flat and IVF indexes;
+    HNSW has no GPU version); otherwise `index` itself."""
+    import faiss
+
+    if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0 or hasattr(index, "hnsw"):
+        return index
+    return faiss.index_cpu_to_all_gpus(index)
+
+
 @dataclass
 class Corpus:
     """A loaded corpus. `search_*` return (scores, row indices) per query, best first."""
@@ -141,7 +151,7 @@ class Corpus:
             raise CorpusError(f"corpus {directory}: {TEXT_EMBEDDINGS} is {texts.shape}, images {embeddings.shape}")
         if not info:  # a training run dir: the final bundle beside the embeddings made them
             info = {"kind": "flat", "source": "training run", "bundle": str(directory), "n_lines": len(meta)}
-        index = cls._load_index(directory, info, embeddings, nprobe, ef_search)
+        index = on_gpu_if_available(cls._load_index(directory, info, embeddings, nprobe, ef_search))
         return cls(directory, meta, embeddings, index, info, texts)
 
     @staticmethod

@@ -50,7 +50,7 @@ def test_every_experiment_has_a_test():
 def test_cpu_small_recipe_composes_and_checks():
     cfg = _compose(["experiment=cpu_small"])
     assert (cfg.preprocess.target_height, cfg.preprocess.patch_multiple) == (32, 8)
-    assert cfg.model.config.patch_size == 8 and cfg.text.max_length == 128 and cfg.data.crop_to_text
+    assert cfg.model.config.patch_size == 8 and cfg.text.max_length == 128 and not cfg.data.crop_to_text
     check_config(cfg)  # on the bundled demo data it is ready to run
 
 
