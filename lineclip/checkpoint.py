@@ -14,7 +14,6 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lineclip import artifacts
 
@@ -106,7 +105,3 @@ def rotate_checkpoints(output_dir: Path, keep_last: int) -> list[int]:
 
 def training_state_dir(staging: Path) -> Path:
     return staging / TRAINING_STATE
-
-
-def describe(state: TrainerState) -> dict[str, Any]:
-    return {"step": state.step, "epoch": state.epoch, "batches_done_in_epoch": state.batches_done_in_epoch}

@@ -127,6 +127,7 @@ def evaluate_records(
     import pandas as pd
 
     from lineclip.batch import count_truncated
+    from lineclip.metrics import text_ids
 
     image, kept = encoder.encode_image_files([r.image_path for r in records], batch_size, num_workers, progress)
     if len(kept) == 0:
@@ -134,7 +135,7 @@ def evaluate_records(
     used = [records[i] for i in kept]
     texts = [r.text for r in used]
     text = encoder.encode_texts(texts, text_batch_size, progress)
-    ids = pd.factorize(pd.Series(texts, dtype=object))[0].astype(np.int64)
+    ids = text_ids(texts)
     counts = np.bincount(ids)
     result: dict[str, Any] = {
         **_metrics(image, text, ids, ks, chunk_size),

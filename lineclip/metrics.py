@@ -12,10 +12,19 @@ Two notions of "correct":
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import pandas as pd
 import torch
 
 DEFAULT_KS = (1, 5, 10)
+
+
+def text_ids(texts: Sequence[str]) -> np.ndarray:
+    """One integer per distinct normalised transcription, in first-seen order: the ids that decide which gallery
+    items are correct (and, in training, which lines are positives of each other)."""
+    return pd.factorize(pd.Series(list(texts), dtype=object))[0].astype(np.int64)
 
 
 def _correct_pairs(

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
@@ -40,7 +39,7 @@ from lineclip.checkpoint import TrainerState, resolve_resume, rotate_checkpoints
 from lineclip.config import ConfigError, check_config
 from lineclip.loss import ContrastiveOutput, contrastive_loss
 from lineclip.manifest import LineRecord, ManifestError, read_manifest
-from lineclip.metrics import retrieval_metrics
+from lineclip.metrics import retrieval_metrics, text_ids
 from lineclip.preprocess import LineGeometry, LineImageTransform
 from lineclip.towers import (
     DualEncoder,
@@ -60,8 +59,7 @@ log = logging.getLogger(__name__)
 
 def text_ids_of(records: list[LineRecord]) -> torch.Tensor:
     """One integer per distinct normalised transcription: lines sharing a text are each other's positives."""
-    codes, _ = pd.factorize(pd.Series([r.text for r in records], dtype=object))
-    return torch.as_tensor(codes, dtype=torch.long)
+    return torch.as_tensor(text_ids([r.text for r in records]), dtype=torch.long)
 
 
 class ShardedBatches:
