@@ -1,8 +1,9 @@
 """Retrieval quality of the CPU recipe on real lines: train `experiment=cpu_small` with a fixed step budget on
 the real dev train lines (with and without synthetic pretraining), evaluate on the real dev eval lines with
-`lineclip.evaluate`, and print a markdown table against chance for that gallery, plus the learning curves.
+`lineclip.evaluate`, and print a markdown table against chance for that gallery and against what knowing only
+each line's collection gives (when the manifest has a `collection` field), plus the learning curves.
 
-    python experiments/quality/run_quality.py --dev-dir ../shared/data/tibetan_lines_dev [--steps 500]
+    python experiments/quality/run_quality.py --dev-dir ../shared/data/tibetan_lines_dev [--steps 150]
     python experiments/quality/run_quality.py --study crop_to_text --steps 150    # one study: its variants
 
 Runs go to experiments/quality/runs/ (ignored by git); the summary to runs/summary.json. A dev tool: it reads
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -27,10 +29,16 @@ STUDIES: dict[str, dict[str, list[str]]] = {
     "pipeline": {"bdrc (recipe)": [], "none": ["preprocess=none"]},
     "temperature": {"learnable (recipe)": [],
                     "fixed 0.1": ["loss.learnable_temperature=false", "loss.temperature=0.1"]},
-    "image_height": {"32 px (recipe)": [], "48 px": ["preprocess.target_height=48"]},
+    # DINOv2's own patch 14 at the issue's heights; widths scaled so the longest line keeps the recipe's 16:1 cap
+    "image_height": {"32 px, patch 8 (recipe)": [], **{f"{h} px, patch 14": [
+        f"preprocess.target_height={h}", "preprocess.patch_multiple=14", "model.config.patch_size=14",
+        f"model.config.image_size={h}", f"preprocess.max_width={16 * h}",
+        f"preprocess.width_buckets=[{4 * h},{8 * h},{12 * h},{16 * h}]"] for h in (56, 70, 84)}},
+    "lr": {"1e-3 (recipe)": [], "3e-4": ["optim.lr=3e-4"]},
     "image_tower": {"trained (recipe)": [], "frozen": ["model.freeze_backbone=true"]},
-    "projection_dim": {"128 (recipe)": [], "64": ["model.projection_dim=64"]},
-    "lr_per_tower": {"1x (recipe)": [], "text 0.3x": ["text.encoder_lr_multiplier=0.3"]},
+    "projection_dim": {"128 (recipe)": [], "64": ["model.projection_dim=64"], "256": ["model.projection_dim=256"]},
+    "lr_per_tower": {"1x (recipe)": [], "text tower 0.3x": ["text.encoder_lr_multiplier=0.3"],
+                     "image tower 0.3x": ["model.backbone_lr_multiplier=0.3"]},
 }
 
 
@@ -76,7 +84,19 @@ def row(name: str, run: Path, result: dict) -> dict:
             **{f"val_{d}_r{k}": val[f"val_{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)}}
 
 
-def table(rows: list[dict], n: int) -> str:
+def group_level(manifest: Path, field: str = "collection") -> dict[int, float] | None:
+    """Expected Recall@K of a model that knows only each line's `field` (its collection) and ranks the lines of
+    that group in random order ahead of all others: mean over queries of min(1, K / group size). The dev set has
+    two collections that differ in script and transcription conventions, so this is what telling them apart
+    buys without reading a single character."""
+    groups = [json.loads(line).get(field) for line in manifest.read_text().splitlines() if line.strip()]
+    if None in groups:
+        return None
+    size = {g: groups.count(g) for g in set(groups)}
+    return {k: sum(min(1.0, k / size[g]) for g in groups) / len(groups) for k in (1, 5, 10)}
+
+
+def table(rows: list[dict], n: int, collection: dict[int, float] | None) -> str:
     def cells(r: dict, p: str) -> str:
         return " | ".join(f"{r[f'{p}{d}_r{k}']:.3f}" for d in ("t2i", "i2t") for k in (1, 5, 10))
 
@@ -87,6 +107,9 @@ def table(rows: list[dict], n: int) -> str:
         lines.append(f"| | as trained (last validation) | {cells(r, 'val_')} | |")
     chance = " | ".join(f"{k / n:.3f}" for _ in range(2) for k in (1, 5, 10))
     lines.append(f"| chance ({n} lines) | | {chance} | |")
+    if collection is not None:
+        level = " | ".join(f"{collection[k]:.3f}" for _ in range(2) for k in (1, 5, 10))
+        lines.append(f"| knows the collection only | | {level} | |")
     return "\n".join(lines)
 
 
@@ -95,9 +118,9 @@ def main() -> None:
     default_dev = ROOT.parent / "shared" / "data" / "tibetan_lines_dev"
     parser.add_argument("--dev-dir", type=Path, default=default_dev if default_dev.is_dir() else None)
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "quality" / "runs")
-    parser.add_argument("--steps", type=int, default=500, help="fine-tuning / baseline optimizer steps")
-    parser.add_argument("--synth-lines", type=int, default=4000)
-    parser.add_argument("--synth-steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=150, help="fine-tuning / baseline optimizer steps")
+    parser.add_argument("--synth-lines", type=int, default=3000)
+    parser.add_argument("--synth-steps", type=int, default=300)
     parser.add_argument("--study", choices=[*STUDIES, "recipe"], default="recipe")
     parser.add_argument("--no-synth", action="store_true", help="recipe: the real-lines baseline only")
     args = parser.parse_args()
@@ -110,17 +133,16 @@ def main() -> None:
     n_eval = sum(1 for line in eval_manifest.read_text().splitlines() if line.strip())
     rows, curves = [], {}
     if args.study == "recipe":
-        base = out / f"recipe_{args.steps}"
+        base = out / f"study_{args.steps}_recipe"  # the same run as every study's recipe variant
         cfg = train(base, dev, args.steps)
         rows.append(row("cpu_small, real lines only", base, evaluate(base, eval_manifest)))
         curves["real only"] = cfg["val_history"]
     if args.study == "recipe" and not args.no_synth:
         synth_dir = synth(out / f"synth_{args.synth_lines}", args.synth_lines)
-        pre = out / f"synth_pretrain_{args.synth_steps}"
-        # Known problem (RESULTS.md, Quality): on synthetic lines this stage has not learned yet; the loss stays at
-        # ln(batch) with a learnable or (as here) a fixed temperature.
-        train(pre, synth_dir, args.synth_steps, "loss.learnable_temperature=false", "loss.temperature=0.07")
-        fine = out / f"synth_then_real_{args.synth_steps}_{args.steps}"
+        pre = out / f"synth_pretrain_{args.synth_lines}_{args.synth_steps}"
+        cfg = train(pre, synth_dir, args.synth_steps)
+        curves["synthetic pretraining (scored on synthetic eval lines)"] = cfg["val_history"]
+        fine = out / f"synth_then_real_{args.synth_lines}_{args.synth_steps}_{args.steps}"
         cfg = train(fine, dev, args.steps, f"model.init_from={pre}")
         rows.append(row(f"synthetic pretraining ({args.synth_lines} lines, {args.synth_steps} steps) then real", fine,
                         evaluate(fine, eval_manifest)))
@@ -128,12 +150,12 @@ def main() -> None:
     if args.study != "recipe":
         for name, overrides in STUDIES[args.study].items():
             # the recipe's own variant is one run shared by every study
-            slug = "_".join(o.replace("=", "-") for o in overrides) or "recipe"
+            slug = re.sub(r"[^\w.-]+", "-", "_".join(overrides)) or "recipe"
             run = out / f"study_{args.steps}_{slug}"
             cfg = train(run, dev, args.steps, *overrides)
             rows.append(row(name, run, evaluate(run, eval_manifest)))
             curves[name] = cfg["val_history"]
-    print(table(rows, n_eval))
+    print(table(rows, n_eval, group_level(eval_manifest)))
     print()
     for name, history in curves.items():
         points = ", ".join(f"{h['step']}: {h['val_t2i_r10']:.2f}" for h in history)
