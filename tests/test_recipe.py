@@ -66,3 +66,24 @@ def test_init_from_starts_from_an_earlier_run(tmp_path, tiny_dataset):
             torch.testing.assert_close(a, b, msg=name)
     with pytest.raises(ConfigError, match="projection_dim"):
         build_model(_cfg(*data, f"model.init_from={stage1}", "model.projection_dim=32"))
+
+
+def test_quality_script_collection_level(tmp_path):
+    """The quality report's 'knows the collection only' row: a query's line ranks uniformly among its group."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "quality" / "run_quality.py"
+    spec = importlib.util.spec_from_file_location("run_quality", script)
+    run_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_quality)
+    manifest = tmp_path / "lines.jsonl"
+    rows = [{"id": f"{g}{i}", "collection": g} for g, n in (("A", 3), ("B", 12)) for i in range(n)]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # By hand: group A (3 lines) finds its line within K with probability min(K, 3) / 3, group B min(K, 12) / 12.
+    level = run_quality.group_level(manifest)
+    assert level[1] == pytest.approx((3 * 1 / 3 + 12 * 1 / 12) / 15)
+    assert level[5] == pytest.approx((3 * 1 + 12 * 5 / 12) / 15)
+    assert level[10] == pytest.approx((3 * 1 + 12 * 10 / 12) / 15)
+    manifest.write_text(json.dumps({"id": "x"}) + "\n")
+    assert run_quality.group_level(manifest) is None
