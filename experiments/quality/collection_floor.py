@@ -1,0 +1,50 @@
+"""The training loss a model reaches by knowing only each line's collection: with the recipe's own batches
+(width buckets, batch 64), a line whose collection has c members in its batch scores at best ln(c) when the
+model spreads its belief evenly over them. A training loss that stays above this floor has learnt no more than
+the collection.
+
+    python experiments/quality/collection_floor.py --dev-dir ../shared/data/tibetan_lines_dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from lineclip.batch import BucketBatchSampler, LineDataset
+from lineclip.config import conf_dir, register_configs
+from lineclip.manifest import read_manifest
+from lineclip.preprocess import LineGeometry, LineImageTransform
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dev-dir", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of batches to average over")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=cpu_small")
+    args = parser.parse_args()
+    manifest = args.dev_dir.resolve() / "train" / "meta" / "lines.jsonl"
+    register_configs()
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        cfg = compose("train", overrides=["experiment=cpu_small", *args.overrides])
+    records, _ = read_manifest(manifest, args.dev_dir)
+    collections = [r.extra["collection"] for r in records]
+    p = cfg.preprocess
+    lines = LineDataset(records, LineImageTransform(p.pipeline, LineGeometry(p.target_height, p.max_width,
+                                                                             tuple(p.width_buckets), p.patch_multiple)))
+    total, count = 0.0, 0
+    for epoch in range(args.epochs):
+        for batch in BucketBatchSampler(lines.buckets, cfg.data.batch_size, shuffle=True, seed=epoch):
+            members = [collections[i] for i in batch]
+            total += sum(math.log(members.count(c)) for c in members)
+            count += len(members)
+    print(json.dumps({"collection_floor": round(total / count, 3), "chance": round(math.log(cfg.data.batch_size), 3),
+                      "lines": len(records), "collections": sorted(set(collections))}))
+
+
+if __name__ == "__main__":
+    main()
