@@ -21,29 +21,37 @@ from lineclip.manifest import read_manifest
 from lineclip.preprocess import LineGeometry, LineImageTransform
 
 
+def collection_floor(dev_dir: Path, overrides: list[str] = (), epochs: int = 3) -> float | None:
+    """Mean over `epochs` of the recipe's batches of ln(members of the line's collection in its batch); None
+    when the train manifest has no `collection` field."""
+    manifest = dev_dir.resolve() / "train" / "meta" / "lines.jsonl"
+    register_configs()
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        cfg = compose("train", overrides=["experiment=cpu_small", *overrides])
+    records, _ = read_manifest(manifest, dev_dir)
+    collections = [r.extra.get("collection") for r in records]
+    if None in collections:
+        return None
+    p = cfg.preprocess
+    geometry = LineGeometry(p.target_height, p.max_width, tuple(p.width_buckets), p.patch_multiple)
+    lines = LineDataset(records, LineImageTransform(p.pipeline, geometry))
+    total, count = 0.0, 0
+    for epoch in range(epochs):
+        for batch in BucketBatchSampler(lines.buckets, cfg.data.batch_size, shuffle=True, seed=epoch):
+            members = [collections[i] for i in batch]
+            total += sum(math.log(members.count(c)) for c in members)
+            count += len(members)
+    return total / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dev-dir", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of batches to average over")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=cpu_small")
     args = parser.parse_args()
-    manifest = args.dev_dir.resolve() / "train" / "meta" / "lines.jsonl"
-    register_configs()
-    with initialize_config_dir(str(conf_dir()), version_base=None):
-        cfg = compose("train", overrides=["experiment=cpu_small", *args.overrides])
-    records, _ = read_manifest(manifest, args.dev_dir)
-    collections = [r.extra["collection"] for r in records]
-    p = cfg.preprocess
-    lines = LineDataset(records, LineImageTransform(p.pipeline, LineGeometry(p.target_height, p.max_width,
-                                                                             tuple(p.width_buckets), p.patch_multiple)))
-    total, count = 0.0, 0
-    for epoch in range(args.epochs):
-        for batch in BucketBatchSampler(lines.buckets, cfg.data.batch_size, shuffle=True, seed=epoch):
-            members = [collections[i] for i in batch]
-            total += sum(math.log(members.count(c)) for c in members)
-            count += len(members)
-    print(json.dumps({"collection_floor": round(total / count, 3), "chance": round(math.log(cfg.data.batch_size), 3),
-                      "lines": len(records), "collections": sorted(set(collections))}))
+    floor = collection_floor(args.dev_dir, args.overrides, args.epochs)
+    print(json.dumps({"collection_floor": None if floor is None else round(floor, 3)}))
 
 
 if __name__ == "__main__":

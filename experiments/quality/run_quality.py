@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+from collection_floor import collection_floor  # noqa: E402
 
 # Each study: its variants as extra overrides on top of the recipe (the first is the recipe's own choice).
 STUDIES: dict[str, dict[str, list[str]]] = {
@@ -79,7 +81,9 @@ def row(name: str, run: Path, result: dict) -> dict:
     cropped like the training lines when data.crop_to_text is on)."""
     aware = result["metrics"]["duplicate_aware"]
     val = json.loads((run / "training_config.json").read_text())["val_metrics"]
+    losses = re.findall(r"step \d+/\d+: loss ([\d.]+)", (run / "train.log").read_text())
     return {"name": name, "run": str(run), "wall_s": float((run / "wall_seconds").read_text()),
+            "train_loss": float(losses[-1]) if losses else float("nan"),
             **{f"{d}_r{k}": aware[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)},
             **{f"val_{d}_r{k}": val[f"val_{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)}}
 
@@ -96,20 +100,22 @@ def group_level(manifest: Path, field: str = "collection") -> dict[int, float] |
     return {k: sum(min(1.0, k / size[g]) for g in groups) / len(groups) for k in (1, 5, 10)}
 
 
-def table(rows: list[dict], n: int, collection: dict[int, float] | None) -> str:
+def table(rows: list[dict], n: int, collection: dict[int, float] | None, floor: float | None) -> str:
     def cells(r: dict, p: str) -> str:
         return " | ".join(f"{r[f'{p}{d}_r{k}']:.3f}" for d in ("t2i", "i2t") for k in (1, 5, 10))
 
-    lines = ["| variant | scored on | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | wall |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | scored on | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | last train loss | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | whole lines (evaluate) | {cells(r, '')} | {r['wall_s']:.0f} s |")
-        lines.append(f"| | as trained (last validation) | {cells(r, 'val_')} | |")
+        lines.append(f"| {r['name']} | whole lines (evaluate) | {cells(r, '')} | {r['train_loss']:.2f} | "
+                     f"{r['wall_s']:.0f} s |")
+        if any(r[f"val_{d}_r{k}"] != r[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)):
+            lines.append(f"| | as trained (last validation) | {cells(r, 'val_')} | | |")
     chance = " | ".join(f"{k / n:.3f}" for _ in range(2) for k in (1, 5, 10))
-    lines.append(f"| chance ({n} lines) | | {chance} | |")
+    lines.append(f"| chance ({n} lines) | | {chance} | | |")
     if collection is not None:
         level = " | ".join(f"{collection[k]:.3f}" for _ in range(2) for k in (1, 5, 10))
-        lines.append(f"| knows the collection only | | {level} | |")
+        lines.append(f"| knows the collection only | | {level} | {floor:.2f} | |")
     return "\n".join(lines)
 
 
@@ -155,7 +161,8 @@ def main() -> None:
             cfg = train(run, dev, args.steps, *overrides)
             rows.append(row(name, run, evaluate(run, eval_manifest)))
             curves[name] = cfg["val_history"]
-    print(table(rows, n_eval, group_level(eval_manifest)))
+    floor = collection_floor(dev) if group_level(eval_manifest) else None
+    print(table(rows, n_eval, group_level(eval_manifest), floor))
     print()
     for name, history in curves.items():
         points = ", ".join(f"{h['step']}: {h['val_t2i_r10']:.2f}" for h in history)
