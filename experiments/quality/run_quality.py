@@ -37,6 +37,8 @@ STUDIES: dict[str, dict[str, list[str]]] = {
         f"model.config.image_size={h}", f"preprocess.max_width={16 * h}",
         f"preprocess.width_buckets=[{4 * h},{8 * h},{12 * h},{16 * h}]"] for h in (56, 70, 84)}},
     "lr": {"1e-3 (recipe)": [], "3e-4": ["optim.lr=3e-4"]},
+    # run-to-run noise: the same recipe with other seeds (init, batch order)
+    "seed": {"seed 0 (recipe)": [], "seed 1": ["trainer.seed=1"], "seed 2": ["trainer.seed=2"]},
     "image_tower": {"trained (recipe)": [], "frozen": ["model.freeze_backbone=true"]},
     "projection_dim": {"128 (recipe)": [], "64": ["model.projection_dim=64"], "256": ["model.projection_dim=256"]},
     "lr_per_tower": {"1x (recipe)": [], "text tower 0.3x": ["text.encoder_lr_multiplier=0.3"],
