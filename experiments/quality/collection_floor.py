@@ -35,9 +35,12 @@ def collection_floor(dev_dir: Path, overrides: list[str] = (), epochs: int = 3) 
     p = cfg.preprocess
     geometry = LineGeometry(p.target_height, p.max_width, tuple(p.width_buckets), p.patch_multiple)
     lines = LineDataset(records, LineImageTransform(p.pipeline, geometry))
+    # Seeded and stepped through epochs as the trainer does, so these are the batches a cpu_small run trains on.
+    sampler = BucketBatchSampler(lines.buckets, cfg.data.batch_size, shuffle=True, seed=cfg.trainer.seed)
     total, count = 0.0, 0
     for epoch in range(epochs):
-        for batch in BucketBatchSampler(lines.buckets, cfg.data.batch_size, shuffle=True, seed=epoch):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
             members = [collections[i] for i in batch]
             total += sum(math.log(members.count(c)) for c in members)
             count += len(members)

@@ -117,7 +117,8 @@ def table(rows: list[dict], n: int, collection: dict[int, float] | None, floor: 
     lines.append(f"| chance ({n} lines) | | {chance} | | |")
     if collection is not None:
         level = " | ".join(f"{collection[k]:.3f}" for _ in range(2) for k in (1, 5, 10))
-        lines.append(f"| knows the collection only | | {level} | {floor:.2f} | |")
+        floor_cell = "" if floor is None else f"{floor:.2f}"  # None: the train manifest has no collection field
+        lines.append(f"| knows the collection only | | {level} | {floor_cell} | |")
     return "\n".join(lines)
 
 
@@ -163,8 +164,8 @@ def main() -> None:
             cfg = train(run, dev, args.steps, *overrides)
             rows.append(row(name, run, evaluate(run, eval_manifest)))
             curves[name] = cfg["val_history"]
-    floor = collection_floor(dev) if group_level(eval_manifest) else None
-    print(table(rows, n_eval, group_level(eval_manifest), floor))
+    level = group_level(eval_manifest)
+    print(table(rows, n_eval, level, collection_floor(dev) if level else None))
     print()
     for name, history in curves.items():
         points = ", ".join(f"{h['step']}: {h['val_t2i_r10']:.2f}" for h in history)
