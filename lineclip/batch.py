@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from lineclip.manifest import LineRecord
+from lineclip.reading import reading_targets
 
 if TYPE_CHECKING:
     from lineclip.preprocess import LineImageTransform
@@ -328,6 +329,7 @@ class LineCollator:
 
     max_length: int
     pad_to_multiple: int = 8
+    reading: bool = False  # also the CTC targets of the auxiliary reading loss (lineclip.reading)
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
         good = [item for item in items if item is not None and "corrupt" not in item]
@@ -347,10 +349,13 @@ class LineCollator:
         if len(shapes) != 1:
             # An explicit check rather than `assert`, which `python -O` would strip.
             raise ValueError(f"a batch must hold one bucket (one image shape), got shapes {sorted(shapes)}")
-        input_ids, attention_mask, n_truncated = encode_texts(
-            [item["text"] for item in good], self.max_length, self.pad_to_multiple
-        )
+        texts = [item["text"] for item in good]
+        input_ids, attention_mask, n_truncated = encode_texts(texts, self.max_length, self.pad_to_multiple)
+        extra = {}
+        if self.reading:
+            extra["reading_targets"], extra["reading_lengths"] = reading_targets(texts)
         return {
+            **extra,
             "pixel_values": torch.stack([item["pixel_values"] for item in good]),
             "input_ids": input_ids,
             "attention_mask": attention_mask,

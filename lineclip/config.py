@@ -7,6 +7,7 @@ own error, and `check_config` catches what types cannot (lr > 0, a known pipelin
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -76,6 +77,10 @@ class PreprocessConfig:
     max_width: int = 1024
     width_buckets: list[int] = field(default_factory=lambda: [256, 384, 512, 768, 1024])
     patch_multiple: int = 14
+    # Pixel normalisation, (x/255 - mean) / std per channel; null: the image tower's own (ImageNet for DINOv2).
+    # Saved in the bundle's preprocessor_config.json, so the Workbench and LineEncoder use the same values.
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
 
 
 @dataclass
@@ -97,6 +102,14 @@ class LossConfig:
     temperature: float = 0.07  # initial value when learnable (CLIP: 1/0.07), fixed value otherwise
     max_logit_scale: float = 100.0
     gather: bool | None = None  # None: gather embeddings across processes whenever world size > 1
+    # Auxiliary reading loss (CTC over the image tower's patch columns, lineclip.reading): its weight beside
+    # the contrastive loss; 0 turns it off. Training only: the head is not part of any bundle.
+    reading_weight: float = 0.0
+    reading_frames_per_column: int = 4
+    bag_weight: float = 0.0  # which characters occur, predicted from the pooled image token (lineclip.reading)
+    # The logit scale is learnt as a log at optim.lr times this: from a low start (loss.temperature) it would
+    # otherwise climb by at most ~lr per step (ln 20 = 3 needs ~3000 steps at lr 1e-3).
+    logit_scale_lr_multiplier: float = 1.0
 
 
 @dataclass
@@ -187,7 +200,8 @@ def check_config(cfg: DictConfig) -> None:
     for key, allowed in {"preprocess.pipeline": PIPELINES, **_CHOICES}.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
-    positive = ["optim.lr", "data.batch_size", "preprocess.target_height", "preprocess.max_width",
+    positive = ["optim.lr", "loss.logit_scale_lr_multiplier", "data.batch_size", "preprocess.target_height",
+                "preprocess.max_width",
                 "preprocess.patch_multiple", "text.max_length", "model.projection_dim",
                 "trainer.gradient_accumulation_steps", "trainer.checkpoint_every_steps", "loss.temperature"]
     for key in positive:
@@ -199,6 +213,10 @@ def check_config(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be > 0 or null, got {value}")
+    if not (cfg.loss.reading_weight >= 0 and cfg.loss.bag_weight >= 0) or cfg.loss.reading_frames_per_column < 1:
+        raise ConfigError(f"loss.reading_weight and loss.bag_weight must be >= 0 and loss.reading_frames_per_column "
+                          f">= 1, got {cfg.loss.reading_weight}, {cfg.loss.bag_weight}, "
+                          f"{cfg.loss.reading_frames_per_column}")
     if cfg.trainer.grad_cache_chunks is not None:
         if cfg.trainer.grad_cache_chunks < 2:
             raise ConfigError(f"trainer.grad_cache_chunks must be >= 2 or null, got {cfg.trainer.grad_cache_chunks}")
@@ -208,6 +226,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.epochs must be > 0 when trainer.max_steps is null, got {cfg.trainer.epochs}")
     if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.data.num_workers < 0:
         raise ConfigError("optim.weight_decay, optim.warmup_steps and data.num_workers must be >= 0")
+    for key in ["preprocess.image_mean", "preprocess.image_std"]:
+        value = _get(cfg, key)
+        if value is not None and (len(value) != 3 or not all(math.isfinite(v) for v in value)):
+            raise ConfigError(f"{key} must be null or 3 finite numbers, got {list(value)}")
+    if cfg.preprocess.image_std is not None and min(cfg.preprocess.image_std) <= 0:
+        raise ConfigError(f"preprocess.image_std must be > 0, got {list(cfg.preprocess.image_std)}")
     patch = cfg.preprocess.patch_multiple
     if cfg.preprocess.target_height % patch:
         raise ConfigError(

@@ -95,3 +95,14 @@ def contrastive_loss(
     with torch.no_grad():
         i2t, t2i = _top1_hits(logits_i2t, positives), _top1_hits(logits_t2i, positives)
     return ContrastiveOutput(loss=loss, i2t_accuracy=i2t, t2i_accuracy=t2i)
+
+
+def mean_pairwise_cosine(embeddings: torch.Tensor) -> torch.Tensor:
+    """Mean cosine over the distinct pairs of a batch of L2-normalised rows: 1.0 when every embedding is the
+    same (collapse: the contrastive loss is then exactly ln B and its gradient vanishes), ~0 when spread out.
+    From the norm of the sum, so O(B*D) rather than the B x B matrix: |sum|^2 = B + sum over pairs i != j."""
+    n = embeddings.shape[0]
+    if n < 2:
+        return embeddings.new_tensor(float("nan"))
+    total = embeddings.float().sum(dim=0)
+    return (total.dot(total) - n) / (n * (n - 1))

@@ -29,6 +29,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from lineclip.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from lineclip.reading import BagHead, ReadingHead
 
 
 def head_hidden_dim(input_dim: int, output_dim: int) -> int:
@@ -68,6 +69,8 @@ class Embeddings:
     image: torch.Tensor | None
     text: torch.Tensor | None
     logit_scale: torch.Tensor
+    reading_logits: torch.Tensor | None = None  # [B, frames, classes], training only (lineclip.reading)
+    bag_logits: torch.Tensor | None = None  # [B, classes], training only
 
 
 class DualEncoder(nn.Module):
@@ -81,6 +84,8 @@ class DualEncoder(nn.Module):
         temperature: float = 0.07,
         learnable_temperature: bool = True,
         max_logit_scale: float = 100.0,
+        reading_frames_per_column: int | None = None,
+        reading_bag: bool = False,
     ) -> None:
         super().__init__()
         self.image_backbone = image_backbone
@@ -90,6 +95,10 @@ class DualEncoder(nn.Module):
         # Stored as a log so that it stays positive; clamped at max_logit_scale as CLIP does.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable_temperature)
         self.max_logit_scale = max_logit_scale
+        # The auxiliary reading head (CTC over patch columns) exists only in training: never in a bundle.
+        self.reading_head = (ReadingHead(image_backbone.config.hidden_size, reading_frames_per_column)
+                             if reading_frames_per_column else None)
+        self.bag_head = BagHead(image_backbone.config.hidden_size) if reading_bag else None
         # DINOv2's mask_token is used only for masked-image pretraining: frozen, so DDP needs no
         # find_unused_parameters (which costs a graph traversal every step).
         mask_token = getattr(getattr(image_backbone, "embeddings", None), "mask_token", None)
@@ -97,8 +106,22 @@ class DualEncoder(nn.Module):
             mask_token.requires_grad_(False)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        pooled = self.image_backbone(pixel_values=pixel_values).pooler_output
-        return F.normalize(self.image_head(pooled).float(), dim=-1)
+        return self._encode_image(pixel_values)[0]
+
+    def _encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                  torch.Tensor | None]:
+        reads = self.reading_head is not None and self.training
+        out = self.image_backbone(pixel_values=pixel_values, output_hidden_states=reads)
+        embedding = F.normalize(self.image_head(out.pooler_output).float(), dim=-1)
+        reading = bag = None
+        if reads:
+            rows = pixel_values.shape[-2] // self.image_backbone.config.patch_size
+            # The last layer's output before the final norm (see ReadingHead); token 0 is the CLS token (this
+            # DINOv2 has no register tokens), the rest are the patches, row-major.
+            reading = self.reading_head(out.hidden_states[-1][:, 1:], rows)
+        if self.bag_head is not None and self.training:
+            bag = self.bag_head(out.pooler_output)
+        return embedding, reading, bag
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -113,9 +136,9 @@ class DualEncoder(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> Embeddings:
-        image = self.encode_image(pixel_values) if pixel_values is not None else None
+        image, reading, bag = self._encode_image(pixel_values) if pixel_values is not None else (None, None, None)
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
-        return Embeddings(image=image, text=text, logit_scale=self.scale())
+        return Embeddings(image=image, text=text, logit_scale=self.scale(), reading_logits=reading, bag_logits=bag)
 
 
 def build_image_backbone(name_or_path: str | None, config: dict, trust_remote_code: bool = False,

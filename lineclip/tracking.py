@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
@@ -59,3 +60,15 @@ def start_tracking(accelerator: Accelerator, cfg: DictConfig, output_dir: Path, 
                    "id": run_id, "resume": "allow"}
     accelerator.init_trackers(cfg.logger.project, config=OmegaConf.to_container(cfg, resolve=True),
                               init_kwargs={"wandb": init_kwargs})
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def log_metrics(accelerator: Accelerator, output_dir: Path, metrics: dict[str, float], step: int) -> None:
+    """To the trackers (W&B) and, on the main process, one JSON line in `<run dir>/metrics.jsonl`: the learning
+    curves stay readable with logger=none or without W&B (a resumed run appends)."""
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        with open(output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -37,21 +37,30 @@ from lineclip.batch import (
 )
 from lineclip.checkpoint import TrainerState, resolve_resume, rotate_checkpoints, training_state_dir
 from lineclip.config import ConfigError, check_config
-from lineclip.loss import ContrastiveOutput, contrastive_loss
+from lineclip.loss import ContrastiveOutput, contrastive_loss, mean_pairwise_cosine
 from lineclip.manifest import LineRecord, ManifestError, read_manifest
 from lineclip.metrics import retrieval_metrics, text_ids
 from lineclip.preprocess import LineGeometry, LineImageTransform
+from lineclip.reading import bag_loss, reading_loss
 from lineclip.towers import (
     DualEncoder,
+    Embeddings,
     ProjectionHead,
     build_image_backbone,
     build_image_processor,
     build_text_encoder,
     build_tokenizer,
 )
-from lineclip.tracking import start_tracking
+from lineclip.tracking import log_metrics, start_tracking
 
 log = logging.getLogger(__name__)
+
+# Above this mean pairwise cosine the batch's embeddings are (nearly) one point: the contrastive loss sits at
+# ln B with no gradient to leave it. Warned once a run; logged every log step as train/embedding_cosine.
+COLLAPSE_COSINE = 0.99
+COLLAPSE_WARNING = ("step %d: embeddings collapsing (mean pairwise cosine image %.3f, text %.3f > 0.99): every "
+                    "line looks the same to the model and the loss cannot fall below ln(batch). Usual causes: a "
+                    "from-scratch tower at too high an lr or logit scale; see README, Recipes (loss.reading_weight)")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -129,6 +138,8 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         temperature=cfg.loss.temperature,
         learnable_temperature=cfg.loss.learnable_temperature,
         max_logit_scale=cfg.loss.max_logit_scale,
+        reading_frames_per_column=cfg.loss.reading_frames_per_column if cfg.loss.reading_weight > 0 else None,
+        reading_bag=cfg.loss.bag_weight > 0,
     )
     if init is not None:
         model.image_head = ProjectionHead.load(init.path(artifacts.IMAGE_HEAD))
@@ -147,6 +158,10 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         model.image_backbone.gradient_checkpointing_enable()
         model.text_encoder.gradient_checkpointing_enable()
     processor = build_image_processor(image_path, cfg.preprocess.target_height)
+    if cfg.preprocess.image_mean is not None:
+        processor.image_mean = list(cfg.preprocess.image_mean)
+    if cfg.preprocess.image_std is not None:
+        processor.image_std = list(cfg.preprocess.image_std)
     return model, processor, build_tokenizer(text_path)
 
 
@@ -157,7 +172,9 @@ def param_groups(model: DualEncoder, cfg: DictConfig) -> list[dict[str, Any]]:
         "image_head.": cfg.model.head_lr_multiplier,
         "text_encoder.": cfg.text.encoder_lr_multiplier,
         "text_head.": cfg.text.head_lr_multiplier,
-        "logit_scale": 1.0,
+        "reading_head.": cfg.model.head_lr_multiplier,
+        "bag_head.": cfg.model.head_lr_multiplier,
+        "logit_scale": cfg.loss.logit_scale_lr_multiplier,
     }
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -314,11 +331,39 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Te
     return {k: batch[k].to(device, non_blocking=True) for k in keys}
 
 
+@dataclass
+class StepOutput:
+    """What one optimizer step's forward reports: the contrastive loss (what the loop checks for finiteness
+    and logs as train/loss), the weighted reading losses when on, and how spread out the batch's embeddings are."""
+
+    contrastive: ContrastiveOutput
+    reading: torch.Tensor | None
+    image_cosine: torch.Tensor
+    text_cosine: torch.Tensor
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.contrastive.loss
+
+
+def _reading_term(out: Embeddings, batch: dict[str, Any], weights: tuple[float, float]) -> torch.Tensor | None:
+    """The weighted auxiliary reading losses (CTC over patch columns, bag of characters), or None when off."""
+    terms = []
+    if out.reading_logits is not None:
+        terms.append(weights[0] * reading_loss(out.reading_logits, batch["reading_targets"],
+                                               batch["reading_lengths"]))
+    if out.bag_logits is not None:
+        terms.append(weights[1] * bag_loss(out.bag_logits, batch["reading_targets"], batch["reading_lengths"]))
+    return torch.stack(terms).sum() if terms else None
+
+
 def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: list[dict[str, Any]],
-                    text_ids: torch.Tensor, gather: bool) -> ContrastiveOutput:
+                    text_ids: torch.Tensor, gather: bool,
+                    reading_weights: tuple[float, float] = (0.0, 0.0)) -> StepOutput:
     """One contrastive batch of k micro-batches in the memory of one (gradient caching, Gao et al. 2021):
     embed all k without a graph, take the loss over all k*m pairs and its gradient w.r.t. the embeddings,
-    then re-run each micro-batch with a graph and push those cached gradients through the towers."""
+    then re-run each micro-batch with a graph and push those cached gradients through the towers. The
+    reading loss is per line, so it is simply added on the re-run."""
     device = accelerator.device
     raw = accelerator.unwrap_model(model)
     rng_states, images, texts = [], [], []
@@ -334,7 +379,7 @@ def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: l
     ids = torch.cat([text_ids[b["indices"]] for b in batches]).to(device)
     result = contrastive_loss(image, text, ids, scale, gather=gather)
     result.loss.backward()
-    start = 0
+    start, readings = 0, []
     for i, batch in enumerate(batches):
         rows = slice(start, start + len(batch["indices"]))
         start = rows.stop
@@ -345,16 +390,22 @@ def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: l
             out = model(**to_device(batch, device))
             surrogate = ((out.image * image.grad[rows]).sum() + (out.text * text.grad[rows]).sum()
                          + out.logit_scale * scale.grad / len(batches))
+            reading = _reading_term(out, batch, reading_weights)
+            if reading is not None:
+                surrogate = surrogate + reading / len(batches)
+                readings.append(reading.detach())
             accelerator.backward(surrogate)
-    return result
+    return StepOutput(result, torch.stack(readings).mean() if readings else None,
+                      mean_pairwise_cosine(image.detach()), mean_pairwise_cosine(text.detach()))
 
 
 def train_step(accelerator: Accelerator, model: torch.nn.Module, micro_batches: list[dict[str, Any]],
-               text_ids: torch.Tensor, gather: bool, grad_cache: bool) -> ContrastiveOutput:
+               text_ids: torch.Tensor, gather: bool, grad_cache: bool,
+               reading_weights: tuple[float, float] = (0.0, 0.0)) -> StepOutput:
     """Forward and backward of one optimizer step (no optimizer call): gradient caching turns the micro-batches
     into one contrastive batch; otherwise their gradients are summed (accumulation: no extra negatives)."""
     if grad_cache:
-        return grad_cache_step(accelerator, model, micro_batches, text_ids, gather)
+        return grad_cache_step(accelerator, model, micro_batches, text_ids, gather, reading_weights)
     for i, batch in enumerate(micro_batches):
         # All-reduce once, on the last micro-batch.
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
@@ -362,10 +413,13 @@ def train_step(accelerator: Accelerator, model: torch.nn.Module, micro_batches: 
             out = model(**to_device(batch, accelerator.device))
             result = contrastive_loss(out.image, out.text, text_ids[batch["indices"]].to(accelerator.device),
                                       out.logit_scale, gather=gather)
+            reading = _reading_term(out, batch, reading_weights)
+            total = result.loss if reading is None else result.loss + reading
             # Always backward, even a non-finite loss: every process must join the all-reduce; the caller
             # then skips the step on all of them.
-            accelerator.backward(result.loss / len(micro_batches))
-    return result
+            accelerator.backward(total / len(micro_batches))
+    return StepOutput(result, None if reading is None else reading.detach(),
+                      mean_pairwise_cosine(out.image.detach()), mean_pairwise_cosine(out.text.detach()))
 
 
 def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
@@ -414,7 +468,7 @@ def train(cfg: DictConfig) -> TrainResult:
     val_set = LineDataset(val_records, eval_transform, crop_to_text_bytes=crop) if val_records else None
     if val_set is not None:
         data_report["val"]["skipped"].update(image_problems(val_set, cfg, "val"))
-    collate = LineCollator(cfg.text.max_length)
+    collate = LineCollator(cfg.text.max_length, reading=cfg.loss.reading_weight > 0 or cfg.loss.bag_weight > 0)
     train_ids = text_ids_of(train_records)
     val_ids = text_ids_of(val_records) if val_records else None
     text_lengths_ = text_lengths((r.text for r in train_records), cfg.text.max_length)
@@ -527,7 +581,7 @@ def train(cfg: DictConfig) -> TrainResult:
                disable=not (accelerator.is_main_process and cfg.trainer.progress_bar))
     postfix: dict[str, str] = {}
     pending: list[dict[str, Any]] = []  # micro-batches of the current grad-cache step
-    bad_in_a_row, interrupted = 0, False
+    bad_in_a_row, interrupted, collapse_warned = 0, False, False
     t_last, samples_since = time.perf_counter(), 0
     model.train()
     while state.step < total_steps and not interrupted:
@@ -545,7 +599,8 @@ def train(cfg: DictConfig) -> TrainResult:
             pending.append(batch)
             if len(pending) < micro_per_step:
                 continue
-            result = train_step(accelerator, model, pending, train_ids, gather, grad_cache=bool(grad_cache))
+            result = train_step(accelerator, model, pending, train_ids, gather, grad_cache=bool(grad_cache),
+                                reading_weights=(cfg.loss.reading_weight, cfg.loss.bag_weight))
             pending = []
             # A non-finite loss (on any process) skips the whole step; too many in a row stop the run.
             non_finite, stop_now = any_rank(accelerator, not torch.isfinite(result.loss).item(), stop_requested)
@@ -570,16 +625,27 @@ def train(cfg: DictConfig) -> TrainResult:
             step = state.step
             bar.update(1)
             lr = scheduler.get_last_lr()[0]
-            postfix.update(loss=f"{result.loss.item():.3f}", i2t=f"{result.i2t_accuracy.item():.2f}",
-                           t2i=f"{result.t2i_accuracy.item():.2f}", lr=f"{lr:.2e}")
+            contrastive = result.contrastive
+            postfix.update(loss=f"{result.loss.item():.3f}", i2t=f"{contrastive.i2t_accuracy.item():.2f}",
+                           t2i=f"{contrastive.t2i_accuracy.item():.2f}", lr=f"{lr:.2e}")
+            if result.reading is not None:
+                postfix["read"] = f"{result.reading.item():.2f}"
+            cosine = max(result.image_cosine.item(), result.text_cosine.item())
+            if cosine > COLLAPSE_COSINE and not collapse_warned:
+                collapse_warned = True
+                log.warning(COLLAPSE_WARNING, step, result.image_cosine.item(), result.text_cosine.item())
             bar.set_postfix(postfix, refresh=False)
             if step % cfg.trainer.log_every_steps == 0 or step == total_steps:
                 now = time.perf_counter()
-                accelerator.log({"train/loss": result.loss.item(), "train/i2t": result.i2t_accuracy.item(),
-                                 "train/t2i": result.t2i_accuracy.item(), "train/lr": lr,
-                                 "train/logit_scale": accelerator.unwrap_model(model).scale().item(),
-                                 "train/epoch": state.epoch, "train/bad_steps": state.bad_steps,
-                                 "train/samples_per_s": samples_since / max(now - t_last, 1e-9)}, step=step)
+                log_metrics(accelerator, output_dir, {
+                    "train/loss": result.loss.item(), "train/i2t": contrastive.i2t_accuracy.item(),
+                    "train/t2i": contrastive.t2i_accuracy.item(), "train/lr": lr,
+                    "train/embedding_cosine": cosine, "train/embedding_cosine_image": result.image_cosine.item(),
+                    "train/embedding_cosine_text": result.text_cosine.item(),
+                    **({"train/reading_loss": result.reading.item()} if result.reading is not None else {}),
+                    "train/logit_scale": accelerator.unwrap_model(model).scale().item(),
+                    "train/epoch": state.epoch, "train/bad_steps": state.bad_steps,
+                    "train/samples_per_s": samples_since / max(now - t_last, 1e-9)}, step)
                 t_last, samples_since = now, 0
             if val_set is not None and (step % eval_every == 0 or step == total_steps):
                 state.val_metrics = validate(accelerator, model, val_set, collate, val_ids, cfg)
@@ -588,7 +654,7 @@ def train(cfg: DictConfig) -> TrainResult:
                 log.info("step %d/%d: loss %.3f; val t2i R@1/5/10 %.3f/%.3f/%.3f, i2t %.3f/%.3f/%.3f", step,
                          total_steps, result.loss.item(), m["val_t2i_r1"], m["val_t2i_r5"], m["val_t2i_r10"],
                          m["val_i2t_r1"], m["val_i2t_r5"], m["val_i2t_r10"])
-                accelerator.log(state.val_metrics, step=step)
+                log_metrics(accelerator, output_dir, state.val_metrics, step)
                 postfix.update({"vi2t@1": f"{state.val_metrics['val_i2t_r1']:.3f}",
                                 "vt2i@1": f"{state.val_metrics['val_t2i_r1']:.3f}"})
                 bar.set_postfix(postfix)

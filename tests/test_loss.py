@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lineclip.loss import contrastive_loss
+from lineclip.loss import contrastive_loss, mean_pairwise_cosine
 
 
 def _batch(n=6, d=8, seed=0):
@@ -62,3 +62,23 @@ def test_loss_gradient_reaches_both_sides_and_scale():
     log_scale = torch.tensor(np.log(1 / 0.07), requires_grad=True)
     contrastive_loss(image, text, torch.arange(6), log_scale.exp()).loss.backward()
     assert image.grad.abs().sum() > 0 and text.grad.abs().sum() > 0 and log_scale.grad.abs() > 0
+
+
+def test_mean_pairwise_cosine_against_the_full_matrix():
+    image, _ = _batch(n=7, d=5, seed=3)
+    full = image @ image.T
+    expected = (full.sum() - full.diagonal().sum()) / (7 * 6)
+    assert mean_pairwise_cosine(image).item() == pytest.approx(expected.item(), abs=1e-6)
+    same = F.normalize(torch.ones(4, 5), dim=-1)
+    assert mean_pairwise_cosine(same).item() == pytest.approx(1.0, abs=1e-6)
+    assert math.isnan(mean_pairwise_cosine(same[:1]).item())
+
+
+def test_a_collapsed_batch_has_loss_ln_b_and_no_gradient():
+    # every embedding the same point: the loss is exactly ln B whatever the scale, and nothing moves it
+    image = F.normalize(torch.ones(8, 4), dim=-1).requires_grad_(True)
+    text = F.normalize(torch.ones(8, 4), dim=-1).requires_grad_(True)
+    out = contrastive_loss(image, text, torch.arange(8), torch.tensor(14.3))
+    assert out.loss.item() == pytest.approx(math.log(8), abs=1e-5)
+    out.loss.backward()
+    assert image.grad.abs().max().item() < 1e-6 and text.grad.abs().max().item() < 1e-6

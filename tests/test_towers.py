@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from transformers import ByT5Tokenizer, Dinov2Config, Dinov2Model, T5Config, T5EncoderModel
 
 from lineclip.config import conf_dir, register_configs
+from lineclip.reading import VOCAB_SIZE
 from lineclip.towers import (
     DualEncoder,
     ProjectionHead,
@@ -88,13 +89,27 @@ def test_dual_encoder_outputs_and_frozen_mask_token():
     assert capped.scale().item() == pytest.approx(100.0)
 
 
+def test_reading_heads_exist_in_training_only_and_read_the_columns():
+    model = DualEncoder(Dinov2Model(Dinov2Config(**TINY_VIT)), T5EncoderModel(T5Config(**TINY_T5)), projection_dim=16,
+                        reading_frames_per_column=3, reading_bag=True)
+    pixels = torch.randn(2, 3, 28, 70)  # 2 x 5 patches of 14 px
+    out = model.train()(pixel_values=pixels)
+    assert out.reading_logits.shape == (2, 5 * 3, VOCAB_SIZE) and out.bag_logits.shape == (2, VOCAB_SIZE)
+    hidden = model.image_backbone(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(out.reading_logits, model.reading_head(hidden[:, 1:], rows=2))
+    evaluated = model.eval()(pixel_values=pixels)
+    assert evaluated.reading_logits is None and evaluated.bag_logits is None
+    torch.testing.assert_close(evaluated.image, model.encode_image(pixels))
+
+
 def test_masked_mean_ignores_padding():
     hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
     assert masked_mean(hidden, torch.tensor([[1, 1, 0]])).item() == 2.0
 
 
 def test_param_groups_decay_and_multipliers():
-    cfg = _cfg(["model.backbone_lr_multiplier=0.1", "text.head_lr_multiplier=3", "optim.lr=1e-3"])
+    cfg = _cfg(["model.backbone_lr_multiplier=0.1", "text.head_lr_multiplier=3", "optim.lr=1e-3",
+                "loss.reading_weight=1", "loss.bag_weight=1", "loss.logit_scale_lr_multiplier=20"])
     model, _, _ = build_model(cfg)
     groups = param_groups(model, cfg)
     by_param = {id(p): g for g in groups for p in g["params"]}
@@ -105,7 +120,8 @@ def test_param_groups_decay_and_multipliers():
         g = by_param[id(p)]
         no_decay = p.ndim < 2 or name == "logit_scale"
         assert (g["weight_decay"] == 0.0) == no_decay, name
-        expected = 1e-3 * (0.1 if name.startswith("image_backbone.") else 3 if name.startswith("text_head.") else 1)
+        expected = 1e-3 * (0.1 if name.startswith("image_backbone.") else 3 if name.startswith("text_head.")
+                           else 20 if name == "logit_scale" else 1)
         assert g["lr"] == pytest.approx(expected), name
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
 
