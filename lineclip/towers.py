@@ -68,6 +68,7 @@ class Embeddings:
     image: torch.Tensor | None
     text: torch.Tensor | None
     logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None = None  # only a model trained with the sigmoid loss (loss=siglip) has one
 
 
 class DualEncoder(nn.Module):
@@ -81,6 +82,7 @@ class DualEncoder(nn.Module):
         temperature: float = 0.07,
         learnable_temperature: bool = True,
         max_logit_scale: float = 100.0,
+        logit_bias: float | None = None,
     ) -> None:
         super().__init__()
         self.image_backbone = image_backbone
@@ -90,6 +92,9 @@ class DualEncoder(nn.Module):
         # Stored as a log so that it stays positive; clamped at max_logit_scale as CLIP does.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable_temperature)
         self.max_logit_scale = max_logit_scale
+        # SigLIP's learnable bias (init -10): only when training with the sigmoid loss, so InfoNCE models and
+        # their checkpoints keep exactly the parameters they had. Retrieval (cosine ranking) never uses it.
+        self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias))) if logit_bias is not None else None
         # DINOv2's mask_token is used only for masked-image pretraining: frozen, so DDP needs no
         # find_unused_parameters (which costs a graph traversal every step).
         mask_token = getattr(getattr(image_backbone, "embeddings", None), "mask_token", None)
@@ -115,7 +120,7 @@ class DualEncoder(nn.Module):
     ) -> Embeddings:
         image = self.encode_image(pixel_values) if pixel_values is not None else None
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
-        return Embeddings(image=image, text=text, logit_scale=self.scale())
+        return Embeddings(image=image, text=text, logit_scale=self.scale(), logit_bias=self.logit_bias)
 
 
 def build_image_backbone(name_or_path: str | None, config: dict, trust_remote_code: bool = False,
