@@ -72,3 +72,14 @@ def test_train_step_takes_positives_from_train_texts():
     result = train_step(Accelerator(cpu=True), model, batches, texts, gather=False, grad_cache=False)
     assert result.loss.item() == pytest.approx(expected.loss.item(), rel=1e-6)
     assert result.loss.item() != pytest.approx(diagonal_only.loss.item(), rel=1e-6)
+
+
+def test_group_batches_by_a_field_no_line_has_is_a_config_error(tmp_path):
+    from lineclip.config import ConfigError
+    from lineclip.trainer import train
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"output_dir={tmp_path}", "logger=none", "data.num_workers=0",
+                                                      "data.group_batches_by=shelf_mark"])
+    with pytest.raises(ConfigError, match="data.group_batches_by=shelf_mark"):
+        train(cfg)
