@@ -7,6 +7,7 @@ padded to the widest line of its batch, so no padding mask is needed on the visi
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from lineclip.manifest import LineRecord
+from lineclip.phrases import sample_phrase
 from lineclip.reading import reading_targets
 
 if TYPE_CHECKING:
@@ -255,6 +257,16 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     a numpy Generator seeded from ``(seed, epoch)``, so an epoch is reproducible. Without, indices keep
     manifest order and groups come in ascending (width, text bucket) order.
 
+    With ``groups`` (per record an int key, e.g. its page; -1: none), lines of one key are kept together:
+    within each (width, text bucket) group the keys come in a random order and each key's lines in a random
+    order (``shuffle``; else key order and manifest order), and batches are cut from that sequence, so a
+    batch holds whole runs of one page: the hard negatives a reader must tell apart. Lines with key -1
+    are scattered like ungrouped ones.
+
+    A group's last batch is short; one of fewer than ``min_batch_size`` lines is dropped (a batch of one
+    line has loss 0 and accuracy 1: nothing to learn). ``n_dropped`` lines are left out of each epoch; with
+    ``shuffle``, different ones each epoch, except in groups smaller than ``min_batch_size``.
+
     Multi-process note: accelerate's ``BatchSamplerShard`` assumes every batch but the last has
     ``batch_size`` items. With ``drop_last=False`` each bucket ends in a short batch, which accelerate
     would drop or top up with indices of another bucket, so shard training with ``drop_last=True``.
@@ -269,9 +281,13 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         drop_last: bool = False,
         lengths: Sequence[int] | np.ndarray | None = None,
         text_bucket_bytes: int = 64,
+        groups: Sequence[int] | np.ndarray | None = None,
+        min_batch_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 1 <= min_batch_size <= batch_size:
+            raise ValueError(f"min_batch_size must be in [1, batch_size={batch_size}], got {min_batch_size}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if text_bucket_bytes < 1:
@@ -282,7 +298,14 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.seed = seed
         self.epoch = 0
         self.text_bucket_bytes = text_bucket_bytes
+        self.min_batch_size = min_batch_size
         bucket_array = np.asarray(buckets, dtype=np.int64)
+        if groups is None:
+            self.groups = None
+        else:
+            self.groups = np.asarray(groups, dtype=np.int64)
+            if self.groups.shape != bucket_array.shape:
+                raise ValueError(f"groups has shape {self.groups.shape}, buckets {bucket_array.shape}")
         if lengths is None:
             text_keys = np.zeros_like(bucket_array)
         else:
@@ -303,7 +326,26 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch = epoch
 
     def _batches_in(self, n_items: int) -> int:
-        return n_items // self.batch_size if self.drop_last else -(-n_items // self.batch_size)
+        full, tail = divmod(n_items, self.batch_size)
+        return full + (0 if self.drop_last or tail < self.min_batch_size else 1)
+
+    @property
+    def n_dropped(self) -> int:
+        """Lines left out of every epoch: short last batches (drop_last, or under min_batch_size)."""
+        return sum(group.size - min(group.size, self._batches_in(group.size) * self.batch_size)
+                   for group in self._groups)
+
+    def _order(self, group: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.groups is None:
+            return rng.permutation(group) if self.shuffle else group
+        keys = self.groups[group]
+        # -1 (no key): a key of its own per line, so such lines are scattered, not batched together.
+        keys = np.where(keys < 0, keys.max(initial=0) + 1 + np.arange(keys.size), keys)
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        if not self.shuffle:
+            return group[np.argsort(inverse, kind="stable")]
+        key_rank = rng.permutation(distinct.size)[inverse]
+        return group[np.lexsort((rng.random(group.size), key_rank))]
 
     def __len__(self) -> int:
         return sum(self._batches_in(group.size) for group in self._groups)
@@ -313,7 +355,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         rng = np.random.default_rng([self.seed, self.epoch])
         batches: list[np.ndarray] = []
         for group in self._groups:
-            order = rng.permutation(group) if self.shuffle else group
+            order = self._order(group, rng)
             for start in range(0, self._batches_in(order.size) * self.batch_size, self.batch_size):
                 batches.append(order[start : start + self.batch_size])
         if self.shuffle:
@@ -364,3 +406,84 @@ class LineCollator:
             "corrupt_indices": corrupt_indices,
             "n_truncated": n_truncated,
         }
+
+
+def group_keys(records: Sequence[LineRecord], field: str) -> np.ndarray:
+    """Per record an int key of its `field` (`page_id`, `doc_id`, or an extra manifest field such as
+    `collection`); -1 where the line has no value. Pages are keyed with their document, since a page id
+    need only be unique within its volume."""
+    def value(record: LineRecord) -> str:
+        if field == "page_id":
+            return f"{record.doc_id}\x00{record.page_id}" if record.page_id else ""
+        return getattr(record, field) if field in ("doc_id", "line_id", "source") else record.extra.get(field, "")
+
+    ids: dict[str, int] = {}
+    return np.array([ids.setdefault(v, len(ids)) if (v := value(r)) else -1 for r in records], dtype=np.int64)
+
+
+class TrainTexts:
+    """The text each training line is paired with, and which texts of a contrastive batch are positives of
+    which lines.
+
+    With probability `p` a line's text is a run of whole syllables of its transcription
+    (`phrases.sample_phrase`, `min_syllables`..`max_syllables`) instead of all of it; the image stays the
+    whole line. The draw uses a numpy Generator seeded from (seed, epoch, dataset index), so a line's text in
+    an epoch is the same on every process, in any order, and after a resume.
+
+    Positives are not built in the collator: it runs in data-loader workers (which never see the epoch
+    change) and sees one micro-batch of one process, while the contrastive batch spans the micro-batches of a
+    grad-cache step and, with `loss.gather`, every process. A batch's dataset indices, though, are ints that
+    gather like any tensor, and from them every process derives the same texts and transcriptions: so the
+    trainer gathers the indices and calls `positives` on the whole batch (text j is a positive of line i
+    when it occurs in line i's transcription: a phrase found in two lines is a positive of both, identical
+    lines are positives of each other, as before).
+    """
+
+    def __init__(self, transcriptions: Sequence[str], p: float = 0.0, min_syllables: int = 2,
+                 max_syllables: int = 8, seed: int = 0) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        if not 1 <= min_syllables <= max_syllables:
+            raise ValueError(f"need 1 <= min_syllables <= max_syllables, got {min_syllables}, {max_syllables}")
+        self.transcriptions = transcriptions
+        self.p, self.min_syllables, self.max_syllables, self.seed = p, min_syllables, max_syllables, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def text(self, index: int) -> str:
+        transcription = self.transcriptions[index]
+        if self.p == 0.0:
+            return transcription
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if rng.random() >= self.p:
+            return transcription
+        return sample_phrase(transcription, rng, self.min_syllables, self.max_syllables)
+
+    def positives(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """[N, N] bool over the batch's lines (in the order given): [i, j] when line j's text occurs in line
+        i's transcription. The diagonal is always true."""
+        indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+        lines = [self.transcriptions[i] for i in indices]
+        # One C-level search per text through all the lines joined by NUL (which no text holds), rather than
+        # N^2 `in` tests: 4-6x faster at N = 1000 (0.06-0.1 s, CPU).
+        haystack = "\x00".join(lines)
+        starts = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]).tolist()
+        positives = torch.zeros((len(indices), len(indices)), dtype=torch.bool)
+        for j, index in enumerate(indices):
+            text = self.text(index)
+            found = haystack.find(text)
+            while found != -1:
+                i = bisect.bisect_right(starts, found) - 1
+                positives[i, j] = True
+                found = haystack.find(text, starts[i] + len(lines[i]) + 1)
+        return positives
+
+    def encode(self, batch: dict[str, Any], max_length: int, pad_to_multiple: int = 8) -> dict[str, Any]:
+        """`batch` (from LineCollator) with its text side re-encoded from this epoch's texts (a no-op at p=0)."""
+        if self.p == 0.0 or len(batch["indices"]) == 0:
+            return batch
+        input_ids, attention_mask, _ = encode_texts([self.text(i) for i in batch["indices"].tolist()], max_length,
+                                                    pad_to_multiple)
+        return {**batch, "input_ids": input_ids, "attention_mask": attention_mask}

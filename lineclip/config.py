@@ -51,6 +51,16 @@ class TextConfig:
 
 
 @dataclass
+class TextSpanConfig:
+    """With probability `p` the text of a training pair is a run of `min_syllables`..`max_syllables` whole
+    syllables of its transcription (the image stays the whole line): training for phrase queries."""
+
+    p: float = 0.0
+    min_syllables: int = 2
+    max_syllables: int = 8
+
+
+@dataclass
 class DataConfig:
     name: str = "demo"
     dataset_dir: str | None = None
@@ -68,6 +78,13 @@ class DataConfig:
     # Off by default: on real lines it cut text padding only from 6.8% to 4.6% (no measurable speed-up on an
     # H200, experiments/RESULTS.md) while splitting batches into smaller ones, i.e. fewer negatives.
     text_bucket_bytes: int | None = None
+    text_span: TextSpanConfig = field(default_factory=TextSpanConfig)
+    # Fill batches with lines of the same page_id / doc_id / collection (or any manifest field), still one width
+    # bucket a batch: neighbouring lines of one page are the hard negatives a reader must tell apart.
+    group_batches_by: str | None = None
+    # A bucket's last batch with fewer lines is dropped (counted): a batch of one line has loss 0 and teaches
+    # nothing. Capped at batch_size (batch_size=1 still trains, line by line).
+    min_batch_size: int = 2
 
 
 @dataclass
@@ -110,6 +127,8 @@ class LossConfig:
     # The logit scale is learnt as a log at optim.lr times this: from a low start (loss.temperature) it would
     # otherwise climb by at most ~lr per step (ln 20 = 3 needs ~3000 steps at lr 1e-3).
     logit_scale_lr_multiplier: float = 1.0
+    name: str = "infonce"  # infonce | siglip (pairwise sigmoid loss with a learnable logit bias)
+    logit_bias: float = -10.0  # siglip: the bias's initial value
 
 
 @dataclass
@@ -181,6 +200,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.name": ("adamw",),
     "data.on_bad_row": ("skip", "error"),
+    "loss.name": ("infonce", "siglip"),
     "logger.name": ("wandb", "none"),
     "model.attn_implementation": (None, "sdpa", "eager", "flash_attention_2"),
 }
@@ -203,7 +223,8 @@ def check_config(cfg: DictConfig) -> None:
     positive = ["optim.lr", "loss.logit_scale_lr_multiplier", "data.batch_size", "preprocess.target_height",
                 "preprocess.max_width",
                 "preprocess.patch_multiple", "text.max_length", "model.projection_dim",
-                "trainer.gradient_accumulation_steps", "trainer.checkpoint_every_steps", "loss.temperature"]
+                "trainer.gradient_accumulation_steps", "trainer.checkpoint_every_steps", "loss.temperature",
+                "data.min_batch_size"]
     for key in positive:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
@@ -222,6 +243,12 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.grad_cache_chunks must be >= 2 or null, got {cfg.trainer.grad_cache_chunks}")
         if cfg.trainer.gradient_accumulation_steps != 1:
             raise ConfigError("trainer.grad_cache_chunks and trainer.gradient_accumulation_steps > 1 don't combine")
+    span = cfg.data.text_span
+    if not 0.0 <= span.p <= 1.0:
+        raise ConfigError(f"data.text_span.p must be in [0, 1], got {span.p}")
+    if not 1 <= span.min_syllables <= span.max_syllables:
+        raise ConfigError("data.text_span needs 1 <= min_syllables <= max_syllables, got "
+                          f"{span.min_syllables} and {span.max_syllables}")
     if cfg.trainer.epochs <= 0 and cfg.trainer.max_steps is None:
         raise ConfigError(f"trainer.epochs must be > 0 when trainer.max_steps is null, got {cfg.trainer.epochs}")
     if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.data.num_workers < 0:

@@ -1,8 +1,11 @@
-"""Symmetric InfoNCE over L2-normalised line image / transcription embeddings.
+"""Symmetric InfoNCE, and SigLIP's pairwise sigmoid loss, over L2-normalised line image / transcription
+embeddings.
 
-Lines whose normalised transcriptions are identical are positives of each other, not negatives: each
-row's loss is `-log(sum over its positives of softmax(logits))`, which is plain cross-entropy on the
-diagonal when every text in the batch is distinct.
+Which texts are positives of which images comes in as either text ids (lines with identical normalised
+transcriptions are positives of each other) or a boolean matrix over the whole contrastive batch
+(`positives[i, j]`: text j describes image i, e.g. a phrase contained in line i's transcription). InfoNCE
+rows then lose `-log(sum over its positives of softmax(logits))`, which is plain cross-entropy on the
+diagonal when every text is a distinct whole line.
 
 Across processes each rank computes the loss rows of its own samples against the columns of *all*
 samples (gathered with gradient), so the negatives are the global batch (open_clip's local loss).
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 def _world_size() -> int:
@@ -34,12 +38,9 @@ def _all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
         return list(all_gather(x))
 
 
-def gather_across_processes(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """All ranks' rows of each tensor, concatenated in rank order. Float tensors keep their gradient (the
-    backward sends each rank the summed gradient of its own rows); ranks may hold different row counts
-    (bucketed batches, skipped corrupt images), so rows are padded to the largest count and cut back."""
+def _gather(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], list[int]]:
     if _world_size() == 1:
-        return tensors
+        return tensors, [len(tensors[0])]
     count = torch.tensor([len(tensors[0])], device=tensors[0].device)
     counts = [torch.empty_like(count) for _ in range(_world_size())]
     dist.all_gather(counts, count)
@@ -54,7 +55,14 @@ def gather_across_processes(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
             parts = [torch.empty_like(padded) for _ in range(_world_size())]
             dist.all_gather(parts, padded.contiguous())
         gathered.append(torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)]))
-    return tuple(gathered)
+    return tuple(gathered), counts
+
+
+def gather_across_processes(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """All ranks' rows of each tensor, concatenated in rank order. Float tensors keep their gradient (the
+    backward sends each rank the summed gradient of its own rows); ranks may hold different row counts
+    (bucketed batches, skipped corrupt images), so rows are padded to the largest count and cut back."""
+    return _gather(tensors)[0]
 
 
 @dataclass
@@ -75,25 +83,66 @@ def _top1_hits(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     return positives.gather(1, best).float().mean()
 
 
+def _columns_and_positives(
+    image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor, gather: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All images and texts (gathered or local) and the local rows of positives for each direction:
+    `pos_i2t[b, n]` (local image b, any text n) and `pos_t2i[b, n]` (local text b, any image n)."""
+    if positives.dim() == 1:  # text ids: equal ids are positives, a symmetric relation
+        all_image, all_text, all_ids = _gather((image, text, positives))[0] if gather else (image, text, positives)
+        pos = positives[:, None] == all_ids[None, :]
+        return all_image, all_text, pos, pos
+    (all_image, all_text), counts = _gather((image, text)) if gather else ((image, text), [len(image)])
+    n = sum(counts)
+    if positives.shape != (n, n):
+        raise ValueError(f"positives has shape {tuple(positives.shape)}; the contrastive batch has {n} pairs")
+    rank = dist.get_rank() if gather and _world_size() > 1 else 0
+    mine = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
+    return all_image, all_text, positives[mine], positives[:, mine].T
+
+
 def contrastive_loss(
     image: torch.Tensor,
     text: torch.Tensor,
-    text_ids: torch.Tensor,
+    positives: torch.Tensor,
     logit_scale: torch.Tensor,
     gather: bool = False,
 ) -> ContrastiveOutput:
-    """`image`, `text`: [B, D] L2-normalised local embeddings of paired lines; `text_ids`: [B] ints, equal
-    exactly when the normalised transcriptions are equal. With `gather`, columns span every process."""
-    if gather:
-        all_image, all_text, all_ids = gather_across_processes(image, text, text_ids)
-    else:
-        all_image, all_text, all_ids = image, text, text_ids
-    positives = text_ids[:, None] == all_ids[None, :]
+    """Symmetric multi-positive InfoNCE. `image`, `text`: [B, D] L2-normalised local embeddings of paired
+    lines. `positives`: [B] ints, equal exactly when the normalised transcriptions are equal; or an [N, N]
+    bool matrix over the whole contrastive batch (all processes' pairs in rank order when gathering, else
+    N = B) whose [i, j] says text j is a positive of image i (the diagonal must be true). With `gather`,
+    columns span every process."""
+    all_image, all_text, pos_i2t, pos_t2i = _columns_and_positives(image, text, positives, gather)
     logits_i2t = logit_scale * image @ all_text.T
     logits_t2i = logit_scale * text @ all_image.T
-    loss = 0.5 * (_multi_positive_ce(logits_i2t, positives) + _multi_positive_ce(logits_t2i, positives))
+    loss = 0.5 * (_multi_positive_ce(logits_i2t, pos_i2t) + _multi_positive_ce(logits_t2i, pos_t2i))
     with torch.no_grad():
-        i2t, t2i = _top1_hits(logits_i2t, positives), _top1_hits(logits_t2i, positives)
+        i2t, t2i = _top1_hits(logits_i2t, pos_i2t), _top1_hits(logits_t2i, pos_t2i)
+    return ContrastiveOutput(loss=loss, i2t_accuracy=i2t, t2i_accuracy=t2i)
+
+
+def sigmoid_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    positives: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    gather: bool = False,
+) -> ContrastiveOutput:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023; open_clip's SigLipLoss): every (image, text) pair is
+    a binary decision, `logits = logit_scale * image @ text.T + logit_bias`, label +1 for a positive pair
+    and -1 otherwise, loss `-sum(log sigmoid(label * logits)) / B` over the local images' rows. Arguments as
+    for `contrastive_loss`. With `gather` each process takes its images against every process's texts (the
+    same pairs open_clip's neighbour exchange visits); DDP's gradient average then equals one process
+    with the global batch. The accuracies are in-batch top-1, as for InfoNCE (the bias does not move them)."""
+    all_image, all_text, pos_i2t, pos_t2i = _columns_and_positives(image, text, positives, gather)
+    logits = logit_scale * image @ all_text.T + logit_bias
+    labels = pos_i2t.to(logits.dtype) * 2 - 1
+    loss = -F.logsigmoid(labels * logits).sum() / len(image)
+    with torch.no_grad():
+        i2t = _top1_hits(logits, pos_i2t)
+        t2i = _top1_hits(logit_scale * text @ all_image.T, pos_t2i)
     return ContrastiveOutput(loss=loss, i2t_accuracy=i2t, t2i_accuracy=t2i)
 
 

@@ -71,6 +71,7 @@ class Embeddings:
     logit_scale: torch.Tensor
     reading_logits: torch.Tensor | None = None  # [B, frames, classes], training only (lineclip.reading)
     bag_logits: torch.Tensor | None = None  # [B, classes], training only
+    logit_bias: torch.Tensor | None = None  # only a model trained with the sigmoid loss (loss=siglip) has one
 
 
 class DualEncoder(nn.Module):
@@ -86,6 +87,7 @@ class DualEncoder(nn.Module):
         max_logit_scale: float = 100.0,
         reading_frames_per_column: int | None = None,
         reading_bag: bool = False,
+        logit_bias: float | None = None,
     ) -> None:
         super().__init__()
         self.image_backbone = image_backbone
@@ -99,6 +101,9 @@ class DualEncoder(nn.Module):
         self.reading_head = (ReadingHead(image_backbone.config.hidden_size, reading_frames_per_column)
                              if reading_frames_per_column else None)
         self.bag_head = BagHead(image_backbone.config.hidden_size) if reading_bag else None
+        # SigLIP's learnable bias (init -10): only when training with the sigmoid loss, so InfoNCE models and
+        # their checkpoints keep exactly the parameters they had. Retrieval (cosine ranking) never uses it.
+        self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias))) if logit_bias is not None else None
         # DINOv2's mask_token is used only for masked-image pretraining: frozen, so DDP needs no
         # find_unused_parameters (which costs a graph traversal every step).
         mask_token = getattr(getattr(image_backbone, "embeddings", None), "mask_token", None)
@@ -138,7 +143,8 @@ class DualEncoder(nn.Module):
     ) -> Embeddings:
         image, reading, bag = self._encode_image(pixel_values) if pixel_values is not None else (None, None, None)
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
-        return Embeddings(image=image, text=text, logit_scale=self.scale(), reading_logits=reading, bag_logits=bag)
+        return Embeddings(image=image, text=text, logit_scale=self.scale(), logit_bias=self.logit_bias,
+                          reading_logits=reading, bag_logits=bag)
 
 
 def build_image_backbone(name_or_path: str | None, config: dict, trust_remote_code: bool = False,

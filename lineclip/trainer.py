@@ -31,13 +31,21 @@ from lineclip.batch import (
     BucketBatchSampler,
     LineCollator,
     LineDataset,
+    TrainTexts,
     count_truncated,
+    group_keys,
     text_lengths,
     text_padding_fraction,
 )
 from lineclip.checkpoint import TrainerState, resolve_resume, rotate_checkpoints, training_state_dir
 from lineclip.config import ConfigError, check_config
-from lineclip.loss import ContrastiveOutput, contrastive_loss, mean_pairwise_cosine
+from lineclip.loss import (
+    ContrastiveOutput,
+    contrastive_loss,
+    gather_across_processes,
+    mean_pairwise_cosine,
+    sigmoid_loss,
+)
 from lineclip.manifest import LineRecord, ManifestError, read_manifest
 from lineclip.metrics import retrieval_metrics, text_ids
 from lineclip.preprocess import LineGeometry, LineImageTransform
@@ -140,6 +148,7 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         max_logit_scale=cfg.loss.max_logit_scale,
         reading_frames_per_column=cfg.loss.reading_frames_per_column if cfg.loss.reading_weight > 0 else None,
         reading_bag=cfg.loss.bag_weight > 0,
+        logit_bias=cfg.loss.logit_bias if cfg.loss.name == "siglip" else None,
     )
     if init is not None:
         model.image_head = ProjectionHead.load(init.path(artifacts.IMAGE_HEAD))
@@ -175,6 +184,7 @@ def param_groups(model: DualEncoder, cfg: DictConfig) -> list[dict[str, Any]]:
         "reading_head.": cfg.model.head_lr_multiplier,
         "bag_head.": cfg.model.head_lr_multiplier,
         "logit_scale": cfg.loss.logit_scale_lr_multiplier,
+        "logit_bias": 1.0,
     }
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -357,8 +367,28 @@ def _reading_term(out: Embeddings, batch: dict[str, Any], weights: tuple[float, 
     return torch.stack(terms).sum() if terms else None
 
 
+def batch_positives(text_ids: torch.Tensor | TrainTexts, indices: torch.Tensor, gather: bool,
+                    device: torch.device) -> torch.Tensor:
+    """What the loss takes as positives for the lines `indices` (this process's part of the contrastive batch):
+    their text ids, or with TrainTexts the [N, N] matrix of the whole batch, built from every process's
+    indices (gathered in rank order, the order in which the loss gathers the embeddings)."""
+    if isinstance(text_ids, torch.Tensor):
+        return text_ids[indices].to(device)
+    if gather:
+        indices = gather_across_processes(indices.to(device))[0]
+    return text_ids.positives(indices.cpu()).to(device)
+
+
+def pair_loss(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None, gather: bool) -> ContrastiveOutput:
+    """InfoNCE, or the sigmoid loss for a model with a logit bias (loss=siglip)."""
+    if bias is None:
+        return contrastive_loss(image, text, positives, scale, gather=gather)
+    return sigmoid_loss(image, text, positives, scale, bias, gather=gather)
+
+
 def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: list[dict[str, Any]],
-                    text_ids: torch.Tensor, gather: bool,
+                    text_ids: torch.Tensor | TrainTexts, gather: bool,
                     reading_weights: tuple[float, float] = (0.0, 0.0)) -> StepOutput:
     """One contrastive batch of k micro-batches in the memory of one (gradient caching, Gao et al. 2021):
     embed all k without a graph, take the loss over all k*m pairs and its gradient w.r.t. the embeddings,
@@ -376,8 +406,9 @@ def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: l
     image = torch.cat(images).requires_grad_(True)
     text = torch.cat(texts).requires_grad_(True)
     scale = raw.scale().detach().requires_grad_(True)
-    ids = torch.cat([text_ids[b["indices"]] for b in batches]).to(device)
-    result = contrastive_loss(image, text, ids, scale, gather=gather)
+    bias = raw.logit_bias.detach().clone().requires_grad_(True) if raw.logit_bias is not None else None
+    positives = batch_positives(text_ids, torch.cat([b["indices"] for b in batches]), gather, device)
+    result = pair_loss(image, text, positives, scale, bias, gather)
     result.loss.backward()
     start, readings = 0, []
     for i, batch in enumerate(batches):
@@ -390,6 +421,8 @@ def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: l
             out = model(**to_device(batch, device))
             surrogate = ((out.image * image.grad[rows]).sum() + (out.text * text.grad[rows]).sum()
                          + out.logit_scale * scale.grad / len(batches))
+            if bias is not None:
+                surrogate = surrogate + out.logit_bias * bias.grad / len(batches)
             reading = _reading_term(out, batch, reading_weights)
             if reading is not None:
                 surrogate = surrogate + reading / len(batches)
@@ -400,10 +433,11 @@ def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: l
 
 
 def train_step(accelerator: Accelerator, model: torch.nn.Module, micro_batches: list[dict[str, Any]],
-               text_ids: torch.Tensor, gather: bool, grad_cache: bool,
+               text_ids: torch.Tensor | TrainTexts, gather: bool, grad_cache: bool,
                reading_weights: tuple[float, float] = (0.0, 0.0)) -> StepOutput:
     """Forward and backward of one optimizer step (no optimizer call): gradient caching turns the micro-batches
-    into one contrastive batch; otherwise their gradients are summed (accumulation: no extra negatives)."""
+    into one contrastive batch; otherwise their gradients are summed (accumulation: no extra negatives).
+    `text_ids`: per dataset index, the id of its text (identical texts are positives), or a TrainTexts."""
     if grad_cache:
         return grad_cache_step(accelerator, model, micro_batches, text_ids, gather, reading_weights)
     for i, batch in enumerate(micro_batches):
@@ -411,8 +445,8 @@ def train_step(accelerator: Accelerator, model: torch.nn.Module, micro_batches: 
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
             out = model(**to_device(batch, accelerator.device))
-            result = contrastive_loss(out.image, out.text, text_ids[batch["indices"]].to(accelerator.device),
-                                      out.logit_scale, gather=gather)
+            positives = batch_positives(text_ids, batch["indices"], gather, accelerator.device)
+            result = pair_loss(out.image, out.text, positives, out.logit_scale, out.logit_bias, gather)
             reading = _reading_term(out, batch, reading_weights)
             total = result.loss if reading is None else result.loss + reading
             # Always backward, even a non-finite loss: every process must join the all-reduce; the caller
@@ -420,6 +454,10 @@ def train_step(accelerator: Accelerator, model: torch.nn.Module, micro_batches: 
             accelerator.backward(total / len(micro_batches))
     return StepOutput(result, None if reading is None else reading.detach(),
                       mean_pairwise_cosine(out.image.detach()), mean_pairwise_cosine(out.text.detach()))
+
+
+def logit_bias_log(model: DualEncoder) -> dict[str, float]:
+    return {} if model.logit_bias is None else {"train/logit_bias": model.logit_bias.item()}
 
 
 def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
@@ -469,12 +507,26 @@ def train(cfg: DictConfig) -> TrainResult:
     if val_set is not None:
         data_report["val"]["skipped"].update(image_problems(val_set, cfg, "val"))
     collate = LineCollator(cfg.text.max_length, reading=cfg.loss.reading_weight > 0 or cfg.loss.bag_weight > 0)
-    train_ids = text_ids_of(train_records)
+    span = cfg.data.text_span
+    # With crop_to_text the image shows only the text that fits text.max_length: phrases come from that part.
+    shown = [r.text.encode()[: cfg.text.max_length - 1].decode(errors="ignore") if crop else r.text
+             for r in train_records]
+    train_texts = TrainTexts(shown, span.p, span.min_syllables, span.max_syllables, cfg.trainer.seed)
     val_ids = text_ids_of(val_records) if val_records else None
     text_lengths_ = text_lengths((r.text for r in train_records), cfg.text.max_length)
+    groups = None
+    if cfg.data.group_batches_by:
+        groups = group_keys(train_records, cfg.data.group_batches_by)
+        if (groups < 0).all():
+            raise ConfigError(f"data.group_batches_by={cfg.data.group_batches_by}: no train line has that field")
     bucketed = BucketBatchSampler(train_set.buckets, cfg.data.batch_size, shuffle=True, seed=cfg.trainer.seed,
                                   lengths=text_lengths_ if cfg.data.text_bucket_bytes else None,
-                                  text_bucket_bytes=cfg.data.text_bucket_bytes or 64)
+                                  text_bucket_bytes=cfg.data.text_bucket_bytes or 64, groups=groups,
+                                  min_batch_size=min(cfg.data.min_batch_size, cfg.data.batch_size))
+    data_report["train_lines_dropped_per_epoch"] = bucketed.n_dropped
+    if bucketed.n_dropped:
+        log.info("data.min_batch_size=%d: %d lines an epoch fall in bucket tails that small and are left out "
+                 "(shuffled: mostly different ones each epoch)", cfg.data.min_batch_size, bucketed.n_dropped)
     data_report["text_padding_fraction"] = text_padding_fraction(list(bucketed), text_lengths_)
     log.info("text padding: %.1f%% of the text positions of an epoch", 100 * data_report["text_padding_fraction"])
     sampler = ShardedBatches(bucketed, rank, world)
@@ -586,6 +638,7 @@ def train(cfg: DictConfig) -> TrainResult:
     model.train()
     while state.step < total_steps and not interrupted:
         sampler.set_epoch(state.epoch, skip=state.batches_done_in_epoch)
+        train_texts.set_epoch(state.epoch)
         for batch in loader:
             state.batches_done_in_epoch += 1
             corrupt[batch["corrupt_indices"]] = True
@@ -596,10 +649,10 @@ def train(cfg: DictConfig) -> TrainResult:
             if any_rank(accelerator, len(batch["indices"]) == 0)[0]:
                 continue
             samples_since += len(batch["indices"]) * world
-            pending.append(batch)
+            pending.append(train_texts.encode(batch, cfg.text.max_length))
             if len(pending) < micro_per_step:
                 continue
-            result = train_step(accelerator, model, pending, train_ids, gather, grad_cache=bool(grad_cache),
+            result = train_step(accelerator, model, pending, train_texts, gather, grad_cache=bool(grad_cache),
                                 reading_weights=(cfg.loss.reading_weight, cfg.loss.bag_weight))
             pending = []
             # A non-finite loss (on any process) skips the whole step; too many in a row stop the run.
@@ -644,6 +697,7 @@ def train(cfg: DictConfig) -> TrainResult:
                     "train/embedding_cosine_text": result.text_cosine.item(),
                     **({"train/reading_loss": result.reading.item()} if result.reading is not None else {}),
                     "train/logit_scale": accelerator.unwrap_model(model).scale().item(),
+                    **logit_bias_log(accelerator.unwrap_model(model)),
                     "train/epoch": state.epoch, "train/bad_steps": state.bad_steps,
                     "train/samples_per_s": samples_since / max(now - t_last, 1e-9)}, step)
                 t_last, samples_since = now, 0

@@ -19,8 +19,10 @@ from lineclip.batch import (
     BucketBatchSampler,
     LineCollator,
     LineDataset,
+    TrainTexts,
     count_truncated,
     encode_texts,
+    group_keys,
     text_lengths,
     text_padding_fraction,
 )
@@ -433,3 +435,152 @@ def test_transform_errors_are_not_mistaken_for_corrupt_files(tmp_path: Path) -> 
     dataset = LineDataset(make_records(tmp_path), BrokenTransform())
     with pytest.raises(RuntimeError, match="g0.png"):
         dataset[0]
+
+
+# --- same-page batches, tail batches ---------------------------------------------------------------
+
+
+def test_group_batches_by_page_fills_each_batch_from_one_page() -> None:
+    # three pages of 4 lines in one width bucket, interleaved in the manifest, one 2-line page in another bucket
+    buckets = [256] * 12 + [384, 384]
+    pages = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 3]
+    sampler = BucketBatchSampler(buckets, batch_size=4, shuffle=True, seed=5, groups=pages)
+    batches = list(sampler)
+    by_page = sorted(sorted(b) for b in batches)
+    assert by_page == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11], [12, 13]]
+    # without groups the same sampler mixes pages (seed 5: at least one batch spans several)
+    mixed = list(BucketBatchSampler(buckets, batch_size=4, shuffle=True, seed=5))
+    assert any(len({pages[i] for i in b}) > 1 for b in mixed)
+    # without shuffle: key order, then manifest order
+    assert list(BucketBatchSampler(buckets, batch_size=4, shuffle=False, groups=pages)) == [
+        [0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11], [12, 13]]
+
+
+def test_group_batches_keeps_pages_contiguous_deterministic_and_single_bucket() -> None:
+    rng = np.random.default_rng(1)
+    n = 300
+    buckets = rng.choice([256, 384, 512], size=n)
+    pages = rng.integers(0, 40, size=n)
+    pages[rng.choice(n, 30, replace=False)] = -1  # lines without a page
+
+    def epoch(e: int) -> list[list[int]]:
+        sampler = BucketBatchSampler(buckets, batch_size=8, shuffle=True, seed=2, groups=pages)
+        sampler.set_epoch(e)
+        return list(sampler)
+
+    batches = epoch(0)
+    assert batches == epoch(0) and batches != epoch(1)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(n))  # min_batch_size 1: every line once
+    for b in batches:
+        assert len({int(buckets[i]) for i in b}) == 1
+    # within a bucket, the batches (in cut order) list each page's lines as one run: count page switches
+    for width in (256, 384, 512):
+        sampler = BucketBatchSampler(buckets, batch_size=8, shuffle=True, seed=2, groups=pages)
+        order = sampler._order(sampler._groups[[256, 384, 512].index(width)], np.random.default_rng(0))
+        keyed = [int(pages[i]) for i in order if pages[i] >= 0]
+        runs = 1 + sum(a != b for a, b in zip(keyed, keyed[1:], strict=False))
+        assert runs == len(set(keyed))
+
+
+def test_group_keys_pair_pages_with_their_volume() -> None:
+    records = [
+        LineRecord("a", "a.png", "ཀ", doc_id="v1", page_id="p1"),
+        LineRecord("b", "b.png", "ཁ", doc_id="v2", page_id="p1"),  # same page id, another volume
+        LineRecord("c", "c.png", "ག", doc_id="v1", page_id="p1"),
+        LineRecord("d", "d.png", "ང", doc_id="v1"),  # no page
+        LineRecord("e", "e.png", "ཅ", doc_id="v2", extra={"collection": "TCCG"}),
+    ]
+    assert group_keys(records, "page_id").tolist() == [0, 1, 0, -1, -1]
+    assert group_keys(records, "doc_id").tolist() == [0, 1, 0, 0, 1]
+    assert group_keys(records, "collection").tolist() == [-1, -1, -1, -1, 0]
+
+
+def test_min_batch_size_drops_small_tails_and_counts_them() -> None:
+    # bucket 256: 9 lines -> 4 + 4 + a tail of 1; bucket 384: 3 lines -> a tail of 3; bucket 512: 1 line
+    buckets = [256] * 9 + [384] * 3 + [512]
+    for shuffle in (False, True):
+        sampler = BucketBatchSampler(buckets, batch_size=4, shuffle=shuffle, min_batch_size=2)
+        batches = list(sampler)
+        assert sorted(len(b) for b in batches) == [3, 4, 4]
+        assert len(sampler) == 3 and sampler.n_dropped == 2  # the 256 tail of 1 and the lone 512 line
+        assert 12 not in {i for b in batches for i in b}
+    # min 4 = batch size: only full batches, as drop_last
+    assert BucketBatchSampler(buckets, batch_size=4, shuffle=False, min_batch_size=4).n_dropped == 5
+    assert BucketBatchSampler(buckets, batch_size=4, shuffle=False, drop_last=True).n_dropped == 5
+    # min 1: every line, as before
+    one = BucketBatchSampler(buckets, batch_size=4, shuffle=False)
+    assert one.n_dropped == 0 and len(one) == 5
+    with pytest.raises(ValueError, match="min_batch_size"):
+        BucketBatchSampler(buckets, batch_size=4, shuffle=False, min_batch_size=5)
+
+
+# --- training texts: phrases and positives ----------------------------------------------------------
+
+
+def test_train_texts_positives_of_a_hand_built_batch() -> None:
+    lines = [
+        "ཀ་ཁ་ག",            # 0: 3 syllables; with min = max = 3 its phrase is all of it
+        "ང་ཀ་ཁ་ག་ཅ།",        # 1: contains line 0's text
+        "ཆ་ཇ་ཉ་ཏ",          # 2: unrelated
+        "ཀ་ཁ་ག",            # 3: identical to line 0
+        "ཐ",                # 4: one syllable: stays whole
+    ]
+    texts = TrainTexts(lines, p=1.0, min_syllables=3, max_syllables=3, seed=0)
+    fed = [texts.text(i) for i in range(5)]
+    assert fed[0] == "ཀ་ཁ་ག" and fed[3] == "ཀ་ཁ་ག" and fed[4] == "ཐ"
+    assert fed[1] in ("ང་ཀ་ཁ", "ཀ་ཁ་ག", "ཁ་ག་ཅ") and fed[2] in ("ཆ་ཇ་ཉ", "ཇ་ཉ་ཏ")
+    pos = texts.positives([0, 1, 2, 3, 4])
+    # [i, j]: text j occurs in line i. Texts 0 and 3 ("ཀ་ཁ་ག") occur in lines 0, 1, 3: positives of all three.
+    expected = [
+        [1, fed[1] in lines[0], 0, 1, 0],
+        [1, 1, 0, 1, 0],
+        [0, 0, 1, 0, 0],
+        [1, fed[1] in lines[3], 0, 1, 0],
+        [0, 0, 0, 0, 1],
+    ]
+    assert pos.tolist() == [[bool(v) for v in row] for row in expected]
+    # the order given is the order of rows and columns
+    assert texts.positives([1, 0]).tolist() == [[True, True], [fed[1] in lines[0], True]]
+
+
+def test_train_texts_are_seeded_by_seed_epoch_and_index() -> None:
+    lines = [f"{TIB_2} {i}" for i in range(40)]
+    a = TrainTexts(lines, p=0.5, min_syllables=2, max_syllables=8, seed=1)
+    first = [a.text(i) for i in range(40)]
+    assert [a.text(i) for i in reversed(range(40))] == first[::-1]  # order-free: a pure function of the index
+    b = TrainTexts(lines, p=0.5, min_syllables=2, max_syllables=8, seed=1)
+    assert [b.text(i) for i in range(40)] == first  # a new process / a resume draws the same
+    whole = sum(t == lines[i] for i, t in enumerate(first))
+    assert 8 <= whole <= 32  # about half stay whole
+    assert all(t in lines[i] for i, t in enumerate(first))
+    a.set_epoch(1)
+    assert [a.text(i) for i in range(40)] != first
+    assert [TrainTexts(lines, p=0.5, seed=2).text(i) for i in range(40)] != first
+    assert [TrainTexts(lines).text(i) for i in range(40)] == lines  # p = 0: the transcriptions
+
+
+def test_train_texts_encode_replaces_the_text_side() -> None:
+    lines = ["ཀ་ཁ་ག་ང", "ཅ་ཆ"]
+    texts = TrainTexts(lines, p=1.0, min_syllables=2, max_syllables=2, seed=0)
+    batch = {"indices": torch.tensor([0, 1]), **dict(zip(("input_ids", "attention_mask"),
+                                                         encode_texts(lines, 64)[:2], strict=True))}
+    out = texts.encode(batch, 64)
+    ids, mask, _ = encode_texts([texts.text(0), texts.text(1)], 64)
+    assert torch.equal(out["input_ids"], ids) and torch.equal(out["attention_mask"], mask)
+    assert texts.text(1) == "ཅ་ཆ" and texts.text(0) in ("ཀ་ཁ", "ཁ་ག", "ག་ང")
+    assert TrainTexts(lines).encode(batch, 64) is batch
+
+
+def test_train_texts_positives_agree_with_plain_substring_tests() -> None:
+    rng = random.Random(4)
+    letters = ["ཀ", "ཁ", "ག", "ཀྲ"]  # few syllables: phrases recur in other lines, and inside other syllables
+    lines = ["་".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) + rng.choice(["", "།", " །"])
+             for _ in range(60)]
+    lines[7] = lines[3]  # duplicates
+    texts = TrainTexts(lines, p=0.6, min_syllables=1, max_syllables=3, seed=9)
+    order = rng.sample(range(60), 60)
+    pos = texts.positives(order)
+    fed = [texts.text(i) for i in order]
+    assert pos.tolist() == [[t in lines[i] for t in fed] for i in order]
+    assert pos.sum() > 3 * 60  # many off-diagonal positives

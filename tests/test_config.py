@@ -96,9 +96,23 @@ def test_wrong_type_fails_at_composition(override):
         (["data.batch_size=0"], "data.batch_size"),
         (["preprocess.width_buckets=[512,256]"], "preprocess.width_buckets"),
         (["preprocess.patch_multiple=7", "preprocess.target_height=56"], "patch"),
+        (["loss.name=triplet"], "loss.name"),
+        (["data.text_span.p=1.5"], "data.text_span.p"),
+        (["data.text_span.min_syllables=4", "data.text_span.max_syllables=3"], "data.text_span"),
+        (["data.text_span.min_syllables=0"], "data.text_span"),
+        (["data.min_batch_size=0"], "data.min_batch_size"),
     ],
 )
 def test_semantic_checks_name_the_field(overrides, field):
     cfg = _compose(overrides)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         check_config(cfg)
+
+
+def test_phrase_training_keys_default_off_and_compose():
+    cfg = _compose()
+    assert cfg.data.text_span.p == 0.0 and cfg.data.group_batches_by is None and cfg.data.min_batch_size == 2
+    assert cfg.loss.name == "infonce"
+    siglip = _compose(["loss=siglip", "data.text_span.p=0.3", "data.group_batches_by=page_id"])
+    check_config(siglip)
+    assert siglip.loss.name == "siglip" and siglip.loss.logit_bias == -10.0 and siglip.loss.temperature == 0.1

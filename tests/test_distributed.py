@@ -48,6 +48,12 @@ def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path):
         # and with gradient caching (2 micro-batches a rank) on top
         assert rep["loss_grad_cache"] == pytest.approx(rep["loss_1x2B"], rel=1e-5)
         assert rep["grad_cache_max_abs_diff"] < 1e-5 * max(1.0, rep["grad_max_abs"])
+        # loss=siglip with TrainTexts positives (one crossing ranks), via train_step, with and without grad caching
+        assert rep["siglip_cross_rank_positive"]
+        for mode in ("plain", "grad_cache"):
+            assert rep[f"siglip_{mode}_names_equal"]
+            assert rep[f"siglip_{mode}_loss"] == pytest.approx(rep["siglip_loss_1x2B"], rel=1e-5)
+            assert rep[f"siglip_{mode}_max_abs_diff"] < 1e-5 * max(1.0, rep["siglip_grad_max_abs"])
 
 
 @pytest.mark.slow

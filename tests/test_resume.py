@@ -296,3 +296,29 @@ def test_wandb_run_resumes_with_the_same_id(tmp_path, tiny_dataset):
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
     assert (out / "wandb_run_id").read_text().strip() == run_id
+
+
+@pytest.mark.slow
+def test_phrase_training_with_same_page_batches_and_siglip_resumes_exactly(tmp_path, tiny_dataset, monkeypatch):
+    """Phrases are drawn per (seed, epoch, line) and same-page batches per (seed, epoch): a run stopped
+    mid-epoch and resumed ends where the uninterrupted one ends."""
+    from lineclip import trainer
+
+    args = ("trainer.checkpoint_every_steps=100", "loss=siglip", "data.text_span.p=0.7",
+            "data.group_batches_by=page_id", "trainer.max_steps=9")
+    trainer.train(_cfg(tmp_path / "reference", tiny_dataset, *args))
+    original, calls = trainer.train_step, {"n": 0}
+
+    def step_then_sigterm(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
+    out = tmp_path / "run"
+    assert trainer.train(_cfg(out, tiny_dataset, *args)).interrupted
+    monkeypatch.setattr(trainer, "train_step", original)
+    result = trainer.train(_cfg(out, tiny_dataset, *args, "trainer.resume=latest"))
+    assert_same_final(out, tmp_path / "reference")
+    assert result.model.logit_bias is not None and result.model.logit_bias.item() != -10.0  # it learned

@@ -88,6 +88,14 @@ def test_training_config_has_the_workbench_keys(trained_run, tiny_dataset):
     expected_truncated = sum(len(t.encode()) + 1 > 128 for t in texts)
     assert report["train_truncated_texts"] == expected_truncated
     assert report["train_truncated_share"] == pytest.approx(expected_truncated / 24)
+    # data.min_batch_size=2 (default) at batch 8: a width bucket whose line count is 1 mod 8 loses that one line
+    from lineclip.batch import LineDataset
+    from lineclip.manifest import read_manifest
+    from lineclip.preprocess import LineGeometry, LineImageTransform
+
+    records, _ = read_manifest(tiny_dataset / "train/meta/lines.jsonl", tiny_dataset)
+    widths = LineDataset(records, LineImageTransform("bdrc", LineGeometry())).buckets.tolist()
+    assert report["train_lines_dropped_per_epoch"] == sum(widths.count(w) % 8 == 1 for w in set(widths))
     ckpt = json.loads((trained_run / "checkpoint_step_0000002_training_config.json").read_text())
     assert ckpt["global_step"] == 2 and ckpt["mode"] == "line_clip" and ckpt["val_t2i_r1"] is not None
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from lineclip.batch import BucketBatchSampler, LineDataset
+from lineclip.batch import BucketBatchSampler, LineDataset, group_keys
 from lineclip.config import conf_dir, register_configs
 from lineclip.manifest import read_manifest
 from lineclip.preprocess import LineGeometry, LineImageTransform
@@ -36,7 +36,9 @@ def collection_floor(dev_dir: Path, overrides: list[str] = (), epochs: int = 3) 
     geometry = LineGeometry(p.target_height, p.max_width, tuple(p.width_buckets), p.patch_multiple)
     lines = LineDataset(records, LineImageTransform(p.pipeline, geometry))
     # Seeded and stepped through epochs as the trainer does, so these are the batches a cpu_small run trains on.
-    sampler = BucketBatchSampler(lines.buckets, cfg.data.batch_size, shuffle=True, seed=cfg.trainer.seed)
+    groups = group_keys(records, cfg.data.group_batches_by) if cfg.data.group_batches_by else None
+    sampler = BucketBatchSampler(lines.buckets, cfg.data.batch_size, shuffle=True, seed=cfg.trainer.seed,
+                                 groups=groups, min_batch_size=min(cfg.data.min_batch_size, cfg.data.batch_size))
     total, count = 0.0, 0
     for epoch in range(epochs):
         sampler.set_epoch(epoch)

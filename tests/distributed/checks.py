@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from lineclip.batch import LineCollator, LineDataset
 from lineclip.config import asset_dir, conf_dir, register_configs
-from lineclip.loss import contrastive_loss
+from lineclip.loss import contrastive_loss, sigmoid_loss
 from lineclip.manifest import read_manifest
 from lineclip.metrics import retrieval_metrics
 from lineclip.preprocess import LineGeometry, LineImageTransform
@@ -137,7 +137,61 @@ def check_grads(out_dir: Path, per_rank: int = 4):
         "grad_max_abs": max(float(g.abs().max()) for g in ref_grads.values()),
         "logit_scale_grad_diff": float((grads["logit_scale"] - ref_grads["logit_scale"]).abs()),
     }
+    report.update(check_siglip_phrase_grads(accelerator, batch, [records[i].text for i in rows], per_rank))
     (out_dir / f"grads_rank{rank}.json").write_text(json.dumps(report, indent=2))
+
+
+def check_siglip_phrase_grads(accelerator, batch, lines, per_rank):
+    """The same comparison for loss=siglip with TrainTexts positives: line 1 (rank 0) also carries line
+    2B-1's text (rank 1), so a positive crosses ranks, which only the gathered indices can tell."""
+    from accelerate.utils import set_seed
+
+    from lineclip.batch import TrainTexts
+    from lineclip.trainer import train_step
+
+    cfg = compose_cfg(["data.num_workers=0", "loss=siglip"])
+    n = 2 * per_rank
+    lines = list(lines)
+    lines[1] = f"{lines[1]} {lines[n - 1]}"
+    texts = TrainTexts(lines)
+    positives = texts.positives(range(n))
+
+    def build():
+        set_seed(0)
+        model, _, _ = build_model(cfg)
+        return model.eval()
+
+    reference = build()
+    ref_out = reference(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"])
+    ref_loss = sigmoid_loss(ref_out.image, ref_out.text, positives, ref_out.logit_scale, ref_out.logit_bias).loss
+    ref_loss.backward()
+    ref_grads = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+
+    model = accelerator.prepare(build())
+    rank = accelerator.process_index
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    def micro(rows):
+        return {"pixel_values": batch["pixel_values"][rows], "input_ids": batch["input_ids"][rows],
+                "attention_mask": batch["attention_mask"][rows], "indices": torch.arange(n)[rows]}
+
+    report = {"siglip_cross_rank_positive": bool(positives[1, n - 1]) and not bool(positives[n - 1, 1])}
+    for mode in ("plain", "grad_cache"):
+        model.zero_grad(set_to_none=True)
+        if mode == "plain":
+            result = train_step(accelerator, model, [micro(mine)], texts, gather=True, grad_cache=False)
+        else:
+            halves = (slice(mine.start, mine.start + per_rank // 2), slice(mine.start + per_rank // 2, mine.stop))
+            result = train_step(accelerator, model, [micro(r) for r in halves], texts, gather=True, grad_cache=True)
+        grads = {name: p.grad.clone() for name, p in accelerator.unwrap_model(model).named_parameters()
+                 if p.grad is not None}
+        report[f"siglip_{mode}_loss"] = float(accelerator.reduce(result.loss.detach(), "mean"))
+        report[f"siglip_{mode}_names_equal"] = sorted(grads) == sorted(ref_grads)
+        report[f"siglip_{mode}_max_abs_diff"] = max(float((grads[k] - ref_grads[k]).abs().max()) for k in ref_grads)
+    report["siglip_loss_1x2B"] = float(ref_loss.detach())
+    report["siglip_grad_max_abs"] = max(float(g.abs().max()) for g in ref_grads.values())
+    return report
 
 
 if __name__ == "__main__":
