@@ -1,0 +1,191 @@
+"""Retrieval settings that knowing a line's collection cannot satisfy, and the levels of the known shortcuts.
+
+Shared by `lineclip.evaluate` and training validation; pure (embeddings and per-line arrays in, dicts out).
+
+- whole gallery: every line against every line (lineclip.metrics.retrieval_metrics);
+- within-group galleries (`gallery_by`: page_id, doc_id, collection or any manifest field): each query is
+  ranked only against the lines that share its value. Lines without a value are neither queries nor gallery
+  items (counted in `n_without_value`); a query alone in its group is counted in the metrics but is never a
+  hit (`n_alone`): finding the only line of a page says nothing about reading;
+- phrase queries: per line a seeded run of whole syllables of its transcription (lineclip.phrases) is the text
+  query, and every line containing the phrase is a correct answer (text -> image only).
+
+Beside each setting's metrics, `levels` gives expected Recall@K / MRR of three rankers that never read:
+- `chance`: random order;
+- `collection`: knows only each line's collection; ranks the lines of the query's collection first, each
+  part in random order (null when no line has the field);
+- `length`: knows only the text length (UTF-8 bytes of the normalised transcription, what an image's width
+  gives away); whole-line queries: gallery lines by |length - query length|, equal distances in random order;
+  phrase queries: lines at least as long as the phrase, longest first (a longer line holds more phrases), then
+  the shorter ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from lineclip.metrics import (
+    DEFAULT_KS,
+    expected_recall,
+    first_correct_ranks,
+    summarize_ranks,
+    tier_counts,
+)
+from lineclip.phrases import DEFAULT_MAX_SYLLABLES, DEFAULT_MIN_SYLLABLES, phrase_matches, sample_phrases
+
+RECORD_FIELDS = ("doc_id", "page_id", "line_id")
+SHORT_NAMES = {"page_id": "page", "doc_id": "doc", "line_id": "line"}
+LEVEL_CHUNK = 512  # query rows per dense [rows, N] block of the level computation
+
+
+def field_values(records: Sequence[Any], field: str) -> list[str | None]:
+    """Each record's value of `field` (a LineRecord field such as page_id, or a manifest key in `extra`);
+    None where it has none (an empty string counts as none)."""
+    if field in RECORD_FIELDS:
+        return [getattr(r, field) or None for r in records]
+    return [r.extra.get(field) or None for r in records]
+
+
+def group_codes(values: Sequence[str | None]) -> np.ndarray:
+    """One integer per distinct value, -1 for None."""
+    codes: dict[str, int] = {}
+    return np.array([-1 if v is None else codes.setdefault(v, len(codes)) for v in values], dtype=np.int64)
+
+
+def setting_name(field: str) -> str:
+    """The short name of a gallery_by field in metric keys: page_id -> page (val_page_t2i_r1)."""
+    return SHORT_NAMES.get(field, field)
+
+
+def text_bytes(texts: Sequence[str]) -> np.ndarray:
+    return np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ levels
+
+
+def _levels(
+    n_queries: int,
+    correct: Callable[[slice], np.ndarray],
+    member: Callable[[slice], np.ndarray] | None,
+    tiers: dict[str, Callable[[slice], np.ndarray] | None],
+    ks: Sequence[int],
+) -> dict[str, dict[str, float] | None]:
+    """Expected recall of each tier ranker, computed in dense blocks of query rows."""
+    out: dict[str, dict[str, float] | None] = {}
+    for name, tier in tiers.items():
+        parts = []
+        for start in range(0, n_queries, LEVEL_CHUNK):
+            rows = slice(start, min(start + LEVEL_CHUNK, n_queries))
+            ok = correct(rows)
+            parts.append(tier_counts(tier(rows) if tier is not None else np.zeros(1), ok,
+                                     member(rows) if member is not None else None))
+        counts = [np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int64) for i in range(3)]
+        out[name] = expected_recall(*counts, ks=ks)
+    return out
+
+
+def _shortcut_tiers(collection: np.ndarray | None, query_collection: np.ndarray | None,
+                    length_tier: Callable[[slice], np.ndarray]) -> dict[str, Callable[[slice], np.ndarray] | None]:
+    tiers: dict[str, Callable[[slice], np.ndarray] | None] = {"chance": None}
+    if collection is not None and query_collection is not None:
+        tiers["collection"] = lambda rows: query_collection[rows, None] != collection[None, :]
+    tiers["length"] = length_tier
+    return tiers
+
+
+def line_levels(ids: np.ndarray, lengths: np.ndarray, collection: np.ndarray | None,
+                groups: np.ndarray | None = None, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+    """Levels for whole-line queries (the same in both directions): the whole gallery, or within `groups`
+    (codes; -1 = no value, left out; a query alone in its group is a miss). `collection`: codes or None."""
+    if groups is not None:
+        keep = groups >= 0
+        ids, lengths, groups = ids[keep], lengths[keep], groups[keep]
+        collection = collection[keep] if collection is not None else None
+        alone = np.bincount(groups)[groups] == 1
+    n = len(ids)
+
+    def correct(rows: slice) -> np.ndarray:
+        ok = ids[rows, None] == ids[None, :]
+        if groups is not None:
+            ok[alone[rows]] = False
+        return ok
+
+    member = (lambda rows: groups[rows, None] == groups[None, :]) if groups is not None else None
+    tiers = _shortcut_tiers(collection, collection,
+                            lambda rows: np.abs(lengths[rows, None] - lengths[None, :]))
+    levels = _levels(n, correct, member, tiers, ks)
+    levels.setdefault("collection", None)
+    return levels
+
+
+def phrase_levels(answers: Sequence[np.ndarray], query_lines: np.ndarray, phrase_lengths: np.ndarray,
+                  lengths: np.ndarray, collection: np.ndarray | None,
+                  ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+    """Levels for phrase queries: `answers[q]` the gallery lines containing phrase q, `query_lines[q]` the line
+    it was drawn from, `phrase_lengths[q]` its UTF-8 bytes, `lengths` the gallery lines' bytes."""
+    n_gallery = len(lengths)
+
+    def correct(rows: slice) -> np.ndarray:
+        ok = np.zeros((rows.stop - rows.start, n_gallery), dtype=bool)
+        for i, cols in enumerate(answers[rows]):
+            ok[i, cols] = True
+        return ok
+
+    def length_tier(rows: slice) -> np.ndarray:
+        fits = lengths[None, :] >= phrase_lengths[rows, None]
+        return np.where(fits, -lengths[None, :], 1)
+
+    query_collection = collection[query_lines] if collection is not None else None
+    levels = _levels(len(answers), correct, None, _shortcut_tiers(collection, query_collection, length_tier), ks)
+    levels.setdefault("collection", None)
+    return levels
+
+
+# ------------------------------------------------------------------------------------------ model metrics
+
+
+def within_group_metrics(image: torch.Tensor, text: torch.Tensor, ids: np.ndarray, groups: np.ndarray,
+                         ks: Sequence[int] = DEFAULT_KS, chunk_size: int = 1024) -> dict[str, Any]:
+    """i2t and t2i Recall@K / MRR / median rank (duplicate-aware) with each query ranked among the lines of its
+    group. Keys as retrieval_metrics (`t2i_r1`, ...); a miss ranks past all kept lines (reciprocal rank 0)."""
+    keep = torch.from_numpy(groups >= 0)
+    image, text = image.float()[keep], text.float()[keep]
+    ids_t, groups_t = torch.from_numpy(ids)[keep], torch.from_numpy(groups)[keep]
+    n = len(ids_t)
+    alone = (torch.bincount(groups_t)[groups_t] == 1) if n else torch.zeros(0, dtype=torch.bool)
+    metrics: dict[str, float] = {}
+    for name, queries, gallery in (("i2t", image, text), ("t2i", text, image)):
+        ranks = first_correct_ranks(queries, gallery, ids_t, ids_t, chunk_size=chunk_size,
+                                    query_groups=groups_t, gallery_groups=groups_t)
+        ranks[alone] = n + 1
+        metrics.update({f"{name}_{k}": v for k, v in summarize_ranks(ranks, tuple(ks), n_gallery=n).items()})
+    return {"n_queries": n, "n_groups": int(len(torch.unique(groups_t))), "n_alone": int(alone.sum()),
+            "n_without_value": int((~keep).sum()), "metrics": metrics}
+
+
+def phrase_metrics(phrase_emb: torch.Tensor, image: torch.Tensor, answers: Sequence[np.ndarray],
+                   ks: Sequence[int] = DEFAULT_KS, chunk_size: int = 1024) -> dict[str, float]:
+    """t2i Recall@K / MRR / median rank of phrase queries: row q of `phrase_emb` against all images, the lines
+    in `answers[q]` correct. Keys `t2i_r1`, ..., `t2i_mrr`, `t2i_median_rank`."""
+    rows = torch.from_numpy(np.repeat(np.arange(len(answers)), [len(a) for a in answers]))
+    cols = torch.from_numpy(np.concatenate(answers) if len(answers) else np.zeros(0, np.int64))
+    ranks = first_correct_ranks(phrase_emb.float(), image.float(), chunk_size=chunk_size,
+                                correct_pairs=(rows, cols))
+    return {f"t2i_{k}": v for k, v in summarize_ranks(ranks, tuple(ks), n_gallery=len(image)).items()}
+
+
+
+def phrase_queries(texts: Sequence[str], seed: int, min_syl: int = DEFAULT_MIN_SYLLABLES,
+                   max_syl: int = DEFAULT_MAX_SYLLABLES) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
+    """The phrase query of each line that has at least `min_syl` syllables (lineclip.phrases.sample_phrases:
+    deterministic for a seed): ``(phrases, query_lines, answers)``, `query_lines[q]` the line phrase q comes
+    from and `answers[q]` every line whose transcription contains it (its own line included)."""
+    drawn = sample_phrases(texts, seed, min_syl, max_syl)
+    query_lines = np.array([i for i, p in enumerate(drawn) if p is not None], dtype=np.int64)
+    phrases = [drawn[i] for i in query_lines]
+    return phrases, query_lines, phrase_matches(phrases, texts)
