@@ -23,6 +23,7 @@ Beside each setting's metrics, `levels` gives expected Recall@K / MRR of three r
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,12 @@ def group_codes(values: Sequence[str | None]) -> np.ndarray:
     """One integer per distinct value, -1 for None."""
     codes: dict[str, int] = {}
     return np.array([-1 if v is None else codes.setdefault(v, len(codes)) for v in values], dtype=np.int64)
+
+
+def optional_codes(records: Sequence[Any], field: str) -> np.ndarray | None:
+    """group_codes of `field`, or None when no record has it (then there is no level for it)."""
+    values = field_values(records, field)
+    return group_codes(values) if any(v is not None for v in values) else None
 
 
 def setting_name(field: str) -> str:
@@ -189,3 +196,94 @@ def phrase_queries(texts: Sequence[str], seed: int, min_syl: int = DEFAULT_MIN_S
     query_lines = np.array([i for i, p in enumerate(drawn) if p is not None], dtype=np.int64)
     phrases = [drawn[i] for i in query_lines]
     return phrases, query_lines, phrase_matches(phrases, texts)
+
+
+# ------------------------------------------------------------------------------------- training validation
+
+
+@dataclass
+class ValidationPlan:
+    """The settings of a validation gallery beyond the whole one, fixed before anything is embedded: text ids,
+    byte lengths, collection codes, one group code array per within-group setting, the phrase queries.
+    `metrics` / `levels` give flat keys (`page_t2i_r1`, `phrase_t2i_mrr`, `page_length_level_r1`, ...)."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    collection: np.ndarray | None
+    groups: dict[str, np.ndarray] = field(default_factory=dict)  # setting name (page, doc, ...) -> codes
+    phrases: list[str] = field(default_factory=list)
+    query_lines: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    answers: list[np.ndarray] = field(default_factory=list)
+    with_phrases: bool = False
+    embedded_levels: dict[str, float] = field(default_factory=dict)  # set by training validation
+    _restricted: dict[bytes, ValidationPlan] = field(default_factory=dict, repr=False)
+    _levels: dict[str, float] | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, records: Sequence[Any], gallery_by: Sequence[str] = ("page_id",), phrases: bool = True,
+              seed: int = 0, min_syl: int = DEFAULT_MIN_SYLLABLES, max_syl: int = DEFAULT_MAX_SYLLABLES,
+              collection_field: str = "collection") -> ValidationPlan:
+        """A field no record has is skipped (a val manifest without page ids has no within-page setting)."""
+        from lineclip.metrics import text_ids
+
+        texts = [r.text for r in records]
+        plan = cls(ids=text_ids(texts), lengths=text_bytes(texts), collection=optional_codes(records, collection_field),
+                   with_phrases=phrases)
+        for key in gallery_by:
+            codes = optional_codes(records, key)
+            if codes is not None:
+                plan.groups[setting_name(key)] = codes
+        if phrases:
+            plan.phrases, plan.query_lines, plan.answers = phrase_queries(texts, seed, min_syl, max_syl)
+        return plan
+
+    def restrict(self, kept: np.ndarray) -> ValidationPlan:
+        """The plan for the lines `kept` (ascending indices: the lines whose images could be embedded); phrase
+        queries of lines left out are dropped and their answers renumbered. Cached per `kept`."""
+        kept = np.asarray(kept, dtype=np.int64)
+        if len(kept) == len(self.ids):
+            return self
+        key = kept.tobytes()
+        if key not in self._restricted:
+            position = np.full(len(self.ids), -1, dtype=np.int64)
+            position[kept] = np.arange(len(kept))
+            queries = [q for q, line in enumerate(self.query_lines) if position[line] >= 0]
+            self._restricted[key] = ValidationPlan(
+                ids=self.ids[kept], lengths=self.lengths[kept],
+                collection=self.collection[kept] if self.collection is not None else None,
+                groups={name: codes[kept] for name, codes in self.groups.items()},
+                phrases=[self.phrases[q] for q in queries],
+                query_lines=position[self.query_lines[queries]] if queries else np.zeros(0, np.int64),
+                answers=[position[self.answers[q]][position[self.answers[q]] >= 0] for q in queries],
+                with_phrases=self.with_phrases)
+        return self._restricted[key]
+
+    def metrics(self, image: torch.Tensor, text: torch.Tensor, phrase_emb: torch.Tensor | None,
+                ks: Sequence[int] = DEFAULT_KS, chunk_size: int = 1024) -> dict[str, float]:
+        """Within-group and phrase metrics of embedded lines (rows = this plan's lines); the whole-gallery
+        ones are the caller's (retrieval_metrics)."""
+        out: dict[str, float] = {}
+        for name, codes in self.groups.items():
+            block = within_group_metrics(image, text, self.ids, codes, ks, chunk_size)
+            out.update({f"{name}_{k}": v for k, v in block["metrics"].items()})
+        if self.with_phrases and phrase_emb is not None:
+            out.update({f"phrase_{k}": v for k, v in phrase_metrics(phrase_emb, image, self.answers, ks,
+                                                                      chunk_size).items()})
+        return out
+
+    def levels(self, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+        """`chance_r1`, `collection_level_r1`, `length_level_mrr`, ... for the whole gallery, then prefixed by
+        setting (`page_chance_r1`, `phrase_length_level_r10`); computed once."""
+        if self._levels is None:
+            settings = {"": line_levels(self.ids, self.lengths, self.collection, ks=ks)}
+            for name, codes in self.groups.items():
+                settings[f"{name}_"] = line_levels(self.ids, self.lengths, self.collection, codes, ks)
+            if self.with_phrases:
+                settings["phrase_"] = phrase_levels(self.answers, self.query_lines, text_bytes(self.phrases),
+                                                    self.lengths, self.collection, ks)
+            self._levels = {}
+            for prefix, levels in settings.items():
+                for level, values in levels.items():
+                    suffix = "chance" if level == "chance" else f"{level}_level"
+                    self._levels.update({f"{prefix}{suffix}_{k}": v for k, v in (values or {}).items()})
+        return self._levels
