@@ -276,8 +276,8 @@ def validation_plan(records: list[LineRecord], cfg: DictConfig) -> ValidationPla
     return plan
 
 
-def validate(accelerator, model, dataset, collate, text_ids, cfg, plan: ValidationPlan | None = None,
-             ) -> dict[str, float]:
+def validate(accelerator, model, dataset, collate, text_ids, cfg,
+             plan: ValidationPlan | None = None) -> dict[str, float]:
     """Whole-gallery Recall@K/MRR (`val_t2i_r1`, ...) and, with a plan, within-group (`val_page_t2i_r1`, ...)
     and phrase-query (`val_phrase_t2i_r1`, ...) metrics. The plan's reference levels (`plan.levels()`, for the
     lines actually embedded) are computed on the first call and kept in `plan.embedded_levels`."""
@@ -636,9 +636,8 @@ def train(cfg: DictConfig) -> TrainResult:
                                  for name in [*val_plan.groups, "phrase"] if f"val_{name}_t2i_r1" in m))
                 # The levels (chance, collection-only, length-only) are constants: logged with every validation,
                 # so that W&B draws them next to the curves, but kept once (data_report), not in val_history.
-                levels = getattr(val_plan, "embedded_levels", {})
-                data_report["val_levels"] = levels
-                accelerator.log({**state.val_metrics, **levels}, step=step)
+                data_report["val_levels"] = val_plan.embedded_levels
+                accelerator.log({**state.val_metrics, **val_plan.embedded_levels}, step=step)
                 postfix.update({"vi2t@1": f"{state.val_metrics['val_i2t_r1']:.3f}",
                                 "vt2i@1": f"{state.val_metrics['val_t2i_r1']:.3f}"})
                 bar.set_postfix(postfix)
