@@ -14,7 +14,8 @@ Metrics that knowing a line's collection cannot satisfy (lineclip.galleries):
 - `eval.queries=phrase`: per line a seeded run of 2-8 whole syllables is the text query, every line containing
   it a correct answer (text -> image).
 Each setting comes with the expected levels of rankers that never read: chance, one that knows only the
-collection (`eval.collection_field`), one that knows only the text length (`levels` in the JSON).
+collection (`eval.collection_field`), one that knows only lengths (a text's, and a line image's width, from
+which it predicts its text length) (`levels` in the JSON).
 
 The result is printed as a table and written as JSON to `<run dir>/<bundle prefix>eval_<name>.json` (or
 `eval.output`), where `<name>` is the manifest's stem, or `<split>_<stem>` for OpenPecha's
@@ -179,8 +180,10 @@ def evaluate_records(
 
     lengths = galleries.text_bytes(texts)
     collection = galleries.optional_codes(used, collection_field)
+    predicted = None
     if levels:
-        result["levels"] = galleries.line_levels(ids, lengths, collection, ks=ks)
+        predicted = galleries.predicted_lengths(galleries.image_aspects([r.image_path for r in used]), lengths)
+        result["levels"] = galleries.line_levels(ids, lengths, collection, ks=ks, predicted=predicted)
     image_t, text_t = torch.from_numpy(image), torch.from_numpy(text)
     _check_fields(records, "eval.gallery_by", gallery_by)
     if gallery_by:
@@ -189,7 +192,7 @@ def evaluate_records(
             groups = galleries.group_codes(galleries.field_values(used, key))
             block = galleries.within_group_metrics(image_t, text_t, ids, groups, ks, chunk_size)
             if levels:
-                block["levels"] = galleries.line_levels(ids, lengths, collection, groups, ks)
+                block["levels"] = galleries.line_levels(ids, lengths, collection, groups, ks, predicted)
             result["galleries"][key] = block
     if phrases:
         low, high = phrase_syllables
@@ -201,7 +204,7 @@ def evaluate_records(
                  "metrics": galleries.phrase_metrics(phrase_emb, image_t, answers, ks, chunk_size)}
         if levels:
             block["levels"] = galleries.phrase_levels(answers, query_lines, galleries.text_bytes(phrase_texts),
-                                                      lengths, collection, ks)
+                                                      len(texts), collection, ks, predicted)
         result["phrase"] = block
     return result
 
@@ -238,7 +241,11 @@ def _rows(block: dict[str, Any], ks: Sequence[int]) -> list[tuple[str, list[str]
         c = block["chance"][kind]
         rows.append((f"chance {label}", [f"{c[f'r{k}']:.3f}" for k in ks] + [f"{c['mrr']:.3f}",
                                                                               f"~{c['mean_rank']:.0f}"]))
-    return rows + _level_rows(block, ks, ("collection", "length"))
+    return rows + _level_rows(block, ks, ("collection", "length_i2t", "length_t2i"))
+
+
+LEVEL_LABELS = {"chance": "chance", "collection": "collection only", "length_i2t": "i2t length only",
+                "length_t2i": "t2i length only"}
 
 
 def _level_rows(block: dict[str, Any], ks: Sequence[int], names: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -246,8 +253,7 @@ def _level_rows(block: dict[str, Any], ks: Sequence[int], names: Sequence[str]) 
     for name in names:
         level = (block.get("levels") or {}).get(name)
         if level is not None:
-            rows.append((f"{name} only" if name != "chance" else "chance",
-                         [f"{level[f'r{k}']:.3f}" for k in ks] + [f"{level['mrr']:.3f}", ""]))
+            rows.append((LEVEL_LABELS[name], [f"{level[f'r{k}']:.3f}" for k in ks] + [f"{level['mrr']:.3f}", ""]))
     return rows
 
 
@@ -255,7 +261,8 @@ def _setting_rows(block: dict[str, Any], ks: Sequence[int], directions: Sequence
     m = block["metrics"]
     rows = [(direction, [f"{m[f'{direction}_r{k}']:.3f}" for k in ks]
              + [f"{m[f'{direction}_mrr']:.3f}", f"{m[f'{direction}_median_rank']:g}"]) for direction in directions]
-    return rows + _level_rows(block, ks, ("chance", "collection", "length"))
+    names = ("chance", "collection", *(f"length_{d}" for d in directions))
+    return rows + _level_rows(block, ks, names)
 
 
 def format_table(result: dict[str, Any]) -> str:

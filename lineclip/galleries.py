@@ -14,10 +14,13 @@ Beside each setting's metrics, `levels` gives expected Recall@K / MRR of three r
 - `chance`: random order;
 - `collection`: knows only each line's collection; ranks the lines of the query's collection first, each
   part in random order (null when no line has the field);
-- `length`: knows only the text length (UTF-8 bytes of the normalised transcription, what an image's width
-  gives away); whole-line queries: gallery lines by |length - query length|, equal distances in random order;
-  phrase queries: lines at least as long as the phrase, longest first (a longer line holds more phrases), then
-  the shorter ones.
+- `length_t2i` / `length_i2t`: knows only lengths: a text's UTF-8 length (of the normalised transcription) and
+  a line image's aspect ratio (width / height, what the image tower sees at a fixed height), from which it
+  predicts the line's text length by a least-squares line fitted on the gallery itself (`predicted_lengths`;
+  an optimistic fit). Whole-line t2i ranks the images by |predicted length - query length|, i2t the texts by
+  |length - the query image's predicted length| (equal distances in random order); phrase queries (t2i) rank
+  the lines predicted at least as long as the phrase longest first (a longer line holds more phrases), then
+  the others.
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ from lineclip.phrases import DEFAULT_MAX_SYLLABLES, DEFAULT_MIN_SYLLABLES, phras
 
 RECORD_FIELDS = ("doc_id", "page_id", "line_id")
 SHORT_NAMES = {"page_id": "page", "doc_id": "doc", "line_id": "line"}
-LEVEL_CHUNK = 512  # query rows per dense [rows, N] block of the level computation
+LEVEL_CHUNK = 512
+# a level's name in flat metric keys: val_chance_r1, val_collection_level_r1, val_page_t2i_length_level_r1
+LEVEL_KEYS = {"chance": "chance", "collection": "collection_level", "length_t2i": "t2i_length_level",
+              "length_i2t": "i2t_length_level"}  # query rows per dense [rows, N] block of the level computation
 
 
 def field_values(records: Sequence[Any], field: str) -> list[str | None]:
@@ -96,23 +102,54 @@ def _levels(
     return out
 
 
-def _shortcut_tiers(collection: np.ndarray | None, query_collection: np.ndarray | None,
-                    length_tier: Callable[[slice], np.ndarray]) -> dict[str, Callable[[slice], np.ndarray] | None]:
+def _collection_tiers(collection: np.ndarray | None,
+                      query_collection: np.ndarray | None) -> dict[str, Callable[[slice], np.ndarray] | None]:
     tiers: dict[str, Callable[[slice], np.ndarray] | None] = {"chance": None}
     if collection is not None and query_collection is not None:
         tiers["collection"] = lambda rows: query_collection[rows, None] != collection[None, :]
-    tiers["length"] = length_tier
     return tiers
 
 
+def image_aspects(paths: Sequence[str]) -> np.ndarray:
+    """Width / height of each image from its header (NaN where it cannot be read)."""
+    from PIL import Image
+
+    out = np.full(len(paths), np.nan)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+            out[i] = width / height if height > 0 else np.nan
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def predicted_lengths(aspects: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """A line's text length as a length-only model predicts it from its image: the least-squares line
+    lengths ~ a * aspect + b over the lines with a known aspect (the mean length where the aspect is unknown,
+    or when fewer than two distinct aspects are known)."""
+    aspects, lengths = np.asarray(aspects, dtype=np.float64), np.asarray(lengths, dtype=np.float64)
+    known = np.isfinite(aspects)
+    out = np.full(len(lengths), lengths.mean() if len(lengths) else 0.0)
+    if len(np.unique(aspects[known])) >= 2:
+        slope, intercept = np.polyfit(aspects[known], lengths[known], 1)
+        out[known] = slope * aspects[known] + intercept
+    return out
+
+
 def line_levels(ids: np.ndarray, lengths: np.ndarray, collection: np.ndarray | None,
-                groups: np.ndarray | None = None, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
-    """Levels for whole-line queries (the same in both directions): the whole gallery, or within `groups`
-    (codes; -1 = no value, left out; a query alone in its group is a miss). `collection`: codes or None."""
+                groups: np.ndarray | None = None, ks: Sequence[int] = DEFAULT_KS,
+                predicted: np.ndarray | None = None) -> dict[str, Any]:
+    """Levels for whole-line queries: the whole gallery, or within `groups` (codes; -1 = no value, left out; a
+    query alone in its group is a miss). `collection`: codes or None. `predicted`: each line's text length as
+    predicted from its image (`predicted_lengths`); without it there is no length level.
+    Keys: chance, collection (None without codes), length_t2i, length_i2t."""
     if groups is not None:
         keep = groups >= 0
         ids, lengths, groups = ids[keep], lengths[keep], groups[keep]
         collection = collection[keep] if collection is not None else None
+        predicted = predicted[keep] if predicted is not None else None
         alone = np.bincount(groups)[groups] == 1
     n = len(ids)
 
@@ -123,19 +160,21 @@ def line_levels(ids: np.ndarray, lengths: np.ndarray, collection: np.ndarray | N
         return ok
 
     member = (lambda rows: groups[rows, None] == groups[None, :]) if groups is not None else None
-    tiers = _shortcut_tiers(collection, collection,
-                            lambda rows: np.abs(lengths[rows, None] - lengths[None, :]))
+    tiers = _collection_tiers(collection, collection)
+    if predicted is not None:
+        tiers["length_t2i"] = lambda rows: np.abs(predicted[None, :] - lengths[rows, None])
+        tiers["length_i2t"] = lambda rows: np.abs(lengths[None, :] - predicted[rows, None])
     levels = _levels(n, correct, member, tiers, ks)
     levels.setdefault("collection", None)
     return levels
 
 
 def phrase_levels(answers: Sequence[np.ndarray], query_lines: np.ndarray, phrase_lengths: np.ndarray,
-                  lengths: np.ndarray, collection: np.ndarray | None,
-                  ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
-    """Levels for phrase queries: `answers[q]` the gallery lines containing phrase q, `query_lines[q]` the line
-    it was drawn from, `phrase_lengths[q]` its UTF-8 bytes, `lengths` the gallery lines' bytes."""
-    n_gallery = len(lengths)
+                  n_gallery: int, collection: np.ndarray | None, ks: Sequence[int] = DEFAULT_KS,
+                  predicted: np.ndarray | None = None) -> dict[str, Any]:
+    """Levels for phrase queries (t2i) against `n_gallery` lines: `answers[q]` the lines containing phrase q,
+    `query_lines[q]` the line it was drawn from, `phrase_lengths[q]` its UTF-8 bytes, `predicted` the lines'
+    text lengths as predicted from their images. Keys: chance, collection (None without codes), length_t2i."""
 
     def correct(rows: slice) -> np.ndarray:
         ok = np.zeros((rows.stop - rows.start, n_gallery), dtype=bool)
@@ -143,12 +182,15 @@ def phrase_levels(answers: Sequence[np.ndarray], query_lines: np.ndarray, phrase
             ok[i, cols] = True
         return ok
 
-    def length_tier(rows: slice) -> np.ndarray:
-        fits = lengths[None, :] >= phrase_lengths[rows, None]
-        return np.where(fits, -lengths[None, :], 1)
-
     query_collection = collection[query_lines] if collection is not None else None
-    levels = _levels(len(answers), correct, None, _shortcut_tiers(collection, query_collection, length_tier), ks)
+    tiers = _collection_tiers(collection, query_collection)
+    if predicted is not None:
+        def length_tier(rows: slice) -> np.ndarray:
+            fits = predicted[None, :] >= phrase_lengths[rows, None]
+            return np.where(fits, -predicted[None, :], np.inf)
+
+        tiers["length_t2i"] = length_tier
+    levels = _levels(len(answers), correct, None, tiers, ks)
     levels.setdefault("collection", None)
     return levels
 
@@ -205,11 +247,12 @@ def phrase_queries(texts: Sequence[str], seed: int, min_syl: int = DEFAULT_MIN_S
 class ValidationPlan:
     """The settings of a validation gallery beyond the whole one, fixed before anything is embedded: text ids,
     byte lengths, collection codes, one group code array per within-group setting, the phrase queries.
-    `metrics` / `levels` give flat keys (`page_t2i_r1`, `phrase_t2i_mrr`, `page_length_level_r1`, ...)."""
+    `metrics` / `levels` give flat keys (`page_t2i_r1`, `phrase_t2i_mrr`, `page_t2i_length_level_r1`, ...)."""
 
     ids: np.ndarray
     lengths: np.ndarray
     collection: np.ndarray | None
+    aspects: np.ndarray | None = None  # image width / height (NaN: unreadable); None: no length level
     groups: dict[str, np.ndarray] = field(default_factory=dict)  # setting name (page, doc, ...) -> codes
     phrases: list[str] = field(default_factory=list)
     query_lines: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -222,12 +265,14 @@ class ValidationPlan:
     @classmethod
     def build(cls, records: Sequence[Any], gallery_by: Sequence[str] = ("page_id",), phrases: bool = True,
               seed: int = 0, min_syl: int = DEFAULT_MIN_SYLLABLES, max_syl: int = DEFAULT_MAX_SYLLABLES,
-              collection_field: str = "collection") -> ValidationPlan:
-        """A field no record has is skipped (a val manifest without page ids has no within-page setting)."""
+              collection_field: str = "collection", levels: bool = True) -> ValidationPlan:
+        """A field no record has is skipped (a val manifest without page ids has no within-page setting).
+        With `levels`, the image headers are read for the length level's aspect ratios."""
         from lineclip.metrics import text_ids
 
         texts = [r.text for r in records]
         plan = cls(ids=text_ids(texts), lengths=text_bytes(texts), collection=optional_codes(records, collection_field),
+                   aspects=image_aspects([r.image_path for r in records]) if levels else None,
                    with_phrases=phrases)
         for key in gallery_by:
             codes = optional_codes(records, key)
@@ -251,6 +296,7 @@ class ValidationPlan:
             self._restricted[key] = ValidationPlan(
                 ids=self.ids[kept], lengths=self.lengths[kept],
                 collection=self.collection[kept] if self.collection is not None else None,
+                aspects=self.aspects[kept] if self.aspects is not None else None,
                 groups={name: codes[kept] for name, codes in self.groups.items()},
                 phrases=[self.phrases[q] for q in queries],
                 query_lines=position[self.query_lines[queries]] if queries else np.zeros(0, np.int64),
@@ -272,18 +318,19 @@ class ValidationPlan:
         return out
 
     def levels(self, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-        """`chance_r1`, `collection_level_r1`, `length_level_mrr`, ... for the whole gallery, then prefixed by
-        setting (`page_chance_r1`, `phrase_length_level_r10`); computed once."""
+        """`chance_r1`, `collection_level_r1`, `t2i_length_level_mrr`, `i2t_length_level_r5`, ... for the whole
+        gallery, then the same prefixed by setting (`page_chance_r1`, `phrase_t2i_length_level_r10`); computed
+        once."""
         if self._levels is None:
-            settings = {"": line_levels(self.ids, self.lengths, self.collection, ks=ks)}
+            predicted = predicted_lengths(self.aspects, self.lengths) if self.aspects is not None else None
+            settings = {"": line_levels(self.ids, self.lengths, self.collection, ks=ks, predicted=predicted)}
             for name, codes in self.groups.items():
-                settings[f"{name}_"] = line_levels(self.ids, self.lengths, self.collection, codes, ks)
+                settings[f"{name}_"] = line_levels(self.ids, self.lengths, self.collection, codes, ks, predicted)
             if self.with_phrases:
                 settings["phrase_"] = phrase_levels(self.answers, self.query_lines, text_bytes(self.phrases),
-                                                    self.lengths, self.collection, ks)
+                                                    len(self.ids), self.collection, ks, predicted)
             self._levels = {}
             for prefix, levels in settings.items():
                 for level, values in levels.items():
-                    suffix = "chance" if level == "chance" else f"{level}_level"
-                    self._levels.update({f"{prefix}{suffix}_{k}": v for k, v in (values or {}).items()})
+                    self._levels.update({f"{prefix}{LEVEL_KEYS[level]}_{k}": v for k, v in (values or {}).items()})
         return self._levels

@@ -269,7 +269,7 @@ def validation_plan(records: list[LineRecord], cfg: DictConfig) -> ValidationPla
     """What validation scores besides the whole gallery (trainer.val_gallery_by, trainer.val_phrases)."""
     low, high = cfg.trainer.val_phrase_syllables
     plan = ValidationPlan.build(records, list(cfg.trainer.val_gallery_by), cfg.trainer.val_phrases,
-                                cfg.trainer.val_phrase_seed, low, high)
+                                cfg.trainer.val_phrase_seed, low, high, levels=cfg.trainer.val_levels)
     skipped = [key for key in cfg.trainer.val_gallery_by if setting_name(key) not in plan.groups]
     if skipped:
         log.info("validation: no val line has %s; no within-group metrics for it", ", ".join(skipped))

@@ -14,6 +14,7 @@ from lineclip.galleries import (
     phrase_levels,
     phrase_metrics,
     phrase_queries,
+    predicted_lengths,
     within_group_metrics,
 )
 from lineclip.manifest import LineRecord
@@ -59,25 +60,38 @@ def test_within_page_ranks_singletons_and_lines_without_a_page_id():
 def test_within_page_chance_by_hand():
     groups = group_codes(["A", "A", "A", "B", "B", "C", None])
     lengths = np.array([5, 5, 5, 5, 5, 5, 5])  # all equal: the length ranker is random too
-    levels = line_levels(np.arange(7), lengths, None, groups, ks=(1, 2, 5))
+    levels = line_levels(np.arange(7), lengths, None, groups, ks=(1, 2, 5), predicted=lengths.astype(float))
     # page A: 1 of 3 -> R@1 1/3, R@2 2/3, MRR (1 + 1/2 + 1/3)/3; page B: 1 of 2 -> 1/2, 1, 3/4; C alone: 0
     want = {"r1": (3 * 1 / 3 + 2 * 1 / 2) / 6, "r2": (3 * 2 / 3 + 2 * 1) / 6, "r5": 5 / 6,
             "mrr": (3 * 11 / 18 + 2 * 3 / 4) / 6}
     assert levels["chance"] == pytest.approx(want)
-    assert levels["length"] == pytest.approx(want)
+    assert levels["length_t2i"] == pytest.approx(want) and levels["length_i2t"] == pytest.approx(want)
     assert levels["collection"] is None
 
 
 def test_length_and_collection_levels_on_a_tiny_gallery():
-    # byte lengths 3, 3, 6, 9; collections X, Y, X, Y; all texts distinct
-    texts = ["abc", "xyz", "abcdef", "abcdefghi"]
-    lengths = np.array([len(t) for t in texts])
-    levels = line_levels(np.arange(4), lengths, group_codes(["X", "Y", "X", "Y"]), ks=(1, 2, 3))
-    # length: lines 0 and 1 tie at distance 0 (R@1 1/2, MRR 3/4 each); lines 2 and 3 are alone at 0 (rank 1)
-    assert levels["length"] == pytest.approx({"r1": 0.75, "r2": 1.0, "r3": 1.0, "mrr": 0.875})
+    # text lengths 3, 3, 6, 9 bytes; lengths predicted from the images 5, 3, 6, 9; collections X, Y, X, Y
+    lengths, predicted = np.array([3, 3, 6, 9]), np.array([5.0, 3.0, 6.0, 9.0])
+    levels = line_levels(np.arange(4), lengths, group_codes(["X", "Y", "X", "Y"]), ks=(1, 2, 3), predicted=predicted)
+    # t2i, images by |predicted - query length|: text 0 (3) meets image 1 (distance 0) before its own image 0 (2):
+    # rank 2; texts 1, 2, 3 find their own image alone at distance 0
+    assert levels["length_t2i"] == pytest.approx({"r1": 0.75, "r2": 1.0, "r3": 1.0, "mrr": (0.5 + 3) / 4})
+    # i2t, texts by |length - the image's predicted length|: image 0 (5) has text 2 (distance 1) first, then
+    # texts 0 and 1 tied at 2: rank 2 or 3; image 1 (3) ties texts 0 and 1 at 0: rank 1 or 2; images 2, 3: rank 1
+    assert levels["length_i2t"] == pytest.approx(
+        {"r1": (0 + 0.5 + 1 + 1) / 4, "r2": (0.5 + 1 + 1 + 1) / 4, "r3": 1.0,
+         "mrr": ((1 / 2 + 1 / 3) / 2 + (1 + 1 / 2) / 2 + 1 + 1) / 4})
     # collection: own collection (2 lines) first: R@1 1/2 = min(1, K / 2) as RESULTS.md's group_level
     assert levels["collection"] == pytest.approx({"r1": 0.5, "r2": 1.0, "r3": 1.0, "mrr": 0.75})
     assert levels["chance"] == pytest.approx({"r1": 0.25, "r2": 0.5, "r3": 0.75, "mrr": 25 / 48})
+    assert "length_t2i" not in line_levels(np.arange(4), lengths, None)  # no image sizes, no length level
+
+
+def test_predicted_lengths_is_the_least_squares_line_through_the_aspects():
+    # aspects 1, 2, 3 with lengths 1, 5, 6: slope cov/var = (5/3)/(2/3) = 2.5, intercept 4 - 2.5 * 2 = -1
+    got = predicted_lengths(np.array([1.0, 2.0, 3.0, np.nan]), np.array([1, 5, 6, 4]))
+    np.testing.assert_allclose(got, [1.5, 4.0, 6.5, 4.0])  # an unreadable image gets the mean length
+    np.testing.assert_allclose(predicted_lengths(np.array([2.0, 2.0]), np.array([3, 5])), [4.0, 4.0])
 
 
 def test_a_phrase_in_two_lines_metrics_and_levels():
@@ -87,11 +101,15 @@ def test_a_phrase_in_two_lines_metrics_and_levels():
     assert [contains_phrase(t, "ཀ་ཁ") for t in texts] == [True, True, False]
     got = phrase_metrics(torch.tensor([[0.2, 0.5, 0.9]]), torch.eye(3), answers, ks=(1, 2))
     assert got["t2i_r1"] == 0.0 and got["t2i_r2"] == 1.0 and got["t2i_mrr"] == 0.5  # line 2 outscores line 1
-    levels = phrase_levels(answers, np.array([0]), np.array([9]), lengths, group_codes(["X", "X", "Y"]), ks=(1, 2))
+    levels = phrase_levels(answers, np.array([0]), np.array([9]), 3, group_codes(["X", "X", "Y"]), ks=(1, 2),
+                           predicted=lengths.astype(float))
     # chance: 2 correct of 3 -> R@1 2/3, MRR 2/3 + 1/3 * 1/2
     assert levels["chance"] == pytest.approx({"r1": 2 / 3, "r2": 1.0, "mrr": 5 / 6})
     # length: longest first, line 2 (21 bytes, wrong) then line 1 (18, correct): always rank 2
-    assert levels["length"] == pytest.approx({"r1": 0.0, "r2": 1.0, "mrr": 0.5})
+    assert levels["length_t2i"] == pytest.approx({"r1": 0.0, "r2": 1.0, "mrr": 0.5})
+    # predicted shorter than the phrase (8 bytes): lines 0, 1 are last, tied: line 2 first, then rank 2 either way
+    short = phrase_levels(answers, np.array([0]), np.array([9]), 3, None, ks=(1, 2), predicted=np.array([8, 8, 30.0]))
+    assert short["length_t2i"] == pytest.approx({"r1": 0.0, "r2": 1.0, "mrr": 0.5}) and short["collection"] is None
     # collection X = lines 0, 1, both correct: rank 1
     assert levels["collection"] == pytest.approx({"r1": 1.0, "r2": 1.0, "mrr": 1.0})
 

@@ -204,12 +204,13 @@ def test_validation_scores_within_page_and_phrase_queries_and_logs_the_levels(tr
     assert levels["val_page_chance_r1"] == pytest.approx((2 / 3 + 2 / 3 + 10 / 3) / 12)
     assert levels["val_chance_r1"] == pytest.approx((2 / 12 + 2 / 12 + 10 / 12) / 12)
     assert levels["val_collection_level_r1"] == pytest.approx((2 / 6 + 2 / 6 + 10 / 6) / 12)
-    assert "val_phrase_length_level_r10" in levels and "val_page_t2i_r1" not in levels
+    assert "val_phrase_t2i_length_level_r10" in levels and "val_page_i2t_length_level_r1" in levels
+    assert "val_page_t2i_r1" not in levels
     assert all("val_page_chance_r1" not in h for h in cfg["val_history"])  # constants are kept once
     # and the tracker got all of them: the offline W&B run's record file (what `wandb sync` uploads) has the keys
     record = next((trained_run / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
     for key in ("val_page_t2i_r1", "val_page_i2t_r1", "val_phrase_t2i_r1", "val_page_chance_r1",
-                "val_phrase_collection_level_r1", "val_length_level_r1"):
+                "val_phrase_collection_level_r1", "val_t2i_length_level_r1"):
         assert bytes([len(key)]) + key.encode() in record, key  # a length-prefixed protobuf string: the exact key
 
 def test_multirun_four_jobs_each_complete(tmp_path, tiny_dataset):
