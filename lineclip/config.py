@@ -118,7 +118,7 @@ class TrainerConfig:
     max_bad_steps: int = 10  # non-finite losses in a row before the run stops
     # Validation beyond the whole gallery (lineclip.galleries): within-group galleries for each field the val
     # manifest has (val_page_t2i_r1, ...), phrase queries (val_phrase_t2i_r1, ...), and once per run the levels
-    # of chance / collection-only / length-only rankers (val_chance_r1, val_page_length_level_r1, ...).
+    # of chance / collection-only / length-only rankers (val_chance_r1, val_page_t2i_length_level_r1, ...).
     val_gallery_by: list[str] = field(default_factory=lambda: ["page_id"])
     val_phrases: bool = True
     val_phrase_seed: int = 0  # the same phrase queries whatever trainer.seed, so runs compare
