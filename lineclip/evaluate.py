@@ -196,7 +196,10 @@ def evaluate_records(
             result["galleries"][key] = block
     if phrases:
         low, high = phrase_syllables
-        phrase_texts, query_lines, answers = galleries.phrase_queries(texts, phrase_seed, low, high)
+        # Drawn on the whole manifest (seeded by position, as in training validation), then restricted to the
+        # lines whose images could be read.
+        plan = galleries.ValidationPlan.build(records, (), True, phrase_seed, low, high, levels=False).restrict(kept)
+        phrase_texts, query_lines, answers = plan.phrases, plan.query_lines, plan.answers
         phrase_emb = torch.from_numpy(encoder.encode_texts(phrase_texts, text_batch_size, progress))
         block = {"seed": phrase_seed, "syllables": [low, high], "n_queries": len(phrase_texts),
                  "n_lines_without_phrase": len(texts) - len(phrase_texts),

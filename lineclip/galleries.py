@@ -1,6 +1,7 @@
 """Retrieval settings that knowing a line's collection cannot satisfy, and the levels of the known shortcuts.
 
-Shared by `lineclip.evaluate` and training validation; pure (embeddings and per-line arrays in, dicts out).
+Shared by `lineclip.evaluate` and training validation; pure (embeddings and per-line arrays in, dicts out),
+except `image_aspects`, which reads image headers.
 
 - whole gallery: every line against every line (lineclip.metrics.retrieval_metrics);
 - within-group galleries (`gallery_by`: page_id, doc_id, collection or any manifest field): each query is
@@ -43,18 +44,18 @@ from lineclip.phrases import DEFAULT_MAX_SYLLABLES, DEFAULT_MIN_SYLLABLES, phras
 
 RECORD_FIELDS = ("doc_id", "page_id", "line_id")
 SHORT_NAMES = {"page_id": "page", "doc_id": "doc", "line_id": "line"}
-LEVEL_CHUNK = 512
+LEVEL_CHUNK = 512  # query rows per dense [rows, N] block of the level computation
 # a level's name in flat metric keys: val_chance_r1, val_collection_level_r1, val_page_t2i_length_level_r1
 LEVEL_KEYS = {"chance": "chance", "collection": "collection_level", "length_t2i": "t2i_length_level",
-              "length_i2t": "i2t_length_level"}  # query rows per dense [rows, N] block of the level computation
+              "length_i2t": "i2t_length_level"}
 
 
-def field_values(records: Sequence[Any], field: str) -> list[str | None]:
-    """Each record's value of `field` (a LineRecord field such as page_id, or a manifest key in `extra`);
+def field_values(records: Sequence[Any], key: str) -> list[str | None]:
+    """Each record's value of `key` (a LineRecord field such as page_id, or a manifest key in `extra`);
     None where it has none (an empty string counts as none)."""
-    if field in RECORD_FIELDS:
-        return [getattr(r, field) or None for r in records]
-    return [r.extra.get(field) or None for r in records]
+    if key in RECORD_FIELDS:
+        return [getattr(r, key) or None for r in records]
+    return [r.extra.get(key) or None for r in records]
 
 
 def group_codes(values: Sequence[str | None]) -> np.ndarray:
@@ -63,15 +64,15 @@ def group_codes(values: Sequence[str | None]) -> np.ndarray:
     return np.array([-1 if v is None else codes.setdefault(v, len(codes)) for v in values], dtype=np.int64)
 
 
-def optional_codes(records: Sequence[Any], field: str) -> np.ndarray | None:
-    """group_codes of `field`, or None when no record has it (then there is no level for it)."""
-    values = field_values(records, field)
+def optional_codes(records: Sequence[Any], key: str) -> np.ndarray | None:
+    """group_codes of `key`, or None when no record has it (then there is no level for it)."""
+    values = field_values(records, key)
     return group_codes(values) if any(v is not None for v in values) else None
 
 
-def setting_name(field: str) -> str:
+def setting_name(key: str) -> str:
     """The short name of a gallery_by field in metric keys: page_id -> page (val_page_t2i_r1)."""
-    return SHORT_NAMES.get(field, field)
+    return SHORT_NAMES.get(key, key)
 
 
 def text_bytes(texts: Sequence[str]) -> np.ndarray:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lineclip.galleries import (
+    ValidationPlan,
     field_values,
     group_codes,
     line_levels,
@@ -149,3 +150,20 @@ def test_expected_recall_matches_enumerating_every_tie_order():
     member = rng.random((5, 6)) < 0.8
     got = expected_recall(*tier_counts(tier, correct, member), ks=(1, 2, 4))
     assert got == pytest.approx(_enumerated(tier, correct & member, member, (1, 2, 4)))
+
+
+def test_a_plan_restricted_to_the_embedded_lines_renumbers_phrase_answers():
+    texts = ["ཀ་ཁ་ག", "ང་ཀ་ཁ།", "ཅ་ཆ", "ཀ་ཁ"]
+    records = _records(["A", "A", "", "B"], texts=texts, collections=["X", "X", "Y", None])
+    plan = ValidationPlan.build(records, ["page_id", "doc_id"], seed=0, levels=False)
+    assert list(plan.groups) == ["page"] and plan.groups["page"].tolist() == [0, 0, -1, 1]  # no doc ids at all
+    assert plan.collection.tolist() == [0, 0, 1, -1] and plan.aspects is None
+    kept = plan.restrict(np.array([0, 2, 3]))  # line 1's image could not be read
+    assert kept.ids.tolist() == plan.ids[[0, 2, 3]].tolist() and kept.groups["page"].tolist() == [0, -1, 1]
+    kept_texts = [texts[0], texts[2], texts[3]]
+    for phrase, answers in zip(kept.phrases, kept.answers, strict=True):
+        assert answers.tolist() == [j for j, t in enumerate(kept_texts) if contains_phrase(t, phrase)]
+    # every line but line 1 has a phrase query, drawn as on the whole manifest
+    assert kept.query_lines.tolist() == [0, 1, 2]
+    assert kept.phrases == [p for q, p in zip(plan.query_lines, plan.phrases, strict=True) if q != 1]
+    assert plan.restrict(np.arange(4)) is plan
