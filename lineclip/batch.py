@@ -459,7 +459,8 @@ class TrainTexts:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         if rng.random() >= self.p:
             return transcription
-        return sample_phrase(transcription, rng, self.min_syllables, self.max_syllables)
+        # A line of fewer syllables than min_syllables is its own phrase.
+        return sample_phrase(transcription, rng, self.min_syllables, self.max_syllables) or transcription
 
     def positives(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """[N, N] bool over the batch's lines (in the order given): [i, j] when line j's text occurs in line

@@ -148,6 +148,14 @@ class TrainerConfig:
     resume: str | None = None  # latest | a run dir | a checkpoint_step_XXXXXXX_ bundle
     keep_last_checkpoints: int | None = None  # rotate older checkpoints away (final artifacts never)
     max_bad_steps: int = 10  # non-finite losses in a row before the run stops
+    # Validation beyond the whole gallery (lineclip.galleries): within-group galleries for each field the val
+    # manifest has (val_page_t2i_r1, ...), phrase queries (val_phrase_t2i_r1, ...), and once per run the levels
+    # of chance / collection-only / length-only rankers (val_chance_r1, val_page_t2i_length_level_r1, ...).
+    val_gallery_by: list[str] = field(default_factory=lambda: ["page_id"])
+    val_phrases: bool = True
+    val_phrase_seed: int = 0  # the same phrase queries whatever trainer.seed, so runs compare
+    val_phrase_syllables: list[int] = field(default_factory=lambda: [2, 8])  # min, max syllables
+    val_levels: bool = True  # chance / collection-only / length-only levels (once per run, O(N^2) on CPU)
 
 
 @dataclass
@@ -249,6 +257,9 @@ def check_config(cfg: DictConfig) -> None:
     if not 1 <= span.min_syllables <= span.max_syllables:
         raise ConfigError("data.text_span needs 1 <= min_syllables <= max_syllables, got "
                           f"{span.min_syllables} and {span.max_syllables}")
+    syllables = list(cfg.trainer.val_phrase_syllables)
+    if len(syllables) != 2 or not 1 <= syllables[0] <= syllables[1]:
+        raise ConfigError(f"trainer.val_phrase_syllables must be [min, max] with 1 <= min <= max, got {syllables}")
     if cfg.trainer.epochs <= 0 and cfg.trainer.max_steps is None:
         raise ConfigError(f"trainer.epochs must be > 0 when trainer.max_steps is null, got {cfg.trainer.epochs}")
     if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.data.num_workers < 0:

@@ -7,6 +7,16 @@ Both directions (line image -> text, text -> line image), Recall@K, MRR and medi
   whose text is shared scores as well as its twin in i2t.
 With `eval.group_key=collection` the same numbers per value of that manifest key (gallery = the group's lines).
 
+Metrics that knowing a line's collection cannot satisfy (lineclip.galleries):
+- `eval.gallery_by=page_id` (doc_id, collection, any manifest key, or a list): each query ranked only among the
+  lines sharing its value, pooled over all groups (lines without a value left out, a line alone in its group
+  counted but never a hit);
+- `eval.queries=phrase`: per line a seeded run of 2-8 whole syllables is the text query, every line containing
+  it a correct answer (text -> image).
+Each setting comes with the expected levels of rankers that never read: chance, one that knows only the
+collection (`eval.collection_field`), one that knows only lengths (a text's, and a line image's width, from
+which it predicts its text length) (`levels` in the JSON).
+
 The result is printed as a table and written as JSON to `<run dir>/<bundle prefix>eval_<name>.json` (or
 `eval.output`), where `<name>` is the manifest's stem, or `<split>_<stem>` for OpenPecha's
 `<root>/<split>/meta/lines.jsonl` (so `eval_eval_lines.json`, `eval_train_lines.json`). Similarities are
@@ -50,7 +60,13 @@ MISSING_GROUP = "(missing)"
 
 @dataclass
 class EvalOptions:
-    group_key: str | None = None  # a manifest key (LineRecord.extra), e.g. collection
+    group_key: str | None = None  # a manifest key (LineRecord.extra) or page_id/doc_id, e.g. collection
+    gallery_by: Any = None  # a field or a list of fields: within-group galleries (page_id, doc_id, ...)
+    queries: Any = "line"  # line | phrase | [line, phrase]: whole-line queries are always scored
+    phrase_seed: int = 0
+    phrase_syllables: list[int] = field(default_factory=lambda: [2, 8])  # min and max syllables of a phrase
+    collection_field: str = "collection"  # what the collection-only level knows
+    levels: bool = True  # chance / collection-only / length-only levels (CPU, O(N^2) in blocks)
     output: str | None = None  # JSON path; default <run dir>/<bundle prefix>eval_<name>.json
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     chunk_size: int = 256  # query rows per similarity block: 256 x 100k lines is 100 MB of scores
@@ -120,12 +136,21 @@ def evaluate_records(
     text_batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = False,
+    gallery_by: Sequence[str] = (),
+    phrases: bool = False,
+    phrase_seed: int = 0,
+    phrase_syllables: Sequence[int] = (2, 8),
+    collection_field: str = "collection",
+    levels: bool = True,
 ) -> dict[str, Any]:
-    """Embed the records' images and texts with `encoder` and compute both kinds of metrics (and per group).
+    """Embed the records' images and texts with `encoder` and compute both kinds of metrics (and per group),
+    the within-group galleries of `gallery_by`, phrase queries when `phrases`, and the reference levels.
 
     Lines whose image cannot be read are left out (counted in `images_unreadable`)."""
     import pandas as pd
+    import torch
 
+    from lineclip import galleries
     from lineclip.batch import count_truncated
     from lineclip.metrics import text_ids
 
@@ -145,19 +170,63 @@ def evaluate_records(
         "texts_truncated": count_truncated(texts, encoder.text_max_length),
         "ks": list(ks),
     }
-    _check_group_key(records, group_key)
+    _check_fields(records, "eval.group_key", [group_key] if group_key else [])
     if group_key:
-        values = [r.extra.get(group_key, MISSING_GROUP) for r in used]
+        values = [v or MISSING_GROUP for v in galleries.field_values(used, group_key)]
         members = pd.Series(values).groupby(values).indices  # value -> row positions, in manifest order
         groups = {value: _metrics(image[rows], text[rows], ids[rows], ks, chunk_size)
                   for value, rows in sorted(members.items())}
         result["groups"] = {"key": group_key, "values": groups}
+
+    lengths = galleries.text_bytes(texts)
+    collection = galleries.optional_codes(used, collection_field)
+    predicted = None
+    if levels:
+        predicted = galleries.predicted_lengths(galleries.image_aspects([r.image_path for r in used]), lengths)
+        result["levels"] = galleries.line_levels(ids, lengths, collection, ks=ks, predicted=predicted)
+    image_t, text_t = torch.from_numpy(image), torch.from_numpy(text)
+    _check_fields(records, "eval.gallery_by", gallery_by)
+    if gallery_by:
+        result["galleries"] = {}
+        for key in gallery_by:
+            groups = galleries.group_codes(galleries.field_values(used, key))
+            block = galleries.within_group_metrics(image_t, text_t, ids, groups, ks, chunk_size)
+            if levels:
+                block["levels"] = galleries.line_levels(ids, lengths, collection, groups, ks, predicted)
+            result["galleries"][key] = block
+    if phrases:
+        low, high = phrase_syllables
+        # Drawn on the whole manifest (seeded by position, as in training validation), then restricted to the
+        # lines whose images could be read.
+        plan = galleries.ValidationPlan.build(records, (), True, phrase_seed, low, high, levels=False).restrict(kept)
+        phrase_texts, query_lines, answers = plan.phrases, plan.query_lines, plan.answers
+        phrase_emb = torch.from_numpy(encoder.encode_texts(phrase_texts, text_batch_size, progress))
+        block = {"seed": phrase_seed, "syllables": [low, high], "n_queries": len(phrase_texts),
+                 "n_lines_without_phrase": len(texts) - len(phrase_texts),
+                 "mean_correct_lines": float(np.mean([len(a) for a in answers])) if answers else 0.0,
+                 "metrics": galleries.phrase_metrics(phrase_emb, image_t, answers, ks, chunk_size)}
+        if levels:
+            block["levels"] = galleries.phrase_levels(answers, query_lines, galleries.text_bytes(phrase_texts),
+                                                      len(texts), collection, ks, predicted)
+        result["phrase"] = block
     return result
 
 
-def _check_group_key(records: Sequence[LineRecord], group_key: str | None) -> None:
-    if group_key and not any(group_key in r.extra for r in records):
-        raise UsageError(f"eval.group_key={group_key}: no row of the manifest has that key")
+def _check_fields(records: Sequence[LineRecord], option: str, fields: Sequence[str]) -> None:
+    from lineclip.galleries import field_values
+
+    for key in fields:
+        if all(v is None for v in field_values(records, key)):
+            raise UsageError(f"{option}={key}: no row of the manifest has that key")
+
+
+def _as_list(value: Any) -> list[str]:
+    """A config value that may be one string or a list of them."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
 
 
 # -------------------------------------------------------------------------------------------------- table
@@ -175,7 +244,28 @@ def _rows(block: dict[str, Any], ks: Sequence[int]) -> list[tuple[str, list[str]
         c = block["chance"][kind]
         rows.append((f"chance {label}", [f"{c[f'r{k}']:.3f}" for k in ks] + [f"{c['mrr']:.3f}",
                                                                               f"~{c['mean_rank']:.0f}"]))
+    return rows + _level_rows(block, ks, ("collection", "length_i2t", "length_t2i"))
+
+
+LEVEL_LABELS = {"chance": "chance", "collection": "collection only", "length_i2t": "i2t length only",
+                "length_t2i": "t2i length only"}
+
+
+def _level_rows(block: dict[str, Any], ks: Sequence[int], names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    rows = []
+    for name in names:
+        level = (block.get("levels") or {}).get(name)
+        if level is not None:
+            rows.append((LEVEL_LABELS[name], [f"{level[f'r{k}']:.3f}" for k in ks] + [f"{level['mrr']:.3f}", ""]))
     return rows
+
+
+def _setting_rows(block: dict[str, Any], ks: Sequence[int], directions: Sequence[str]) -> list[tuple[str, list[str]]]:
+    m = block["metrics"]
+    rows = [(direction, [f"{m[f'{direction}_r{k}']:.3f}" for k in ks]
+             + [f"{m[f'{direction}_mrr']:.3f}", f"{m[f'{direction}_median_rank']:g}"]) for direction in directions]
+    names = ("chance", "collection", *(f"length_{d}" for d in directions))
+    return rows + _level_rows(block, ks, names)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -186,11 +276,22 @@ def format_table(result: dict[str, Any]) -> str:
     for value, block in (result.get("groups") or {}).get("values", {}).items():
         blocks.append((f"{result['groups']['key']}={value}: {block['n_lines']} lines, "
                        f"{block['n_distinct_texts']} distinct texts", block))
+    blocks = [(title, _rows(block, ks)) for title, block in blocks]
+    for key, block in (result.get("galleries") or {}).items():
+        blocks.append((f"within {key}: {block['n_queries']} queries in {block['n_groups']} galleries "
+                       f"({block['n_alone']} alone, never a hit; {block['n_without_value']} lines without {key})",
+                       _setting_rows(block, ks, ("i2t", "t2i"))))
+    if "phrase" in result:
+        block = result["phrase"]
+        low, high = block["syllables"]
+        blocks.append((f"phrase queries ({low}-{high} syllables, seed {block['seed']}): {block['n_queries']} "
+                       f"queries, {block['mean_correct_lines']:.2f} correct lines each on average",
+                       _setting_rows(block, ks, ("t2i",))))
     lines = []
-    for title, block in blocks:
+    for title, rows in blocks:
         lines.append(title)
         lines.append("  " + f"{header[0]:<16}" + "".join(f"{h:>8}" for h in header[1:]))
-        for label, cells in _rows(block, ks):
+        for label, cells in rows:
             lines.append("  " + f"{label:<16}" + "".join(f"{c:>8}" for c in cells))
     return "\n".join(lines)
 
@@ -213,13 +314,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     ref = resolve_bundle(cfg.run_dir)
     check_bundle(ref)  # a bad run dir fails before the manifest is read
+    queries = _as_list(cfg.eval.queries)
+    if not set(queries) <= {"line", "phrase"}:
+        raise UsageError(f"eval.queries must be line, phrase or a list of them, got {cfg.eval.queries}")
+    syllables = list(cfg.eval.phrase_syllables)
+    if len(syllables) != 2 or not 1 <= syllables[0] <= syllables[1]:
+        raise UsageError(f"eval.phrase_syllables must be [min, max] with 1 <= min <= max, got {syllables}")
+    gallery_by = _as_list(cfg.eval.gallery_by)
     records, report = read_manifest(cfg.manifest, cfg.dataset_dir, cfg.on_bad_row)
-    _check_group_key(records, cfg.eval.group_key)  # before minutes of embedding, not after
+    # before minutes of embedding, not after
+    _check_fields(records, "eval.group_key", [cfg.eval.group_key] if cfg.eval.group_key else [])
+    _check_fields(records, "eval.gallery_by", gallery_by)
     output = Path(cfg.eval.output) if cfg.eval.output else default_output(ref.directory, ref.prefix, cfg.manifest)
     encoder = load_encoder(cfg.run_dir, device=cfg.device)
     started = time.perf_counter()
     result = evaluate_records(encoder, records, cfg.eval.group_key, list(cfg.eval.ks), cfg.eval.chunk_size,
-                              cfg.batch_size, cfg.text_batch_size, cfg.num_workers, cfg.progress)
+                              cfg.batch_size, cfg.text_batch_size, cfg.num_workers, cfg.progress,
+                              gallery_by=gallery_by, phrases="phrase" in queries, phrase_seed=cfg.eval.phrase_seed,
+                              phrase_syllables=syllables, collection_field=cfg.eval.collection_field,
+                              levels=cfg.eval.levels)
     import lineclip
 
     config = encoder.training_config

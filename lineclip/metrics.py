@@ -42,26 +42,39 @@ def _correct_pairs(
 def first_correct_ranks(
     queries: torch.Tensor,
     gallery: torch.Tensor,
-    query_ids: torch.Tensor,
-    gallery_ids: torch.Tensor,
+    query_ids: torch.Tensor | None = None,
+    gallery_ids: torch.Tensor | None = None,
     strict: bool = False,
     chunk_size: int = 1024,
+    *,
+    correct_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    query_groups: torch.Tensor | None = None,
+    gallery_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1-based rank of the best-scoring correct gallery item for every query (ties count in its favour).
 
-    `query_ids[i] == gallery_ids[j]` marks gallery item j correct for query i; with `strict`, only j == i.
-    A query with no correct item gets rank len(gallery) + 1.
+    `query_ids[i] == gallery_ids[j]` marks gallery item j correct for query i; with `strict`, only j == i;
+    or `correct_pairs = (rows, cols)`, rows ascending, lists the correct (query, gallery item) pairs (phrase
+    queries). With `query_groups` / `gallery_groups`, query i is ranked only among the items j with
+    `gallery_groups[j] == query_groups[i]` (a within-page gallery). A query with no correct item (in its
+    group) gets rank len(gallery) + 1.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if (query_groups is None) != (gallery_groups is None):
+        raise ValueError("query_groups and gallery_groups go together")
     n_gallery = len(gallery)
     device = queries.device
+    if query_groups is not None:
+        query_groups, gallery_groups = query_groups.to(device), gallery_groups.to(device)
+    if correct_pairs is not None:
+        pair_rows, pair_cols = (t.to(device) for t in correct_pairs)
     ranks = torch.empty(len(queries), dtype=torch.long)
     # A float32 sum of 0/1 values is exact only below 2**24 per row.
     count_dtype = torch.float32 if n_gallery < 2**24 else torch.float64
     with torch.inference_mode():
         gallery_t = gallery.T.contiguous()
-        if not strict:
+        if not strict and correct_pairs is None:
             order, first, count = _correct_pairs(query_ids.to(device), gallery_ids.to(device))
             gallery_ids = gallery_ids.to(device)
         # One score buffer for all chunks: a fresh chunk x N allocation per chunk is page-faulted in anew
@@ -71,8 +84,13 @@ def first_correct_ranks(
             stop = min(start + chunk_size, len(queries))
             rows = stop - start
             scores = torch.matmul(queries[start:stop], gallery_t, out=buffer[:rows])
+            if query_groups is not None:  # items of other groups are not in this query's gallery
+                scores.masked_fill_(query_groups[start:stop, None] != gallery_groups[None, :], float("-inf"))
             if strict:
                 best_correct = scores[torch.arange(rows, device=device), torch.arange(start, stop, device=device)]
+            elif correct_pairs is not None:
+                lo, hi = (int(torch.searchsorted(pair_rows, v)) for v in (start, stop))
+                best_correct = _scatter_best(scores, pair_rows[lo:hi] - start, pair_cols[lo:hi])
             else:
                 best_correct = _best_correct(scores, start, stop, order, first, count, query_ids, gallery_ids)
             # Count in place, in float: a bool mask + integer sum is several times slower on CPU than the
@@ -109,14 +127,26 @@ def _best_correct(
         torch.cumsum(counts, 0) - counts, counts
     )
     col_of_pair = order[torch.repeat_interleave(first[start:stop], counts) + offset_in_group]
-    best = torch.full((rows,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    return _scatter_best(scores, row_of_pair, col_of_pair)
+
+
+def _scatter_best(scores: torch.Tensor, row_of_pair: torch.Tensor, col_of_pair: torch.Tensor) -> torch.Tensor:
+    """Per row of `scores`, the best score among the listed (row, col) pairs (-inf where a row has none)."""
+    best = torch.full((scores.shape[0],), float("-inf"), dtype=scores.dtype, device=scores.device)
     return best.scatter_reduce_(0, row_of_pair, scores[row_of_pair, col_of_pair], reduce="amax")
 
 
-def summarize_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+def summarize_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS,
+                    n_gallery: int | None = None) -> dict[str, float]:
+    """Recall@K, MRR and median rank; with `n_gallery`, a rank past it is a miss (reciprocal rank 0)."""
+    if len(ranks) == 0:
+        return {f"r{k}": 0.0 for k in ks} | {"mrr": 0.0, "median_rank": 0.0}
     r = ranks.double()
     out = {f"r{k}": float((r <= k).double().mean()) for k in ks}
-    out["mrr"] = float((1.0 / r).mean())
+    reciprocal = 1.0 / r
+    if n_gallery is not None:
+        reciprocal[r > n_gallery] = 0.0
+    out["mrr"] = float(reciprocal.mean())
     out["median_rank"] = float(np.median(ranks.numpy()))
     return out
 
@@ -139,4 +169,53 @@ def retrieval_metrics(
     for name, queries, gallery in (("i2t", image_emb, text_emb), ("t2i", text_emb, image_emb)):
         ranks = first_correct_ranks(queries, gallery, text_ids, text_ids, strict=strict, chunk_size=chunk_size)
         out.update({f"{name}_{k}": v for k, v in summarize_ranks(ranks, ks).items()})
+    return out
+
+
+# ------------------------------------------------------------------- expected levels of reference rankers
+
+
+def tier_counts(
+    tier: np.ndarray, correct: np.ndarray, member: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What a ranker that sorts the gallery by `tier` (ascending, equal tiers in random order) does with each
+    query row: ``(before, tied_correct, tied_wrong)``, the wrong items in tiers ahead of the query's best
+    correct tier, and the correct and wrong items in that tier. `correct`/`member` are [Q, N] booleans
+    (`member`: item in the query's gallery; default all); `tier` broadcasts to [Q, N]. A row without a correct
+    member gets (0, 0, 0), a miss."""
+    tier = np.broadcast_to(np.asarray(tier, dtype=np.float64), correct.shape)
+    if member is not None:
+        correct = correct & member
+        wrong = ~correct & member
+    else:
+        wrong = ~correct
+    best = np.where(correct, tier, np.inf).min(axis=1, initial=np.inf)[:, None]
+    before = (wrong & (tier < best)).sum(axis=1)
+    tied = tier == best
+    return before, (correct & tied).sum(axis=1), (wrong & tied).sum(axis=1)
+
+
+def expected_recall(
+    before: np.ndarray, tied_correct: np.ndarray, tied_wrong: np.ndarray, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """Expected Recall@K and MRR over queries whose ranking puts `before` wrong items first, then a tier of
+    `tied_correct` correct and `tied_wrong` wrong items in uniformly random order (see ``tier_counts``).
+    A query with no correct item counts as a miss (0). With before = 0 and the whole gallery as the tier this
+    is the chance level: a query with m correct items of N hits the top k with probability 1 - C(N-m,k)/C(N,k)."""
+    out = {f"r{k}": 0.0 for k in ks} | {"mrr": 0.0}
+    n_queries = len(before)
+    if n_queries == 0:
+        return out
+    triples, counts = np.unique(np.stack([before, tied_correct, tied_wrong], axis=1), axis=0, return_counts=True)
+    for (a, c, w), n in zip(triples.tolist(), counts.tolist(), strict=True):
+        if c == 0:
+            continue
+        j = np.arange(1, w + 2, dtype=np.float64)  # position of the first correct item inside the tier
+        # P(the first j-1 items of the tier are all wrong) as a running product; 1 for j = 1.
+        survive = np.concatenate([[1.0], np.cumprod((w - j[:-1] + 1) / (c + w - j[:-1] + 1))])
+        p_first = survive * c / (c + w - j + 1)
+        weight = n / n_queries
+        for k in ks:
+            out[f"r{k}"] += weight * float(p_first[: max(0, min(k - a, len(p_first)))].sum())
+        out["mrr"] += weight * float((p_first / (a + j)).sum())
     return out

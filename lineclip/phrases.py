@@ -1,41 +1,118 @@
-"""Tibetan syllables and phrases: the units a user types to find a line.
+"""Tibetan syllables and phrases of a transcription: what a user types to find a line.
 
-A syllable is a maximal run of characters between delimiters: the tsheg (U+0F0B, and the non-breaking
-U+0F0C), the shads, yig mgo marks and other Tibetan punctuation, brackets, and whitespace. Punctuation is
-never a syllable of its own.
+A syllable is a maximal run of characters between delimiters: the tsheg (U+0F0B, U+0F0C), the shads and
+other Tibetan punctuation (Unicode category P*, e.g. ། ༎ ༔ ༄ ༅), the Tibetan marks that are symbols (category So
+in U+0F00-U+0FFF, e.g. ༓ ༴), and whitespace. Punctuation is never a syllable; combining signs (vowels,
+subjoined letters, tsa-phru) and digits are part of their syllable.
+
+A phrase is a run of consecutive whole syllables, written as the stretch of the transcription from its first
+syllable's first character to its last syllable's last character (so a phrase that spans a shad keeps it:
+``ཁ། ག``). Containment is by syllables: ``contains_phrase(text, phrase)`` is true when the phrase's syllables
+occur as consecutive syllables of the text, whatever punctuation separates them in either, and never
+matches half a syllable (``ག་ཁ`` is not in ``བག་ཁ``).
+
+Pure functions, no I/O: used by the metrics (phrase queries) and by training (text spans). ``rng`` is either
+a ``random.Random`` or a ``numpy.random.Generator``.
 """
 
 from __future__ import annotations
 
-import re
+import unicodedata
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-# Head marks and yig mgo (U+0F01-0F07), sbrul shad .. tsheg .. shads .. gter tsheg (U+0F08-0F14), the
-# marks and brackets U+0F34 and U+0F3A-0F3D, paluta (U+0F85), the later marks U+0FD0-0FD4 and U+0FD9-0FDA.
-_DELIMITERS = "\\s\u0f01-\u0f14\u0f34\u0f3a-\u0f3d\u0f85\u0fd0-\u0fd4\u0fd9\u0fda"
-_SYLLABLE = re.compile(f"[^{_DELIMITERS}]+")
+DEFAULT_MIN_SYLLABLES = 2
+DEFAULT_MAX_SYLLABLES = 8
 
 
-def _spans(text: str) -> list[tuple[int, int]]:
-    return [m.span() for m in _SYLLABLE.finditer(text)]
+def is_delimiter(char: str) -> bool:
+    """True for whitespace, punctuation (tsheg, shads, ...) and Tibetan symbol marks."""
+    if char.isspace():
+        return True
+    category = unicodedata.category(char)
+    return category.startswith("P") or (category == "So" and "\u0f00" <= char <= "\u0fff")
+
+
+def syllable_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, stop)`` character offsets of each syllable of ``text``, in order."""
+    spans, start = [], None
+    for i, char in enumerate(text):
+        if is_delimiter(char):
+            if start is not None:
+                spans.append((start, i))
+                start = None
+        elif start is None:
+            start = i
+    if start is not None:
+        spans.append((start, len(text)))
+    return spans
 
 
 def syllables(text: str) -> list[str]:
-    """The syllables of `text` in order, without tsheg or punctuation: "བཀྲ་ཤིས། །" -> ["བཀྲ", "ཤིས"]."""
-    return _SYLLABLE.findall(text)
+    """The syllables of ``text``: ``syllables("བཀྲ་ཤིས་བདེ་ལེགས། ")`` is ``["བཀྲ", "ཤིས", "བདེ", "ལེགས"]``."""
+    return [text[a:b] for a, b in syllable_spans(text)]
 
 
-def sample_phrase(text: str, rng: np.random.Generator, min_syllables: int = 2, max_syllables: int = 8) -> str:
-    """A run of whole syllables of `text`, as it is written there (its inner tsheg, shad and spaces kept), so
-    the phrase is always a substring of `text`. Its length is drawn uniformly from [min_syllables,
-    min(max_syllables, n)], then its start uniformly; a text of fewer than `min_syllables` syllables is
-    returned whole. `rng`: a numpy Generator (two draws)."""
-    if not 1 <= min_syllables <= max_syllables:
-        raise ValueError(f"need 1 <= min_syllables <= max_syllables, got {min_syllables}, {max_syllables}")
-    spans = _spans(text)
-    if len(spans) < min_syllables:
-        return text
-    length = int(rng.integers(min_syllables, min(max_syllables, len(spans)) + 1))
-    start = int(rng.integers(0, len(spans) - length + 1))
-    return text[spans[start][0] : spans[start + length - 1][1]]
+def _randint(rng: Any, low: int, high: int) -> int:
+    """An integer in [low, high] (both included) from a numpy Generator or a random.Random."""
+    if hasattr(rng, "integers"):
+        return int(rng.integers(low, high + 1))
+    return rng.randint(low, high)
+
+
+def sample_phrase(text: str, rng: Any, min_syl: int = DEFAULT_MIN_SYLLABLES,
+                  max_syl: int = DEFAULT_MAX_SYLLABLES) -> str | None:
+    """A random run of whole syllables of ``text``: its length uniform in [min_syl, min(max_syl, #syllables)],
+    then its start uniform among the places it fits. None when ``text`` has fewer than ``min_syl`` syllables.
+
+    Two draws from ``rng`` per call (none when None is returned), so a seeded rng gives the same phrases."""
+    if not 1 <= min_syl <= max_syl:
+        raise ValueError(f"need 1 <= min_syl <= max_syl, got {min_syl}, {max_syl}")
+    spans = syllable_spans(text)
+    if len(spans) < min_syl:
+        return None
+    length = _randint(rng, min_syl, min(max_syl, len(spans)))
+    first = _randint(rng, 0, len(spans) - length)
+    return text[spans[first][0] : spans[first + length - 1][1]]
+
+
+def sample_phrases(texts: Sequence[str], seed: int, min_syl: int = DEFAULT_MIN_SYLLABLES,
+                   max_syl: int = DEFAULT_MAX_SYLLABLES) -> list[str | None]:
+    """One phrase per text; text i's phrase depends only on (seed, i, text), not on the other texts."""
+    return [sample_phrase(t, np.random.default_rng([seed, i]), min_syl, max_syl) for i, t in enumerate(texts)]
+
+
+def _has_run(haystack: Sequence[str], needle: Sequence[str]) -> bool:
+    n = len(needle)
+    if n == 0:
+        return False
+    return any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1) if haystack[i] == needle[0])
+
+
+def contains_phrase(text: str, phrase: str) -> bool:
+    """True when the syllables of ``phrase`` occur as consecutive syllables of ``text`` (a phrase without
+    syllables is in no text)."""
+    return _has_run(syllables(text), syllables(phrase))
+
+
+def phrase_matches(phrases: Sequence[str | None], texts: Sequence[str]) -> list[np.ndarray]:
+    """For each phrase, the indices (ascending) of the texts that contain it; empty for a None phrase.
+
+    An inverted index from syllables to texts keeps this near-linear: only the texts holding the phrase's
+    rarest syllable are checked."""
+    line_syllables = [tuple(syllables(t)) for t in texts]
+    index: dict[str, list[int]] = {}
+    for row, syls in enumerate(line_syllables):
+        for syl in set(syls):
+            index.setdefault(syl, []).append(row)
+    out = []
+    for phrase in phrases:
+        needle = tuple(syllables(phrase)) if phrase is not None else ()
+        if not needle or any(s not in index for s in needle):
+            out.append(np.empty(0, dtype=np.int64))
+            continue
+        candidates = min((index[s] for s in set(needle)), key=len)
+        out.append(np.array([row for row in candidates if _has_run(line_syllables[row], needle)], dtype=np.int64))
+    return out

@@ -33,12 +33,14 @@ from lineclip.batch import (
     LineDataset,
     TrainTexts,
     count_truncated,
+    encode_texts,
     group_keys,
     text_lengths,
     text_padding_fraction,
 )
 from lineclip.checkpoint import TrainerState, resolve_resume, rotate_checkpoints, training_state_dir
 from lineclip.config import ConfigError, check_config
+from lineclip.galleries import ValidationPlan, setting_name
 from lineclip.loss import (
     ContrastiveOutput,
     contrastive_loss,
@@ -270,9 +272,50 @@ def embed_dataset(
     )
 
 
-def validate(accelerator, model, dataset, collate, text_ids, cfg) -> dict[str, float]:
+@torch.inference_mode()
+def embed_texts(accelerator: Accelerator, model: torch.nn.Module, texts: list[str], cfg: DictConfig) -> torch.Tensor:
+    """[len(texts), D] float32 text embeddings on the CPU, computed on every process alike (the unwrapped model:
+    no collective, so processes need not agree on anything)."""
+    raw = accelerator.unwrap_model(model)
+    was_training = raw.training
+    raw.eval()
+    out = torch.empty(len(texts), raw.image_head.output_dim)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i].encode("utf-8")))  # similar lengths together
+    size = eval_batch_size(cfg)
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
+        input_ids, attention_mask, _ = encode_texts([texts[i] for i in rows], cfg.text.max_length)
+        with accelerator.autocast():
+            emb = raw.encode_text(input_ids.to(accelerator.device), attention_mask.to(accelerator.device))
+        out[rows] = emb.float().cpu()
+    raw.train(was_training)
+    return out
+
+
+def validation_plan(records: list[LineRecord], cfg: DictConfig) -> ValidationPlan:
+    """What validation scores besides the whole gallery (trainer.val_gallery_by, trainer.val_phrases)."""
+    low, high = cfg.trainer.val_phrase_syllables
+    plan = ValidationPlan.build(records, list(cfg.trainer.val_gallery_by), cfg.trainer.val_phrases,
+                                cfg.trainer.val_phrase_seed, low, high, levels=cfg.trainer.val_levels)
+    skipped = [key for key in cfg.trainer.val_gallery_by if setting_name(key) not in plan.groups]
+    if skipped:
+        log.info("validation: no val line has %s; no within-group metrics for it", ", ".join(skipped))
+    return plan
+
+
+def validate(accelerator, model, dataset, collate, text_ids, cfg,
+             plan: ValidationPlan | None = None) -> dict[str, float]:
+    """Whole-gallery Recall@K/MRR (`val_t2i_r1`, ...) and, with a plan, within-group (`val_page_t2i_r1`, ...)
+    and phrase-query (`val_phrase_t2i_r1`, ...) metrics. The plan's reference levels (`plan.levels()`, for the
+    lines actually embedded) are computed on the first call and kept in `plan.embedded_levels`."""
     emb = embed_dataset(accelerator, model, dataset, collate, eval_batch_size(cfg), cfg.data.num_workers)
     metrics = retrieval_metrics(emb.image, emb.text, text_ids[emb.indices])
+    if plan is not None:
+        lines = plan.restrict(emb.indices.numpy())
+        phrase_emb = embed_texts(accelerator, model, lines.phrases, cfg) if lines.phrases else None
+        metrics.update(lines.metrics(emb.image, emb.text, phrase_emb))
+        if cfg.trainer.val_levels:
+            plan.embedded_levels = {f"val_{k}": v for k, v in lines.levels().items()}
     return {f"val_{k}": v for k, v in metrics.items()}
 
 
@@ -513,6 +556,7 @@ def train(cfg: DictConfig) -> TrainResult:
              for r in train_records]
     train_texts = TrainTexts(shown, span.p, span.min_syllables, span.max_syllables, cfg.trainer.seed)
     val_ids = text_ids_of(val_records) if val_records else None
+    val_plan = validation_plan(val_records, cfg) if val_records else None
     text_lengths_ = text_lengths((r.text for r in train_records), cfg.text.max_length)
     groups = None
     if cfg.data.group_batches_by:
@@ -702,13 +746,18 @@ def train(cfg: DictConfig) -> TrainResult:
                     "train/samples_per_s": samples_since / max(now - t_last, 1e-9)}, step)
                 t_last, samples_since = now, 0
             if val_set is not None and (step % eval_every == 0 or step == total_steps):
-                state.val_metrics = validate(accelerator, model, val_set, collate, val_ids, cfg)
+                state.val_metrics = validate(accelerator, model, val_set, collate, val_ids, cfg, val_plan)
                 state.val_history.append({"step": step, "train_loss": result.loss.item(), **state.val_metrics})
                 m = state.val_metrics
-                log.info("step %d/%d: loss %.3f; val t2i R@1/5/10 %.3f/%.3f/%.3f, i2t %.3f/%.3f/%.3f", step,
+                log.info("step %d/%d: loss %.3f; val t2i R@1/5/10 %.3f/%.3f/%.3f, i2t %.3f/%.3f/%.3f%s", step,
                          total_steps, result.loss.item(), m["val_t2i_r1"], m["val_t2i_r5"], m["val_t2i_r10"],
-                         m["val_i2t_r1"], m["val_i2t_r5"], m["val_i2t_r10"])
-                log_metrics(accelerator, output_dir, state.val_metrics, step)
+                         m["val_i2t_r1"], m["val_i2t_r5"], m["val_i2t_r10"],
+                         "".join(f"; {name} t2i R@1/10 {m[f'val_{name}_t2i_r1']:.3f}/{m[f'val_{name}_t2i_r10']:.3f}"
+                                 for name in [*val_plan.groups, "phrase"] if f"val_{name}_t2i_r1" in m))
+                # The levels (chance, collection-only, length-only) are constants: logged with every validation,
+                # so that W&B draws them next to the curves, but kept once (data_report), not in val_history.
+                data_report["val_levels"] = val_plan.embedded_levels
+                log_metrics(accelerator, output_dir, {**state.val_metrics, **val_plan.embedded_levels}, step)
                 postfix.update({"vi2t@1": f"{state.val_metrics['val_i2t_r1']:.3f}",
                                 "vt2i@1": f"{state.val_metrics['val_t2i_r1']:.3f}"})
                 bar.set_postfix(postfix)

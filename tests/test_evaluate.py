@@ -3,6 +3,7 @@ output name, and bad input giving one error line and no file."""
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -141,3 +142,80 @@ def test_a_checkpoint_is_evaluated_into_a_file_named_after_its_prefix(trained):
     output.unlink()  # the run dir is shared by other tests
     assert result["bundle"]["prefix"] == "checkpoint_step_0000030_" and result["bundle"]["global_step"] == 30
     assert result["n_lines"] == 8 and "groups" not in result
+
+
+def _within_page_brute_force(image, text, texts, pages, ks=(1, 5, 10)):
+    """Per page, explicit comparisons (float64); a line alone on its page is a miss, lines without a page
+    are left out. Chance per query: 1 - C(G - m, k) / C(G, k) for m correct lines on a page of G."""
+    sims = image.astype(np.float64) @ text.astype(np.float64).T
+    queries = [q for q in range(len(texts)) if pages[q]]
+    out = {}
+    for name, s in (("i2t", sims), ("t2i", sims.T)):
+        recips, hits = [], {k: [] for k in ks}
+        for q in queries:
+            page = [j for j in queries if pages[j] == pages[q]]
+            correct = [j for j in page if texts[j] == texts[q]]
+            best = max(s[q, j] for j in correct)
+            rank = 1 + sum(s[q, j] > best + 1e-6 for j in page)
+            hit = len(page) > 1
+            recips.append(1 / rank if hit else 0.0)
+            for k in ks:
+                hits[k].append(hit and rank <= k)
+        out.update({f"{name}_r{k}": float(np.mean(hits[k])) for k in ks})
+        out[f"{name}_mrr"] = float(np.mean(recips))
+    chance = {}
+    for k in ks:
+        values = []
+        for q in queries:
+            page = [j for j in queries if pages[j] == pages[q]]
+            m = sum(texts[j] == texts[q] for j in page)
+            g = len(page)
+            values.append(0.0 if g == 1 else 1.0 if k >= g else 1 - math.comb(g - m, k) / math.comb(g, k))
+        chance[f"r{k}"] = float(np.mean(values))
+    return out, chance
+
+
+@pytest.mark.slow
+def test_within_page_galleries_and_phrase_queries_match_brute_force(trained, tmp_path):
+    from lineclip import load_encoder
+    from lineclip.manifest import read_manifest
+    from lineclip.phrases import contains_phrase, sample_phrases
+
+    run, data = trained
+    output = tmp_path / "eval.json"
+    proc = run_cli("evaluate", f"run_dir={run}", f"manifest={data['eval']}", "eval.gallery_by=page_id",
+                   "eval.queries=phrase", "eval.phrase_seed=5", f"eval.output={output}", "eval.chunk_size=3",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "within page_id" in proc.stdout and "phrase queries" in proc.stdout and "length only" in proc.stdout
+    result = json.loads(output.read_text())
+    records, _ = read_manifest(data["eval"])
+    texts, pages = [r.text for r in records], [r.page_id for r in records]
+    encoder = load_encoder(run, device="cpu")
+    image = encoder.encode_images([r.image_path for r in records])
+    text = encoder.encode_texts(texts)
+
+    block = result["galleries"]["page_id"]
+    want, chance = _within_page_brute_force(image, text, texts, pages)
+    assert {k: v for k, v in block["metrics"].items() if "median" not in k} == pytest.approx(want)
+    assert {k: block["levels"]["chance"][k] for k in chance} == pytest.approx(chance)
+    sizes = {p: pages.count(p) for p in pages}
+    assert block["n_alone"] == sum(sizes[p] == 1 for p in pages) and block["n_queries"] == 12
+
+    phrase = result["phrase"]
+    drawn = sample_phrases(texts, 5)
+    queries = [q for q, p in enumerate(drawn) if p is not None]
+    assert phrase["n_queries"] == len(queries) and phrase["seed"] == 5
+    emb = encoder.encode_texts([drawn[q] for q in queries]).astype(np.float64)
+    sims = emb @ image.astype(np.float64).T
+    ranks, chance_r1 = [], []
+    for row, q in enumerate(queries):
+        correct = [j for j in range(len(texts)) if contains_phrase(texts[j], drawn[q])]
+        best = max(sims[row, j] for j in correct)
+        ranks.append(1 + sum(sims[row, j] > best + 1e-6 for j in range(len(texts))))
+        chance_r1.append(len(correct) / len(texts))
+    ranks = np.array(ranks)
+    for k in (1, 5, 10):
+        assert phrase["metrics"][f"t2i_r{k}"] == pytest.approx(np.mean(ranks <= k))
+    assert phrase["metrics"]["t2i_mrr"] == pytest.approx(np.mean(1 / ranks))
+    assert phrase["levels"]["chance"]["r1"] == pytest.approx(np.mean(chance_r1))

@@ -175,6 +175,52 @@ def test_wandb_falls_back_to_offline_under_the_run_dir(trained_run):
     assert log.count("W&B: no credentials") == 1
 
 
+
+def test_validation_scores_within_page_and_phrase_queries_and_logs_the_levels(trained_run, tiny_dataset):
+    from lineclip import load_encoder
+    from lineclip.manifest import read_manifest
+    from lineclip.phrases import contains_phrase, sample_phrases
+
+    cfg = json.loads((trained_run / "training_config.json").read_text())
+    val = cfg["val_metrics"]
+    records, _ = read_manifest(tiny_dataset / "eval/meta/lines.jsonl", tiny_dataset)
+    texts, pages = [r.text for r in records], [r.page_id for r in records]
+    encoder = load_encoder(trained_run, device="cpu")
+    sims = encoder.encode_texts(texts).astype(np.float64) @ encoder.encode_images(
+        [r.image_path for r in records]).astype(np.float64).T  # [text, image]
+    # within page (4 pages of 3 lines), t2i: ranks by explicit comparison on the query's page
+    ranks = []
+    for q in range(12):
+        page = [j for j in range(12) if pages[j] == pages[q]]
+        best = max(sims[q, j] for j in page if texts[j] == texts[q])
+        ranks.append(1 + sum(sims[q, j] > best + 1e-5 for j in page))
+    assert val["val_page_t2i_r1"] == pytest.approx(np.mean(np.array(ranks) <= 1))
+    assert val["val_page_t2i_mrr"] == pytest.approx(np.mean(1 / np.array(ranks)))
+    # phrase queries of seed 0 (trainer.val_phrase_seed), every line containing the phrase correct
+    drawn = sample_phrases(texts, 0)
+    queries = [q for q, p in enumerate(drawn) if p is not None]
+    emb = encoder.encode_texts([drawn[q] for q in queries]).astype(np.float64)
+    phrase_sims = emb @ encoder.encode_images([r.image_path for r in records]).astype(np.float64).T
+    phrase_ranks = []
+    for row, q in enumerate(queries):
+        best = max(phrase_sims[row, j] for j in range(12) if contains_phrase(texts[j], drawn[q]))
+        phrase_ranks.append(1 + sum(phrase_sims[row, j] > best + 1e-5 for j in range(12)))
+    assert val["val_phrase_t2i_r10"] == pytest.approx(np.mean(np.array(phrase_ranks) <= 10))
+    assert "val_page_i2t_r1" in val and "val_t2i_r1" in val  # the whole-gallery metrics stay
+    # Levels by hand: eval lines 0 and 1 share a text on page TCCG:15; 4 pages x 3 lines; 2 collections x 6.
+    levels = cfg["data_report"]["val_levels"]
+    assert levels["val_page_chance_r1"] == pytest.approx((2 / 3 + 2 / 3 + 10 / 3) / 12)
+    assert levels["val_chance_r1"] == pytest.approx((2 / 12 + 2 / 12 + 10 / 12) / 12)
+    assert levels["val_collection_level_r1"] == pytest.approx((2 / 6 + 2 / 6 + 10 / 6) / 12)
+    assert "val_phrase_t2i_length_level_r10" in levels and "val_page_i2t_length_level_r1" in levels
+    assert "val_page_t2i_r1" not in levels
+    assert all("val_page_chance_r1" not in h for h in cfg["val_history"])  # constants are kept once
+    # and the tracker got all of them: the offline W&B run's record file (what `wandb sync` uploads) has the keys
+    record = next((trained_run / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    for key in ("val_page_t2i_r1", "val_page_i2t_r1", "val_phrase_t2i_r1", "val_page_chance_r1",
+                "val_phrase_collection_level_r1", "val_t2i_length_level_r1"):
+        assert bytes([len(key)]) + key.encode() in record, key  # a length-prefixed protobuf string: the exact key
+
 def test_multirun_four_jobs_each_complete(tmp_path, tiny_dataset):
     out = tmp_path / "sweep"
     run_train(out, tiny_dataset, "optim.lr=1e-4,5e-5", "data.batch_size=4,8", "logger=wandb",
