@@ -44,7 +44,7 @@ def test_every_group_option_composes(group, option):
 
 def test_every_experiment_has_a_test():
     assert set(_options("experiment")) == {"openpecha_bdrc_1gpu", "openpecha_bdrc_3gpu", "cpu_small",
-                                           "stage1_synthetic", "stage2_real"}
+                                           "stage1_synthetic", "stage2_real", "cpu_read", "cpu_read_real"}
 
 
 def test_cpu_small_recipe_composes_and_checks():
@@ -52,6 +52,20 @@ def test_cpu_small_recipe_composes_and_checks():
     assert (cfg.preprocess.target_height, cfg.preprocess.patch_multiple) == (32, 8)
     assert cfg.model.config.patch_size == 8 and cfg.text.max_length == 128 and not cfg.data.crop_to_text
     check_config(cfg)  # on the bundled demo data it is ready to run
+
+
+def test_cpu_read_stages_compose_with_the_collapse_remedies():
+    read = _compose(["experiment=cpu_read"])
+    assert (read.preprocess.pipeline, read.preprocess.target_height, read.model.config.patch_size) == ("none", 32, 8)
+    assert list(read.preprocess.image_mean) == [1.0, 1.0, 1.0] and read.loss.reading_weight > 0
+    assert read.loss.temperature == 0.2 and read.data.name == "openpecha"
+    real = _compose(["experiment=cpu_read_real", "model.init_from=runs/read"])
+    # stage 2 keeps stage 1's towers, heads and pixel normalisation; only the data side changes
+    assert {**real.model, "init_from": None} == {**read.model} and real.text.config == read.text.config
+    assert list(real.preprocess.image_std) == list(read.preprocess.image_std) and real.preprocess.pipeline == "bdrc"
+    assert real.loss == read.loss and real.model.init_from == "runs/read"
+    with pytest.raises(ConfigError, match="data.train_manifest"):
+        check_config(read)
 
 
 @pytest.mark.parametrize("experiment", ["openpecha_bdrc_1gpu", "openpecha_bdrc_3gpu", "stage1_synthetic",
