@@ -114,6 +114,8 @@ class TrainerConfig:
     progress_bar: bool = True
     compile: bool = False  # torch.compile both towers (shapes are bounded by the width and text buckets)
     resume: str | None = None  # latest | a run dir | a checkpoint_step_XXXXXXX_ bundle
+    resume_strict: bool = True  # false: a missing or refused RNG state warns instead of stopping the resume
+    overwrite: bool = False  # true: a new run into a dir that holds another run first removes that run's files
     keep_last_checkpoints: int | None = None  # rotate older checkpoints away (final artifacts never)
     max_bad_steps: int = 10  # non-finite losses in a row before the run stops
 

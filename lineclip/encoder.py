@@ -14,7 +14,6 @@ here equals the one made during validation or export.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -144,10 +143,7 @@ def check_bundle(ref: BundleRef) -> dict[str, Any]:
 def model_fingerprint(ref: BundleRef) -> str:
     """A short hash of the two projection heads: they change at every training step, so two bundles with equal
     heads embed alike. Corpora record it so that a search never mixes embeddings of two models."""
-    digest = hashlib.sha256()
-    for entry in (artifacts.IMAGE_HEAD, artifacts.TEXT_HEAD):
-        digest.update(ref.path(entry).read_bytes())
-    return digest.hexdigest()[:16]
+    return artifacts.heads_fingerprint(ref.directory, ref.prefix)
 
 
 def _text_max_length(config: dict[str, Any]) -> int:

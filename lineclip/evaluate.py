@@ -208,6 +208,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_manifest_args(cfg)
     if not cfg.eval.ks or min(cfg.eval.ks) < 1 or cfg.eval.chunk_size < 1:
         raise UsageError("eval.ks must be positive integers and eval.chunk_size >= 1")
+    from lineclip.artifacts import check_output_path
     from lineclip.encoder import check_bundle, load_encoder, resolve_bundle
     from lineclip.manifest import read_manifest
 
@@ -216,6 +217,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     records, report = read_manifest(cfg.manifest, cfg.dataset_dir, cfg.on_bad_row)
     _check_group_key(records, cfg.eval.group_key)  # before minutes of embedding, not after
     output = Path(cfg.eval.output) if cfg.eval.output else default_output(ref.directory, ref.prefix, cfg.manifest)
+    check_output_path(output, "eval.output", inputs=[cfg.manifest])  # never a run's or a corpus's own file
     encoder = load_encoder(cfg.run_dir, device=cfg.device)
     started = time.perf_counter()
     result = evaluate_records(encoder, records, cfg.eval.group_key, list(cfg.eval.ks), cfg.eval.chunk_size,

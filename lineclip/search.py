@@ -233,6 +233,10 @@ def search(cfg: DictConfig) -> dict[str, Any]:
 
     ref = resolve_bundle(cfg.run_dir)
     check_bundle(ref)
+    if cfg.search.html and cfg.search.output:
+        from lineclip.artifacts import check_output_path
+
+        check_output_path(cfg.search.output, "search.output", inputs=[cfg.query_image or ""])
     query_text = None
     if cfg.query is not None:
         query_text = normalize_text(str(cfg.query))

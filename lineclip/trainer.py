@@ -35,7 +35,15 @@ from lineclip.batch import (
     text_lengths,
     text_padding_fraction,
 )
-from lineclip.checkpoint import TrainerState, resolve_resume, rotate_checkpoints, training_state_dir
+from lineclip.checkpoint import (
+    TrainerState,
+    claim_run_dir,
+    load_training_state,
+    resolve_resume,
+    rotate_checkpoints,
+    save_training_state,
+    training_state_dir,
+)
 from lineclip.config import ConfigError, check_config
 from lineclip.loss import ContrastiveOutput, contrastive_loss
 from lineclip.manifest import LineRecord, ManifestError, read_manifest
@@ -397,6 +405,8 @@ def train(cfg: DictConfig) -> TrainResult:
     output_dir = Path(broadcast_object_list([str(cfg.output_dir or "outputs/run")])[0])
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = resolve_resume(cfg.trainer.resume, output_dir) if cfg.trainer.resume else None
+    claim_run_dir(output_dir, cfg.trainer.resume, resume_from, cfg.trainer.overwrite, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     set_seed(cfg.trainer.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -445,11 +455,10 @@ def train(cfg: DictConfig) -> TrainResult:
         warmup = max(1, total_steps // 10)
         log.warning("optim.warmup_steps=%d is not below the run's %d steps; warming up for %d steps instead",
                     cfg.optim.warmup_steps, total_steps, warmup)
-    # Not passed to accelerator.prepare (that would step it once per process per step); registered so that
-    # save_state/load_state carry it.
+    # Not passed to accelerator.prepare (that would step it once per process per step); the training state
+    # carries it (lineclip.checkpoint).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(warmup, total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
-    accelerator.register_for_checkpointing(scheduler)
     eval_every = cfg.trainer.eval_every_steps or cfg.trainer.checkpoint_every_steps
     schedule = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
                 "eval_every_steps": eval_every, "checkpoint_every_steps": cfg.trainer.checkpoint_every_steps,
@@ -457,8 +466,9 @@ def train(cfg: DictConfig) -> TrainResult:
 
     state = TrainerState()
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))  # model, optimizer, scheduler, scaler, every RNG
-        state = TrainerState.load(resume_from)
+        # model, optimizer, scheduler, scaler, this process's RNG: no pickle (lineclip.checkpoint)
+        state = load_training_state(resume_from, accelerator, model, optimizer, scheduler,
+                                    strict=cfg.trainer.resume_strict)
         log.info("resumed from %s at step %d (epoch %d, batch %d of it)", resume_from.name, state.step,
                  state.epoch, state.batches_done_in_epoch)
     start_tracking(accelerator, cfg, output_dir, resuming=resume_from is not None)
@@ -499,14 +509,21 @@ def train(cfg: DictConfig) -> TrainResult:
             artifacts.staging_dir(output_dir, prefix, reset=True)
         accelerator.wait_for_everyone()
         staging = artifacts.staging_dir(output_dir, prefix)
-        accelerator.save_state(str(training_state_dir(staging)))  # every process writes its RNG state
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state.save(training_state_dir(staging))
-            artifacts.save_bundle(output_dir, prefix, accelerator.unwrap_model(model), image_processor, tokenizer,
-                                  training_config(state.step), extra_entries=(training_state_dir(staging).name,))
-            if cfg.trainer.keep_last_checkpoints:
-                rotate_checkpoints(output_dir, cfg.trainer.keep_last_checkpoints)
+        try:
+            # every process writes its RNG state
+            save_training_state(training_state_dir(staging), accelerator, model, optimizer, scheduler)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state.save(training_state_dir(staging))
+                artifacts.save_bundle(output_dir, prefix, accelerator.unwrap_model(model), image_processor,
+                                      tokenizer, training_config(state.step),
+                                      extra_entries=(training_state_dir(staging).name,))
+                if cfg.trainer.keep_last_checkpoints:
+                    rotate_checkpoints(output_dir, cfg.trainer.keep_last_checkpoints)
+        except BaseException:
+            if accelerator.is_main_process:  # a full disk leaves no half-written staging dir behind
+                artifacts.remove_staging(staging)
+            raise
         accelerator.wait_for_everyone()
 
     def sync_corrupt() -> list[int]:
@@ -611,20 +628,30 @@ def train(cfg: DictConfig) -> TrainResult:
     if state.corrupt_indices:
         log.warning("skipped %d corrupt line images while training", len(state.corrupt_indices))
     if not interrupted:
+        emb = None
         if cfg.trainer.export_embeddings:
             corpus = LineDataset(train_records, eval_transform)
             emb = embed_dataset(accelerator, model, corpus, collate, eval_batch_size(cfg), cfg.data.num_workers,
                                 with_text=False)
             data_report["export_skipped_images"] = len(train_records) - len(emb.indices)
-            if accelerator.is_main_process:
-                kept = [train_records[i] for i in emb.indices.tolist()]
-                artifacts.save_corpus_embeddings(output_dir, emb.image.numpy(), kept)
         if accelerator.is_main_process:
+            # Corpus, data report and bundle are staged together and renamed in config-last: all or nothing.
+            staging = artifacts.staging_dir(output_dir, "", reset=True)
+            extra, corpus_info = [artifacts.DATA_REPORT], None
+            try:
+                if emb is not None:
+                    kept = [train_records[i] for i in emb.indices.tolist()]
+                    artifacts.save_corpus_embeddings(staging, emb.image.numpy(), kept)
+                    extra += [artifacts.EMBEDDINGS, artifacts.EMBEDDINGS_META]
+                    corpus_info = {"n_lines": len(kept)}
+                (staging / artifacts.DATA_REPORT).write_text(json.dumps(
+                    {**data_report, "corrupt_images_skipped": len(state.corrupt_indices),
+                     "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
+            except BaseException:
+                artifacts.remove_staging(staging)
+                raise
             artifacts.save_bundle(output_dir, "", accelerator.unwrap_model(model), image_processor, tokenizer,
-                                  training_config(state.step))
-            (output_dir / "data_report.json").write_text(json.dumps(
-                {**data_report, "corrupt_images_skipped": len(state.corrupt_indices),
-                 "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
+                                  training_config(state.step), extra_entries=tuple(extra), corpus=corpus_info)
         accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group,
         tracker.finish()                  # which the caller (a test, a sweep) may still need
