@@ -59,7 +59,11 @@ def run_entries(directory: str | Path) -> list[str]:
     if not directory.is_dir():
         return []
     hydra_own = {".hydra", "train.log", "wandb", "wandb_run_id"}
-    return sorted(n for n in os.listdir(directory) if is_run_entry(n) and n not in hydra_own)
+    try:
+        names = os.listdir(directory)
+    except OSError:  # an unlistable dir is no run of ours
+        return []
+    return sorted(n for n in names if is_run_entry(n) and n not in hydra_own)
 
 
 def is_run_dir(directory: str | Path) -> bool:
@@ -81,6 +85,12 @@ def check_output_path(path: str | Path, option: str, replace_corpus: bool = Fals
     for source in inputs:
         if source and os.path.exists(source) and target.exists() and os.path.samefile(source, target):
             raise OutputPathError(f"{option}={path} is one of this command's inputs ({source})")
+    for child in [target, *target.parents][:-1]:
+        parent, name = child.parent, child.name
+        if is_run_dir(parent) and is_run_entry(name):
+            raise OutputPathError(f"{option}={path}: {child} belongs to the run in {parent}; choose another path")
+        if is_corpus_dir(parent) and name in CORPUS_FILES:
+            raise OutputPathError(f"{option}={path}: {child} belongs to the corpus in {parent}; choose another path")
     if target.is_dir():
         if is_run_dir(target):
             raise OutputPathError(f"{option}={path} is a training run dir; lineclip never writes over one")
@@ -91,12 +101,6 @@ def check_output_path(path: str | Path, option: str, replace_corpus: bool = Fals
                                   "replace it")
     elif target.exists() and replace_corpus:
         raise OutputPathError(f"{option}={path} exists and is not a directory")
-    for child in [target, *target.parents][:-1]:
-        parent, name = child.parent, child.name
-        if is_run_dir(parent) and is_run_entry(name):
-            raise OutputPathError(f"{option}={path}: {child} belongs to the run in {parent}; choose another path")
-        if is_corpus_dir(parent) and name in CORPUS_FILES:
-            raise OutputPathError(f"{option}={path}: {child} belongs to the corpus in {parent}; choose another path")
     return target
 
 
@@ -111,6 +115,22 @@ def heads_fingerprint(directory: str | Path, prefix: str = "") -> str:
 
 def remove_staging(staging: str | Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+class WriteError(OSError):
+    """Writing a bundle, a corpus or a training state failed (disk full, read-only, quota); one line."""
+
+
+def as_write_error(exc: BaseException, what: str) -> WriteError | None:
+    """What a failed write becomes: a full disk surfaces as OSError from Python, RuntimeError from torch.save's
+    zip writer and SafetensorError from safetensors; all three mean the same to the user. None: not a write error
+    (re-raise as is)."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, WriteError) or not isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+        return None
+    lines = str(exc).strip().splitlines()
+    return WriteError(f"cannot write {what}: {type(exc).__name__}: {lines[-1] if lines else ''}".strip())
 
 
 def checkpoint_prefix(step: int) -> str:
@@ -165,9 +185,12 @@ def save_bundle(
     try:
         _save_bundle(output_dir, prefix, staging, model, image_processor, tokenizer, training_config, extra_entries,
                      corpus)
-    except BaseException:
+    except BaseException as exc:
         remove_staging(staging)  # a full disk leaves no half-written staging dir behind
-        raise
+        error = as_write_error(exc, f"the {prefix or 'final '}bundle in {output_dir}")
+        if error is None:
+            raise
+        raise error from exc
 
 
 def _save_bundle(output_dir: Path, prefix: str, staging: Path, model: DualEncoder, image_processor: Any,

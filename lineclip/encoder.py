@@ -34,7 +34,15 @@ from lineclip import artifacts
 from lineclip.batch import _DECODE_ERRORS, BucketBatchSampler, count_truncated
 from lineclip.batch import encode_texts as byte_encode
 from lineclip.manifest import normalize_text
-from lineclip.preprocess import IMAGENET_MEAN, IMAGENET_STD, LineGeometry, LineImageTransform
+from lineclip.preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LineGeometry,
+    LineImageTransform,
+    image_size,
+    load_image,
+)
 from lineclip.towers import DualEncoder, ProjectionHead, build_image_backbone, build_text_encoder
 
 log = logging.getLogger(__name__)
@@ -189,13 +197,13 @@ def check_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def _header_size(item: ImageInput) -> tuple[int, int] | str:
-    """(width, height), or why the image cannot be opened."""
+def _header_size(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int] | str:
+    """(width, height) as the model sees it (EXIF orientation applied, as in training), or why the image cannot be
+    used (no such file, not a regular file, more pixels than the limit, a broken header)."""
     if isinstance(item, Image.Image):
         return item.size
     try:
-        with Image.open(item) as image:  # the header only; pixels are decoded in the batch that needs them
-            return image.size
+        return image_size(item, max_pixels)  # the header only; pixels are decoded in the batch that needs them
     except FileNotFoundError:
         return "no such file"
     except _DECODE_ERRORS as exc:
@@ -203,10 +211,12 @@ def _header_size(item: ImageInput) -> tuple[int, int] | str:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Paths or PIL images -> (tensor or None, index, error). Never raises on a bad file."""
+    """Paths or PIL images -> (tensor or None, index, error). Never raises on a bad file. A PIL image is used as
+    given; a path is read as training reads it (lineclip.preprocess.load_image)."""
 
-    def __init__(self, items: Sequence[ImageInput], transform: LineImageTransform) -> None:
-        self.items, self.transform = items, transform
+    def __init__(self, items: Sequence[ImageInput], transform: LineImageTransform,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.items, self.transform, self.max_pixels = items, transform, max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -216,8 +226,7 @@ class _Images(torch.utils.data.Dataset):
         if isinstance(item, Image.Image):
             return self.transform(item), index, ""
         try:
-            with Image.open(item) as image:
-                image.load()  # a truncated file opens fine and fails only here
+            image = load_image(item, self.max_pixels)  # a truncated file opens fine and fails only on load
         except _DECODE_ERRORS as exc:
             return None, index, _first_line(exc)
         return self.transform(image), index, ""
@@ -254,6 +263,11 @@ class LineEncoder:
         self.text_max_length = text_max_length
         self.training_config = training_config
         self.bundle = bundle
+        data = (training_config.get("config") or {}).get("data") or {}
+        limit = data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS) if isinstance(data, dict) else None
+        # The run's own pixel limit (data.max_image_pixels; null there: none), else lineclip's default.
+        self.max_image_pixels = limit if isinstance(limit, int) and not isinstance(limit, bool) else \
+            (0 if limit is None and "max_image_pixels" in data else DEFAULT_MAX_IMAGE_PIXELS)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> LineEncoder:
@@ -346,9 +360,9 @@ class LineEncoder:
         # Header reads are I/O bound (slow on network file systems); threads overlap them.
         if n > 256:
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                sizes = list(pool.map(_header_size, items))
+                sizes = list(pool.map(lambda item: _header_size(item, self.max_image_pixels), items))
         else:
-            sizes = [_header_size(item) for item in items]
+            sizes = [_header_size(item, self.max_image_pixels) for item in items]
         failed = [(i, size) for i, size in enumerate(sizes) if isinstance(size, str)]
         if failed and stop_early:
             return np.empty((0, self.dim), np.float32), np.empty(0, np.int64), failed
@@ -358,7 +372,8 @@ class LineEncoder:
         # More worker processes than cores or than batches only costs their start-up.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = max(0, min(num_workers, cores, len(sampler)))
-        loader = torch.utils.data.DataLoader(_Images(items, self.transform), batch_sampler=sampler,
+        loader = torch.utils.data.DataLoader(_Images(items, self.transform, self.max_image_pixels),
+                                             batch_sampler=sampler,
                                              collate_fn=_collate, num_workers=workers)
         out = np.zeros((n, self.dim), dtype=np.float32)
         done = np.zeros(n, dtype=bool)

@@ -214,10 +214,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     ref = resolve_bundle(cfg.run_dir)
     check_bundle(ref)  # a bad run dir fails before the manifest is read
-    records, report = read_manifest(cfg.manifest, cfg.dataset_dir, cfg.on_bad_row)
-    _check_group_key(records, cfg.eval.group_key)  # before minutes of embedding, not after
     output = Path(cfg.eval.output) if cfg.eval.output else default_output(ref.directory, ref.prefix, cfg.manifest)
     check_output_path(output, "eval.output", inputs=[cfg.manifest])  # never a run's or a corpus's own file
+    records, report = read_manifest(cfg.manifest, cfg.dataset_dir, cfg.on_bad_row)
+    _check_group_key(records, cfg.eval.group_key)  # before minutes of embedding, not after
     encoder = load_encoder(cfg.run_dir, device=cfg.device)
     started = time.perf_counter()
     result = evaluate_records(encoder, records, cfg.eval.group_key, list(cfg.eval.ks), cfg.eval.chunk_size,

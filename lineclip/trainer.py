@@ -124,8 +124,17 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         init_config = check_bundle(init)
         image_path, text_path = str(init.path(artifacts.BACKBONE)), str(init.path(artifacts.TEXT_ENCODER))
     attn = cfg.model.attn_implementation
-    image_backbone = build_image_backbone(image_path, dict(cfg.model.config), cfg.model.trust_remote_code, attn)
-    text_encoder = build_text_encoder(text_path, dict(cfg.text.config), cfg.text.trust_remote_code, attn)
+    try:
+        image_backbone = build_image_backbone(image_path, dict(cfg.model.config), cfg.model.trust_remote_code, attn)
+        text_encoder = build_text_encoder(text_path, dict(cfg.text.config), cfg.text.trust_remote_code, attn)
+    except Exception as exc:  # noqa: BLE001 - a damaged bundle of model.init_from: one line, not a traceback
+        if init is None:
+            raise
+        from lineclip.encoder import BundleError
+
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise BundleError(f"model.init_from={cfg.model.init_from}: cannot load its towers: {type(exc).__name__}: "
+                          f"{first}") from None
     patch = image_backbone.config.patch_size
     if patch != cfg.preprocess.patch_multiple:
         raise ConfigError(
@@ -139,8 +148,15 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         max_logit_scale=cfg.loss.max_logit_scale,
     )
     if init is not None:
-        model.image_head = ProjectionHead.load(init.path(artifacts.IMAGE_HEAD))
-        model.text_head = ProjectionHead.load(init.path(artifacts.TEXT_HEAD))
+        from lineclip.encoder import BundleError
+
+        for attr, entry in (("image_head", artifacts.IMAGE_HEAD), ("text_head", artifacts.TEXT_HEAD)):
+            try:  # weights_only=True: a head that would need code to unpickle is refused, in one line
+                setattr(model, attr, ProjectionHead.load(init.path(entry)))
+            except Exception as exc:  # noqa: BLE001 - UnpicklingError, KeyError, RuntimeError, OSError ...
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise BundleError(f"model.init_from: cannot load {init.path(entry)}: {type(exc).__name__}: "
+                                  f"{first}") from None
         if model.image_head.output_dim != cfg.model.projection_dim:
             raise ConfigError(f"model.init_from={cfg.model.init_from} has projection_dim "
                               f"{model.image_head.output_dim}; the config asks for {cfg.model.projection_dim}")
@@ -306,7 +322,7 @@ class TrainingDiverged(RuntimeError):
 
 def image_problems(dataset: LineDataset, cfg: DictConfig, split: str) -> dict[str, int]:
     """Count the lines whose image headers are unreadable or empty; in error mode, stop at the first."""
-    counts = {"unreadable_image": 0, "empty_image": 0}
+    counts = {"unreadable_image": 0, "empty_image": 0, "too_large_image": 0}
     for index, kind in sorted(dataset.image_problems.items()):
         if cfg.data.on_bad_row == "error":
             record = dataset.records[index]
@@ -417,11 +433,14 @@ def train(cfg: DictConfig) -> TrainResult:
                             tuple(cfg.preprocess.width_buckets), cfg.preprocess.patch_multiple)
     mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
     crop = cfg.text.max_length if cfg.data.crop_to_text else None
+    pixels = cfg.data.max_image_pixels or 0  # null: no limit of lineclip's own
     train_set = LineDataset(train_records, LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std,
-                                                              augment=cfg.data.augment), crop_to_text_bytes=crop)
+                                                              augment=cfg.data.augment), crop_to_text_bytes=crop,
+                            max_image_pixels=pixels)
     eval_transform = LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std, augment=False)
     data_report["train"]["skipped"].update(image_problems(train_set, cfg, "train"))
-    val_set = LineDataset(val_records, eval_transform, crop_to_text_bytes=crop) if val_records else None
+    val_set = LineDataset(val_records, eval_transform, crop_to_text_bytes=crop,
+                          max_image_pixels=pixels) if val_records else None
     if val_set is not None:
         data_report["val"]["skipped"].update(image_problems(val_set, cfg, "val"))
     collate = LineCollator(cfg.text.max_length)
@@ -520,10 +539,13 @@ def train(cfg: DictConfig) -> TrainResult:
                                       extra_entries=(training_state_dir(staging).name,))
                 if cfg.trainer.keep_last_checkpoints:
                     rotate_checkpoints(output_dir, cfg.trainer.keep_last_checkpoints)
-        except BaseException:
+        except BaseException as exc:
             if accelerator.is_main_process:  # a full disk leaves no half-written staging dir behind
                 artifacts.remove_staging(staging)
-            raise
+            error = artifacts.as_write_error(exc, f"checkpoint {prefix} in {output_dir}")
+            if error is None:
+                raise
+            raise error from exc
         accelerator.wait_for_everyone()
 
     def sync_corrupt() -> list[int]:
@@ -630,7 +652,7 @@ def train(cfg: DictConfig) -> TrainResult:
     if not interrupted:
         emb = None
         if cfg.trainer.export_embeddings:
-            corpus = LineDataset(train_records, eval_transform)
+            corpus = LineDataset(train_records, eval_transform, max_image_pixels=pixels)
             emb = embed_dataset(accelerator, model, corpus, collate, eval_batch_size(cfg), cfg.data.num_workers,
                                 with_text=False)
             data_report["export_skipped_images"] = len(train_records) - len(emb.indices)
@@ -647,9 +669,12 @@ def train(cfg: DictConfig) -> TrainResult:
                 (staging / artifacts.DATA_REPORT).write_text(json.dumps(
                     {**data_report, "corrupt_images_skipped": len(state.corrupt_indices),
                      "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
-            except BaseException:
+            except BaseException as exc:
                 artifacts.remove_staging(staging)
-                raise
+                error = artifacts.as_write_error(exc, f"the final corpus in {output_dir}")
+                if error is None:
+                    raise
+                raise error from exc
             artifacts.save_bundle(output_dir, "", accelerator.unwrap_model(model), image_processor, tokenizer,
                                   training_config(state.step), extra_entries=tuple(extra), corpus=corpus_info)
         accelerator.wait_for_everyone()
