@@ -561,9 +561,10 @@ def test_a_full_disk_is_one_line_and_leaves_no_staging_dir(trained, tmp_path):
             "trainer.max_steps=2", "trainer.checkpoint_every_steps=1"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, preexec_fn=limit,
                           env={**os.environ, "WANDB_MODE": "disabled"})
-    errors = [line for line in proc.stderr.splitlines() if "[ERROR]" in line]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-    assert "File too large" in errors[0] and "Traceback" not in proc.stderr
+    output = proc.stdout + proc.stderr  # Hydra's console log goes to stdout
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert proc.returncode == 2 and len(errors) == 1, output[-3000:]
+    assert "File too large" in errors[0] and "Traceback" not in output
     assert not list(out.glob(".staging_*")) and checkpoint_steps(out) == []
 
 
