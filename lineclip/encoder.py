@@ -154,10 +154,24 @@ def model_fingerprint(ref: BundleRef) -> str:
     return artifacts.heads_fingerprint(ref.directory, ref.prefix)
 
 
+def _max_image_pixels(config: dict[str, Any]) -> int:
+    """The run's own pixel limit (its data.max_image_pixels; null there: none, 0 here), else lineclip's default."""
+    resolved = config.get("config")
+    data = resolved.get("data") if isinstance(resolved, dict) else None
+    if not isinstance(data, dict) or "max_image_pixels" not in data:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    limit = data["max_image_pixels"]
+    if limit is None:
+        return 0
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else DEFAULT_MAX_IMAGE_PIXELS
+
+
 def _text_max_length(config: dict[str, Any]) -> int:
     value = config.get("text_max_length")
     if value is None:  # bundles written before the key existed keep it in the resolved config only
-        value = (config.get("config") or {}).get("text", {}).get("max_length")
+        resolved = config.get("config")
+        text = resolved.get("text") if isinstance(resolved, dict) else None
+        value = text.get("max_length") if isinstance(text, dict) else None
     if not isinstance(value, int) or value < 1:
         raise BundleError(f"training_config.json has no usable text_max_length (got {value!r})")
     return value
@@ -263,11 +277,7 @@ class LineEncoder:
         self.text_max_length = text_max_length
         self.training_config = training_config
         self.bundle = bundle
-        data = (training_config.get("config") or {}).get("data") or {}
-        limit = data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS) if isinstance(data, dict) else None
-        # The run's own pixel limit (data.max_image_pixels; null there: none), else lineclip's default.
-        self.max_image_pixels = limit if isinstance(limit, int) and not isinstance(limit, bool) else \
-            (0 if limit is None and "max_image_pixels" in data else DEFAULT_MAX_IMAGE_PIXELS)
+        self.max_image_pixels = _max_image_pixels(training_config)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> LineEncoder:
