@@ -72,11 +72,15 @@ def one_line_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run `fn(cfg)`; bad input ends the process with one error line and exit status 2, not a traceback."""
+    """Run `fn(cfg)`; bad input or an I/O error ends the process with one error line and exit status 2, not a
+    traceback."""
     try:
         return fn(cfg)
     except one_line_errors() as err:
         log.error("%s", " ".join(str(err).split()))
+        sys.exit(2)
+    except OSError as err:  # the environment (disk full, read-only dir, a file gone), not a bug
+        log.error("%s", " ".join(f"{type(err).__name__}: {err}".split()))
         sys.exit(2)
 
 

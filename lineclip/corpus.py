@@ -335,7 +335,10 @@ def write_corpus(
             shutil.rmtree(old, ignore_errors=True)
         else:
             staging.rename(output)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        error = artifacts.as_write_error(exc, f"corpus {output}")  # faiss reports a full disk as RuntimeError
+        if error is None:
+            raise
+        raise error from exc
     return output

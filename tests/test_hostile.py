@@ -568,6 +568,26 @@ def test_a_full_disk_is_one_line_and_leaves_no_staging_dir(trained, tmp_path):
     assert not list(out.glob(".staging_*")) and checkpoint_steps(out) == []
 
 
+@pytest.mark.parametrize("command", ["index", "evaluate"])
+def test_a_full_disk_under_index_and_evaluate_is_one_line(trained, tmp_path, monkeypatch, command):
+    import lineclip.cli
+    import lineclip.corpus
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run, data = trained
+    if command == "index":
+        monkeypatch.setattr(lineclip.corpus.np, "save", no_space)
+        args = [f"manifest={data['eval']}", f"index.output={tmp_path / 'out' / 'idx'}"]
+    else:
+        monkeypatch.setattr(lineclip.cli.Path, "write_text", no_space)
+        args = [f"manifest={data['eval']}", f"eval.output={tmp_path / 'out' / 'e.json'}"]
+    line = one_error(*replay(command, [f"run_dir={run}", *args]))
+    assert "No space left on device" in line
+    assert list((tmp_path / "out").iterdir()) == []  # no staging dir, no temporary file, no output
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only dirs")
 def test_a_read_only_run_dir_is_one_line(trained, tmp_path):
     _, data = trained
