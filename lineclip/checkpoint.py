@@ -148,7 +148,7 @@ def save_training_state(directory: Path, accelerator: Any, model: torch.nn.Modul
 
 
 def load_training_state(directory: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                        strict: bool = True) -> TrainerState:
+                        strict: bool = True, n_lines: int | None = None) -> TrainerState:
     """Model, optimizer, scheduler, scaler, this process's RNG and the loop position, through loaders that run no
     code. Files of other formats (accelerate's `*.pkl`/`*.bin` from older lineclip versions) are never opened."""
     from safetensors.torch import load_model
@@ -161,6 +161,9 @@ def load_training_state(directory: Path, accelerator: Any, model: torch.nn.Modul
                 f"from its bundle with model.init_from instead)") if legacy else ""
         raise CheckpointError(f"{directory} has no {MODEL_FILE}{hint}")
     state = TrainerState.load(directory)  # before any weight is touched: a bad state changes nothing
+    if n_lines is not None and any(not 0 <= i < n_lines for i in state.corrupt_indices):
+        raise CheckpointError(f"{directory / TRAINER_STATE_FILE}: corrupt_indices outside this run's {n_lines} "
+                              "train lines (another manifest?)")
     for path in (directory / SCHEDULER_FILE, directory / OPTIMIZER_FILE):
         if not path.is_file():
             raise CheckpointError(f"{directory} has no {path.name}")

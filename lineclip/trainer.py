@@ -487,7 +487,7 @@ def train(cfg: DictConfig) -> TrainResult:
     if resume_from is not None:
         # model, optimizer, scheduler, scaler, this process's RNG: no pickle (lineclip.checkpoint)
         state = load_training_state(resume_from, accelerator, model, optimizer, scheduler,
-                                    strict=cfg.trainer.resume_strict)
+                                    strict=cfg.trainer.resume_strict, n_lines=len(train_records))
         log.info("resumed from %s at step %d (epoch %d, batch %d of it)", resume_from.name, state.step,
                  state.epoch, state.batches_done_in_epoch)
     start_tracking(accelerator, cfg, output_dir, resuming=resume_from is not None)

@@ -206,6 +206,21 @@ def test_each_refused_file_is_named(trained, tmp_path, marker, name):
     assert tree(copy) == before
 
 
+@pytest.mark.parametrize("change,expected", [
+    ({"corrupt_indices": [999]}, "corrupt_indices outside this run's 8 train lines"),
+    ({"step": "30"}, "step, epoch and batches_done_in_epoch must be integers"),
+    ({"evil": 1}, "unknown key(s) evil"),
+])
+def test_a_damaged_trainer_state_is_one_line(trained, tmp_path, change, expected):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    path = copy / f"{CKPT}{TRAINING_STATE}" / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    before = tree(copy)
+    line = one_error(*replay("train", train_args(data, copy, "trainer.resume=latest")))
+    assert expected in line and str(path) in line and tree(copy) == before
+
+
 @pytest.mark.slow
 def test_a_refused_rng_state_resumes_only_when_not_strict(trained, tmp_path, marker, caplog):
     run, data = trained
