@@ -472,6 +472,7 @@ def png_header(width: int, height: int) -> bytes:
         chunk(b"IEND", b"")
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, milder limit (89 M)
 def test_a_pixel_bomb_is_a_counted_skip_before_decoding(trained, tmp_path):
     from lineclip import load_encoder
     from lineclip.batch import LineDataset
@@ -603,17 +604,25 @@ def test_a_full_disk_under_index_and_evaluate_is_one_line(trained, tmp_path, mon
     assert list((tmp_path / "out").iterdir()) == []  # no staging dir, no temporary file, no output
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only dirs")
-def test_a_read_only_run_dir_is_one_line(trained, tmp_path):
+def test_a_read_only_run_dir_is_one_line_before_the_model_is_built(trained, tmp_path, monkeypatch):
     _, data = trained
     out = tmp_path / "run"
     out.mkdir()
+    if os.geteuid() == 0:  # root writes into a 0555 dir: make the write fail as the kernel would for others
+        original = Path.write_bytes
+
+        def read_only(self, data):
+            if self.parent == out:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return original(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", read_only)
     out.chmod(0o555)
     try:
         line = one_error(*replay("train", train_args(data, out)))
     finally:
         out.chmod(0o755)
-    assert "not writable" in line and list(out.iterdir()) == []
+    assert "is not writable" in line and "Permission denied" in line and list(out.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------- bad corpora
