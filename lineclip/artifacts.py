@@ -104,6 +104,29 @@ def check_output_path(path: str | Path, option: str, replace_corpus: bool = Fals
     return target
 
 
+def first_non_regular(paths: Sequence[str | Path]) -> Path | None:
+    """The first of `paths` (or of the files directly inside those that are dirs) that is neither a regular file
+    nor a dir: a FIFO or device would block or never end the read that opens it. Missing paths are skipped."""
+    import stat
+
+    for path in map(Path, paths):
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode):
+            try:
+                children = list(os.scandir(path))
+            except OSError:
+                continue
+            for child in children:
+                if not (child.is_file() or child.is_dir()):
+                    return Path(child.path)
+        elif not stat.S_ISREG(mode):
+            return path
+    return None
+
+
 def heads_fingerprint(directory: str | Path, prefix: str = "") -> str:
     """A short hash of a bundle's two projection heads: they change at every training step, so two bundles with
     equal heads embed alike. Corpora record it so that a search never mixes embeddings of two models."""

@@ -86,8 +86,16 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def _require_regular(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path.parent} has no {path.name}")
+    if not path.is_file():  # a FIFO or device would block or never end the read
+        raise CheckpointError(f"refusing {path}: not a regular file")
+
+
 def load_json(path: Path) -> dict[str, Any]:
     """A JSON object from a training state, or CheckpointError naming the file."""
+    _require_regular(path)
     try:
         blob = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -100,6 +108,7 @@ def load_json(path: Path) -> dict[str, Any]:
 def load_tensors(path: Path) -> Any:
     """`torch.load(weights_only=True)`: tensors, numbers, strings and containers only; anything that would
     need code to rebuild (a pickled class, a function) is refused, with one line naming the file."""
+    _require_regular(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, OSError ...
@@ -154,19 +163,17 @@ def load_training_state(directory: Path, accelerator: Any, model: torch.nn.Modul
     from safetensors.torch import load_model
 
     model_path = directory / MODEL_FILE
-    if not model_path.is_file():
+    if not model_path.exists():
         legacy = sorted(p.name for p in directory.iterdir() if p.suffix in (".pkl", ".bin")) \
             if directory.is_dir() else []
         hint = (f" (it holds {', '.join(legacy[:3])}: accelerate's pickle format, which lineclip does not load; start "
                 f"from its bundle with model.init_from instead)") if legacy else ""
         raise CheckpointError(f"{directory} has no {MODEL_FILE}{hint}")
+    _require_regular(model_path)
     state = TrainerState.load(directory)  # before any weight is touched: a bad state changes nothing
     if n_lines is not None and any(not 0 <= i < n_lines for i in state.corrupt_indices):
         raise CheckpointError(f"{directory / TRAINER_STATE_FILE}: corrupt_indices outside this run's {n_lines} "
                               "train lines (another manifest?)")
-    for path in (directory / SCHEDULER_FILE, directory / OPTIMIZER_FILE):
-        if not path.is_file():
-            raise CheckpointError(f"{directory} has no {path.name}")
     scheduler_state = load_json(directory / SCHEDULER_FILE)
     optimizer_state = load_tensors(directory / OPTIMIZER_FILE)
     scaler_path = directory / SCALER_FILE
@@ -174,8 +181,6 @@ def load_training_state(directory: Path, accelerator: Any, model: torch.nn.Modul
     rng_path = directory / rng_file(accelerator.process_index)
     rng = None
     try:
-        if not rng_path.is_file():
-            raise CheckpointError(f"{directory} has no {rng_path.name}")
         rng = load_tensors(rng_path)
         if not isinstance(rng, dict):
             raise CheckpointError(f"refusing {rng_path}: not a lineclip RNG state")
@@ -201,7 +206,8 @@ def load_training_state(directory: Path, accelerator: Any, model: torch.nn.Modul
             set_rng_state(rng, rng_path)
         except CheckpointError as err:
             if strict:
-                raise
+                raise CheckpointError(f"{err}; trainer.resume_strict=false resumes without it (not reproducible)") \
+                    from None
             log.warning("%s; resuming without it (trainer.resume_strict=false): not reproducible", err)
     return state
 

@@ -131,6 +131,9 @@ class Corpus:
             hint = " (was the run trained with trainer.export_embeddings=false? build one with lineclip.index)"
             raise CorpusError(f"{directory} is not a corpus: no {' or '.join(absent)}"
                               + (hint if (directory / artifacts.CONFIG).exists() else ""))
+        odd = artifacts.first_non_regular([directory / n for n in (*artifacts.CORPUS_FILES, artifacts.CONFIG)])
+        if odd is not None:
+            raise CorpusError(f"corpus {directory}: {odd.name} is not a regular file (a FIFO or a device?)")
         try:
             info = cls._read_info(directory)
             # mmap: a corpus of millions of lines is not read into memory twice (FAISS copies what it indexes).

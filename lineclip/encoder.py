@@ -134,6 +134,9 @@ def check_bundle(ref: BundleRef) -> dict[str, Any]:
         if any(n.startswith(".staging_") for n in names):
             msg += "; a .staging_* folder is there: training may still be running or was interrupted"
         raise BundleError(msg)
+    odd = artifacts.first_non_regular([ref.path(entry) for entry in artifacts.BUNDLE_ENTRIES])
+    if odd is not None:
+        raise BundleError(f"bundle {ref.label}: {odd} is not a regular file (a FIFO or a device?); refusing to read it")
     config_path = ref.path(artifacts.CONFIG)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))

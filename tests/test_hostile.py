@@ -534,6 +534,35 @@ def test_fifos_and_devices_are_refused_before_they_are_opened(trained, tmp_path,
     assert "image not readable" in (tmp_path / "s.html").read_text()
 
 
+@pytest.mark.parametrize("where", ["config", "head", "backbone_file", "embeddings", "trainer_state", "rng"])
+def test_fifos_in_a_bundle_corpus_or_training_state_are_refused(trained, tmp_path, alarm, where):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    target = {"config": copy / artifacts.CONFIG, "head": copy / artifacts.TEXT_HEAD,
+              "backbone_file": copy / artifacts.BACKBONE / "config.json",
+              "embeddings": copy / artifacts.EMBEDDINGS,
+              "trainer_state": copy / f"{CKPT}{TRAINING_STATE}" / "trainer_state.json",
+              "rng": copy / f"{CKPT}{TRAINING_STATE}" / "rng_state_0.pt"}[where]
+    target.unlink()
+    os.mkfifo(target)
+    before = tree_without_fifos(copy)
+    if where in ("trainer_state", "rng"):
+        line = one_error(*replay("train", train_args(data, copy, "trainer.resume=latest")))
+    else:
+        line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    assert target.name in line and ("not a regular file" in line)
+    assert tree_without_fifos(copy) == before
+
+
+def tree_without_fifos(root: Path) -> dict[str, str]:
+    """`tree`, reading no FIFO."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        kind = "<dir>" if path.is_dir() else "<fifo>" if path.is_fifo() else None
+        out[str(path.relative_to(root))] = kind or hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
 @pytest.mark.parametrize("override,expected", [
     ("optim.lr=nan", "optim.lr must be > 0"),
     ("optim.lr=inf", "optim.lr must be a finite number"),
