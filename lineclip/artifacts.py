@@ -8,7 +8,10 @@ killed in the middle of a save.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +33,127 @@ BUNDLE_ENTRIES = (BACKBONE, IMAGE_HEAD, TEXT_ENCODER, TEXT_HEAD, CONFIG)
 EMBEDDINGS = "faiss_embeddings.npy"
 EMBEDDINGS_META = "faiss_embeddings_meta.parquet"
 META_COLUMNS = ("sample_id", "doc_id", "page_id", "line_id", "text", "image_path")
+DATA_REPORT = "data_report.json"
+TRAINING_STATE = "training_state"
+# What else lineclip.train (and Hydra, W&B) keep in a run dir besides bundles.
+RUN_FILES = (EMBEDDINGS, EMBEDDINGS_META, DATA_REPORT, "train.log", "wandb_run_id", ".hydra", "wandb")
+# A lineclip.index corpus dir's own files (lineclip.corpus).
+CORPUS_FILES = (EMBEDDINGS, EMBEDDINGS_META, "corpus.json", "text_embeddings.npy", "index.faiss")
+_BUNDLE_ENTRY = re.compile(
+    r"^(checkpoint_step_\d{7}_)?(" + "|".join(re.escape(e) for e in (*BUNDLE_ENTRIES, TRAINING_STATE)) + ")$")
+
+
+class OutputPathError(ValueError):
+    """An output option that points at a run's or a corpus's own files; one line."""
+
+
+def is_run_entry(name: str) -> bool:
+    """A name that lineclip.train writes (or Hydra/W&B write for it) in a run dir."""
+    return bool(_BUNDLE_ENTRY.match(name)) or name in RUN_FILES or name.startswith(".staging_")
+
+
+def run_entries(directory: str | Path) -> list[str]:
+    """The entries of a dir that show a training run was started or finished there (not Hydra's own .hydra/ and
+    train.log, which Hydra writes before the trainer starts)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    hydra_own = {".hydra", "train.log", "wandb", "wandb_run_id"}
+    try:
+        names = os.listdir(directory)
+    except OSError:  # an unlistable dir is no run of ours
+        return []
+    return sorted(n for n in names if is_run_entry(n) and n not in hydra_own)
+
+
+def is_run_dir(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return directory.is_dir() and (bool(run_entries(directory)) or (directory / ".hydra").is_dir())
+
+
+def is_corpus_dir(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return directory.is_dir() and any((directory / n).exists() for n in ("corpus.json", EMBEDDINGS))
+
+
+def check_output_path(path: str | Path, option: str, replace_corpus: bool = False,
+                      inputs: Sequence[str | Path] = ()) -> Path:
+    """Refuse an output path that is a run dir or corpus dir, or one of their own files or dirs (at any depth),
+    or one of the command's inputs. `replace_corpus`: the path may be an existing lineclip.index corpus dir
+    (index.overwrite=true), never a run dir. Returns the absolute path."""
+    target = Path(os.path.abspath(os.path.expanduser(str(path))))
+    for source in inputs:
+        if source and os.path.exists(source) and target.exists() and os.path.samefile(source, target):
+            raise OutputPathError(f"{option}={path} is one of this command's inputs ({source})")
+    for child in [target, *target.parents][:-1]:
+        parent, name = child.parent, child.name
+        if is_run_dir(parent) and is_run_entry(name):
+            raise OutputPathError(f"{option}={path}: {child} belongs to the run in {parent}; choose another path")
+        if is_corpus_dir(parent) and name in CORPUS_FILES:
+            raise OutputPathError(f"{option}={path}: {child} belongs to the corpus in {parent}; choose another path")
+    if target.is_dir():
+        if is_run_dir(target):
+            raise OutputPathError(f"{option}={path} is a training run dir; lineclip never writes over one")
+        if not replace_corpus:
+            raise OutputPathError(f"{option}={path} is a directory")
+        if not (target / "corpus.json").is_file():
+            raise OutputPathError(f"{option}={path} exists and is not a lineclip.index corpus dir; refusing to "
+                                  "replace it")
+    elif target.exists() and replace_corpus:
+        raise OutputPathError(f"{option}={path} exists and is not a directory")
+    return target
+
+
+def first_non_regular(paths: Sequence[str | Path]) -> Path | None:
+    """The first of `paths` (or of the files directly inside those that are dirs) that is neither a regular file
+    nor a dir: a FIFO or device would block or never end the read that opens it. Missing paths are skipped."""
+    import stat
+
+    for path in map(Path, paths):
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode):
+            try:
+                children = list(os.scandir(path))
+            except OSError:
+                continue
+            for child in children:
+                if not (child.is_file() or child.is_dir()):
+                    return Path(child.path)
+        elif not stat.S_ISREG(mode):
+            return path
+    return None
+
+
+def heads_fingerprint(directory: str | Path, prefix: str = "") -> str:
+    """A short hash of a bundle's two projection heads: they change at every training step, so two bundles with
+    equal heads embed alike. Corpora record it so that a search never mixes embeddings of two models."""
+    digest = hashlib.sha256()
+    for entry in (IMAGE_HEAD, TEXT_HEAD):
+        digest.update((Path(directory) / f"{prefix}{entry}").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def remove_staging(staging: str | Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+class WriteError(OSError):
+    """Writing a bundle, a corpus or a training state failed (disk full, read-only, quota); one line."""
+
+
+def as_write_error(exc: BaseException, what: str) -> WriteError | None:
+    """What a failed write becomes: a full disk surfaces as OSError from Python, RuntimeError from torch.save's
+    zip writer and SafetensorError from safetensors; all three mean the same to the user. None: not a write error
+    (re-raise as is)."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, WriteError) or not isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+        return None
+    lines = str(exc).strip().splitlines()
+    return WriteError(f"cannot write {what}: {type(exc).__name__}: {lines[-1] if lines else ''}".strip())
 
 
 def checkpoint_prefix(step: int) -> str:
@@ -70,13 +194,31 @@ def save_bundle(
     tokenizer: Any,
     training_config: dict[str, Any],
     extra_entries: tuple[str, ...] = (),
+    corpus: dict[str, Any] | None = None,
 ) -> None:
     """Write one complete bundle. `model` must be the unwrapped module (accelerator.unwrap_model).
 
     `extra_entries` were already written into `staging_dir(output_dir, prefix)` by the caller (the training
-    state); they are renamed into place with the rest, before the config."""
+    state; for the final bundle the corpus embeddings and data report); they are renamed into place with the
+    rest, before the config. The old config goes first, so a failure half-way leaves no bundle that looks
+    complete (and no old model beside new embeddings). `corpus`: recorded in the config as `corpus`, with the
+    fingerprint of the heads written here (the model that embedded the staged corpus)."""
     output_dir = Path(output_dir)
     staging = staging_dir(output_dir, prefix, reset=not extra_entries)
+    try:
+        _save_bundle(output_dir, prefix, staging, model, image_processor, tokenizer, training_config, extra_entries,
+                     corpus)
+    except BaseException as exc:
+        remove_staging(staging)  # a full disk leaves no half-written staging dir behind
+        error = as_write_error(exc, f"the {prefix or 'final '}bundle in {output_dir}")
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _save_bundle(output_dir: Path, prefix: str, staging: Path, model: DualEncoder, image_processor: Any,
+                 tokenizer: Any, training_config: dict[str, Any], extra_entries: tuple[str, ...],
+                 corpus: dict[str, Any] | None) -> None:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a shard-writing bar per save would break the training bar
     try:
@@ -89,7 +231,12 @@ def save_bundle(
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
+    if corpus is not None or not prefix:
+        # The final bundle says whether the run dir's corpus is its own: None (not exported) or the fingerprint.
+        training_config = {**training_config, "corpus": None if corpus is None else {
+            **corpus, "fingerprint": heads_fingerprint(staging)}}
     (staging / CONFIG).write_text(json.dumps(training_config, indent=2, ensure_ascii=False, default=str))
+    (output_dir / f"{prefix}{CONFIG}").unlink(missing_ok=True)  # the old bundle stops looking complete first
     for entry in (*extra_entries, *BUNDLE_ENTRIES):  # config last: its presence marks the bundle complete
         target = output_dir / f"{prefix}{entry}"
         if target.is_dir():

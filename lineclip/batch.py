@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lineclip.manifest import LineRecord
 from lineclip.phrases import sample_phrase
+from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, image_size, load_image
 from lineclip.reading import reading_targets
 
 if TYPE_CHECKING:
@@ -135,11 +136,14 @@ def _where(record: LineRecord) -> str:
     return f"{record.image_path} ({record.source})" if record.source else record.image_path
 
 
-def _header_size(path: str) -> tuple[int, int] | None:
+def _header_size(path: str, max_pixels: int | None = None) -> tuple[int, int] | str | None:
+    """(width, height) as the model sees the image (EXIF orientation applied), "too_large_image" past the pixel
+    limit, or None for any header that cannot be read (FIFOs and devices are refused without reading)."""
     try:
-        # Image.open parses the header only; pixel data is decoded later, in the worker that needs it.
-        with Image.open(path) as image:
-            return image.size
+        # Only the header is parsed; pixel data is decoded later, in the worker that needs it.
+        return image_size(path, DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
+    except TooManyPixels:
+        return "too_large_image"
     except _DECODE_ERRORS:
         return None
 
@@ -159,11 +163,15 @@ class LineDataset(torch.utils.data.Dataset):
         transform: LineImageTransform,
         header_workers: int | None = None,
         crop_to_text_bytes: int | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
         """`crop_to_text_bytes`: when a transcription is cut to this many bytes (text.max_length), cut its image to
-        the same leading share of its width, so image and text still show the same part of the line."""
+        the same leading share of its width, so image and text still show the same part of the line.
+        `max_image_pixels`: images whose header claims more are never decoded (counted as too_large_image);
+        None: lineclip.preprocess.DEFAULT_MAX_IMAGE_PIXELS, 0: no limit of lineclip's own."""
         self.records = records
         self.transform = transform
+        self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
         self.visible_share = np.ones(len(records))
         if crop_to_text_bytes:
             for i, record in enumerate(records):
@@ -176,15 +184,17 @@ class LineDataset(torch.utils.data.Dataset):
         # Header reads are I/O bound (and slow on network file systems), so threads overlap them well.
         if workers > 1 and len(paths) > 256:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                sizes = list(pool.map(_header_size, paths))
+                sizes = list(pool.map(lambda path: _header_size(path, self.max_image_pixels), paths))
         else:
-            sizes = [_header_size(path) for path in paths]
+            sizes = [_header_size(path, self.max_image_pixels) for path in paths]
         # Found before training, from headers: "empty_image" (a zero-byte file or a zero width/height, what a
         # degenerate OCR crop leaves; decoders refuse a 0-px header) or "unreadable_image" (any other header
         # that fails). Such lines are never sampled; the trainer counts them by kind or, in error mode, stops.
         self.image_problems: dict[int, str] = {}
         for i, size in enumerate(sizes):
-            if size is None:
+            if isinstance(size, str):
+                self.image_problems[i] = size
+            elif size is None:
                 empty = os.path.isfile(paths[i]) and os.path.getsize(paths[i]) == 0
                 self.image_problems[i] = "empty_image" if empty else "unreadable_image"
             elif min(size) <= 0:
@@ -215,14 +225,12 @@ class LineDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         try:
-            with Image.open(record.image_path) as image:
-                # load() forces the full decode here, inside the try: a truncated JPEG opens fine and only
-                # fails once its pixels are read.
-                # No mode conversion here: the transform owns it (it flattens alpha onto white paper,
-                # which a plain convert("RGB") would turn black).
-                image.load()
-                if self.visible_share[index] < 1.0:
-                    image = image.crop((0, 0, *self._visible(index, image.size)))
+            # Decoded here, inside the try (a truncated JPEG opens fine and only fails once its pixels are
+            # read), turned by its EXIF orientation as the header size was. No mode conversion here: the
+            # transform owns it (it flattens alpha onto white paper, which a plain convert("RGB") would turn black).
+            image = load_image(record.image_path, self.max_image_pixels)
+            if self.visible_share[index] < 1.0:
+                image = image.crop((0, 0, *self._visible(index, image.size)))
         except _DECODE_ERRORS as exc:
             logger.warning("skipping corrupt line image %s: %s", _where(record), exc)
             return {"index": index, "corrupt": "corrupt_image"}

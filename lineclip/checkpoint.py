@@ -1,19 +1,29 @@
 """Resumable checkpoints: the spec's bundle plus the full training state, under one prefix.
 
-`checkpoint_step_0002400_training_state/` holds accelerate's `save_state` (model, optimizer, scheduler,
-grad scaler, every process's RNG states) and `trainer_state.json` (global step, data position, counters).
-It is written into the bundle's staging dir before the other entries, and the bundle's
-`training_config.json` is renamed into place last, so `latest` only ever sees complete checkpoints.
+`checkpoint_step_0002400_training_state/` holds, in formats that load without unpickling anything:
+- `model.safetensors` (the unwrapped model's weights),
+- `optimizer.pt` (AdamW's state dict: tensors and numbers only, loaded with `torch.load(weights_only=True)`),
+- `scheduler.json`, `scaler.json` (fp16 only) and `trainer_state.json` (global step, data position, counters),
+- `rng_state_<rank>.pt` per process (Python, NumPy, torch and CUDA generator states as integer tensors).
+Nothing else in the dir is ever opened; a file that does not load through these paths stops the resume with
+one line naming it (a refused RNG state only with `trainer.resume_strict=true`, the default). It is written
+into the bundle's staging dir before the other entries, and the bundle's `training_config.json` is renamed
+into place last, so `latest` only ever sees complete checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
 
 from lineclip import artifacts
 
@@ -21,6 +31,18 @@ log = logging.getLogger(__name__)
 
 TRAINING_STATE = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.json"
+SCALER_FILE = "scaler.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.pt"
+
+
+class CheckpointError(ValueError):
+    """A training state that cannot be loaded safely; the message is one line naming the file."""
 _CHECKPOINT_CONFIG = re.compile(r"^checkpoint_step_(\d{7})_" + re.escape(artifacts.CONFIG) + "$")
 
 
@@ -43,7 +65,151 @@ class TrainerState:
 
     @classmethod
     def load(cls, directory: Path) -> TrainerState:
-        return cls(**json.loads((directory / TRAINER_STATE_FILE).read_text()))
+        path = directory / TRAINER_STATE_FILE
+        blob = load_json(path)
+        known = {f.name for f in fields(cls)}
+        try:
+            if set(blob) - known:
+                raise TypeError(f"unknown key(s) {', '.join(sorted(set(blob) - known))}")
+            state = cls(**blob)
+            if not all(isinstance(getattr(state, k), int) for k in ("step", "epoch", "batches_done_in_epoch")):
+                raise TypeError("step, epoch and batches_done_in_epoch must be integers")
+            if not all(isinstance(i, int) for i in state.corrupt_indices):
+                raise TypeError("corrupt_indices must be integers")
+        except TypeError as exc:
+            raise CheckpointError(f"{path} is not a lineclip trainer state: {exc}") from None
+        return state
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _require_regular(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path.parent} has no {path.name}")
+    if not path.is_file():  # a FIFO or device would block or never end the read
+        raise CheckpointError(f"refusing {path}: not a regular file")
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a training state, or CheckpointError naming the file."""
+    _require_regular(path)
+    try:
+        blob = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"refusing {path}: not a readable JSON file ({_first_line(exc)})") from None
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"refusing {path}: not a JSON object")
+    return blob
+
+
+def load_tensors(path: Path) -> Any:
+    """`torch.load(weights_only=True)`: tensors, numbers, strings and containers only; anything that would
+    need code to rebuild (a pickled class, a function) is refused, with one line naming the file."""
+    _require_regular(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, OSError ...
+        raise CheckpointError(f"refusing {path}: not a weights-only tensor file ({_first_line(exc)})") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states, as tensors and numbers (loadable with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(blob: Any, path: Path) -> None:
+    try:
+        py, npy = blob["python"], blob["numpy"]
+        random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+        np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), int(npy["pos"]),
+                             int(npy["has_gauss"]), float(npy["cached_gaussian"])))
+        torch.set_rng_state(blob["torch"])
+        if torch.cuda.is_available() and blob["cuda"]:
+            torch.cuda.set_rng_state_all(blob["cuda"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"refusing {path}: not a lineclip RNG state ({_first_line(exc)})") from None
+
+
+def save_training_state(directory: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any,
+                        scheduler: Any) -> None:
+    """Every process writes its RNG state; the main process writes the rest. No pickle of objects anywhere."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), str(directory / MODEL_FILE))
+        torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        (directory / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
+        if accelerator.scaler is not None:
+            (directory / SCALER_FILE).write_text(json.dumps(accelerator.scaler.state_dict()))
+    torch.save(rng_state(), directory / rng_file(accelerator.process_index))
+
+
+def load_training_state(directory: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                        strict: bool = True, n_lines: int | None = None) -> TrainerState:
+    """Model, optimizer, scheduler, scaler, this process's RNG and the loop position, through loaders that run no
+    code. Files of other formats (accelerate's `*.pkl`/`*.bin` from older lineclip versions) are never opened."""
+    from safetensors.torch import load_model
+
+    model_path = directory / MODEL_FILE
+    if not model_path.exists():
+        legacy = sorted(p.name for p in directory.iterdir() if p.suffix in (".pkl", ".bin")) \
+            if directory.is_dir() else []
+        hint = (f" (it holds {', '.join(legacy[:3])}: accelerate's pickle format, which lineclip does not load; start "
+                f"from its bundle with model.init_from instead)") if legacy else ""
+        raise CheckpointError(f"{directory} has no {MODEL_FILE}{hint}")
+    _require_regular(model_path)
+    state = TrainerState.load(directory)  # before any weight is touched: a bad state changes nothing
+    if n_lines is not None and any(not 0 <= i < n_lines for i in state.corrupt_indices):
+        raise CheckpointError(f"{directory / TRAINER_STATE_FILE}: corrupt_indices outside this run's {n_lines} "
+                              "train lines (another manifest?)")
+    scheduler_state = load_json(directory / SCHEDULER_FILE)
+    optimizer_state = load_tensors(directory / OPTIMIZER_FILE)
+    scaler_path = directory / SCALER_FILE
+    scaler_state = load_json(scaler_path) if accelerator.scaler is not None and scaler_path.exists() else None
+    rng_path = directory / rng_file(accelerator.process_index)
+    rng = None
+    try:
+        rng = load_tensors(rng_path)
+        if not isinstance(rng, dict):
+            raise CheckpointError(f"refusing {rng_path}: not a lineclip RNG state")
+    except CheckpointError as err:
+        if strict:
+            raise CheckpointError(f"{err}; trainer.resume_strict=false resumes without it (not reproducible)") from None
+        log.warning("%s; resuming without it (trainer.resume_strict=false): not reproducible", err)
+        rng = None
+    try:
+        load_model(accelerator.unwrap_model(model), str(model_path), strict=True, device="cpu")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, RuntimeError (missing keys), OSError
+        raise CheckpointError(f"refusing {model_path}: {_first_line(exc)}") from None
+    try:
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        if scaler_state is not None:
+            accelerator.scaler.load_state_dict(scaler_state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{directory}: optimizer/scheduler state does not fit this run ({_first_line(exc)})") \
+            from None
+    if rng is not None:
+        try:
+            set_rng_state(rng, rng_path)
+        except CheckpointError as err:
+            if strict:
+                raise CheckpointError(f"{err}; trainer.resume_strict=false resumes without it (not reproducible)") \
+                    from None
+            log.warning("%s; resuming without it (trainer.resume_strict=false): not reproducible", err)
+    return state
 
 
 def checkpoint_steps(output_dir: str | Path) -> list[int]:
@@ -105,3 +271,42 @@ def rotate_checkpoints(output_dir: Path, keep_last: int) -> list[int]:
 
 def training_state_dir(staging: Path) -> Path:
     return staging / TRAINING_STATE
+
+
+def claim_run_dir(output_dir: Path, resume: str | None, resume_from: Path | None, overwrite: bool,
+                  remove: bool = True) -> None:
+    """Make sure a run may write into `output_dir`, before any model is built: the dir must be writable, and if it
+    holds another run (a bundle, a checkpoint, a corpus, a staging dir), `trainer.resume` must continue it or
+    `trainer.overwrite=true` must replace it. Overwrite removes that run's files first (checkpoints, each config
+    first, then the final artifacts), so nothing of two runs is ever mixed. `remove`: only the main process
+    deletes."""
+    if resume and overwrite:
+        raise ResumeError("trainer.resume and trainer.overwrite=true contradict each other: give one")
+    probe = output_dir / f".lineclip_write_probe_{__import__('os').getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ResumeError(f"run dir {output_dir} is not writable ({_first_line(exc)})") from None
+    found = artifacts.run_entries(output_dir)
+    if not found:
+        return
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    if resume:
+        if resume_from is None:
+            raise ResumeError(f"trainer.resume={resume}: {output_dir} holds a run ({shown}) but no complete "
+                              "checkpoint to continue; trainer.overwrite=true (without trainer.resume) replaces it")
+        return
+    if not overwrite:
+        raise ResumeError(f"{output_dir} already holds a run ({shown}); continue it with trainer.resume=latest or "
+                          "replace it with trainer.overwrite=true")
+    if not remove:
+        return
+    log.warning("trainer.overwrite=true: removing the earlier run's files in %s (%s)", output_dir, shown)
+    names = sorted(found, key=lambda n: (not n.endswith(artifacts.CONFIG), n))  # every config goes first
+    for name in [*names, "wandb_run_id"]:
+        target = output_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()

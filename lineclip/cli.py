@@ -60,21 +60,27 @@ def check_model_args(cfg: DictConfig) -> None:
 
 def one_line_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input (not a bug): reported as one `log.error` line and exit status 2."""
+    from lineclip.artifacts import OutputPathError
+    from lineclip.checkpoint import CheckpointError
     from lineclip.config import ConfigError
     from lineclip.corpus import CorpusError
     from lineclip.encoder import BundleError, DeviceError, ImageReadError
     from lineclip.manifest import ManifestError
 
     return (UsageError, ConfigError, ManifestError, BundleError, ImageReadError, DeviceError, CorpusError,
-            OmegaConfBaseException)
+            OutputPathError, CheckpointError, OmegaConfBaseException)
 
 
 def run_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run `fn(cfg)`; bad input ends the process with one error line and exit status 2, not a traceback."""
+    """Run `fn(cfg)`; bad input or an I/O error ends the process with one error line and exit status 2, not a
+    traceback."""
     try:
         return fn(cfg)
     except one_line_errors() as err:
         log.error("%s", " ".join(str(err).split()))
+        sys.exit(2)
+    except OSError as err:  # the environment (disk full, read-only dir, a file gone), not a bug
+        log.error("%s", " ".join(f"{type(err).__name__}: {err}".split()))
         sys.exit(2)
 
 

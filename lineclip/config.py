@@ -71,6 +71,8 @@ class DataConfig:
     num_workers: int = 2
     on_bad_row: str = "skip"  # skip (and count) | error
     max_text_bytes: int | None = 8192  # longer transcriptions are bad rows (text_too_long), not lines
+    # Images whose header claims more pixels are never decoded (counted as too_large_image); null: no limit.
+    max_image_pixels: int | None = 40_000_000
     augment: bool = False
     # Cut each line image to the share of its width that the (possibly truncated) text still describes.
     crop_to_text: bool = False
@@ -146,6 +148,8 @@ class TrainerConfig:
     progress_bar: bool = True
     compile: bool = False  # torch.compile both towers (shapes are bounded by the width and text buckets)
     resume: str | None = None  # latest | a run dir | a checkpoint_step_XXXXXXX_ bundle
+    resume_strict: bool = True  # false: a missing or refused RNG state warns instead of stopping the resume
+    overwrite: bool = False  # true: a new run into a dir that holds another run first removes that run's files
     keep_last_checkpoints: int | None = None  # rotate older checkpoints away (final artifacts never)
     max_bad_steps: int = 10  # non-finite losses in a row before the run stops
     # Validation beyond the whole gallery (lineclip.galleries): within-group galleries for each field the val
@@ -221,6 +225,44 @@ def _get(cfg: DictConfig, dotted: str) -> Any:
     return node
 
 
+def _finite(cfg: DictConfig, key: str) -> float:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    return float(value)
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    """What types let through but would fail (or silently misbehave) only once the model is built or trained."""
+    for key in ("optim.lr", "optim.eps", "loss.max_logit_scale", "loss.temperature"):
+        if not _finite(cfg, key) > 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
+    if not _finite(cfg, "optim.weight_decay") >= 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
+    if not 0 <= _finite(cfg, "optim.min_lr_ratio") <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if cfg.optim.grad_clip is not None and not _finite(cfg, "optim.grad_clip") >= 0:
+        raise ConfigError(f"optim.grad_clip must be >= 0 (0 or null: no clipping), got {cfg.optim.grad_clip}")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas}")
+    for key in ("model.backbone_lr_multiplier", "model.head_lr_multiplier", "text.encoder_lr_multiplier",
+                "text.head_lr_multiplier"):
+        if not _finite(cfg, key) >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
+    if cfg.trainer.log_every_steps < 1:
+        raise ConfigError(f"trainer.log_every_steps must be >= 1, got {cfg.trainer.log_every_steps}")
+    if cfg.trainer.seed < 0:
+        raise ConfigError(f"trainer.seed must be >= 0, got {cfg.trainer.seed}")
+    if any(b < 1 for b in cfg.preprocess.width_buckets):
+        raise ConfigError(f"preprocess.width_buckets must be positive, got {list(cfg.preprocess.width_buckets)}")
+    if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels must be > 0 or null, got {cfg.data.max_image_pixels}")
+    if cfg.trainer.overwrite and cfg.trainer.resume:
+        raise ConfigError("trainer.resume and trainer.overwrite=true contradict each other: give one")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, before any model is built, with a one-line reason naming the field."""
     from lineclip.preprocess import PIPELINES  # here, not at import: it pulls in torch (seconds per CLI start)
@@ -260,6 +302,7 @@ def check_config(cfg: DictConfig) -> None:
     syllables = list(cfg.trainer.val_phrase_syllables)
     if len(syllables) != 2 or not 1 <= syllables[0] <= syllables[1]:
         raise ConfigError(f"trainer.val_phrase_syllables must be [min, max] with 1 <= min <= max, got {syllables}")
+    _check_numbers(cfg)
     if cfg.trainer.epochs <= 0 and cfg.trainer.max_steps is None:
         raise ConfigError(f"trainer.epochs must be > 0 when trainer.max_steps is null, got {cfg.trainer.epochs}")
     if cfg.optim.weight_decay < 0 or cfg.optim.warmup_steps < 0 or cfg.data.num_workers < 0:

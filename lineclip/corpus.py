@@ -131,14 +131,18 @@ class Corpus:
             hint = " (was the run trained with trainer.export_embeddings=false? build one with lineclip.index)"
             raise CorpusError(f"{directory} is not a corpus: no {' or '.join(absent)}"
                               + (hint if (directory / artifacts.CONFIG).exists() else ""))
+        odd = artifacts.first_non_regular([directory / n for n in (*artifacts.CORPUS_FILES, artifacts.CONFIG)])
+        if odd is not None:
+            raise CorpusError(f"corpus {directory}: {odd.name} is not a regular file (a FIFO or a device?)")
         try:
-            info = json.loads((directory / CORPUS_INFO).read_text(encoding="utf-8")) \
-                if (directory / CORPUS_INFO).exists() else {}
+            info = cls._read_info(directory)
             # mmap: a corpus of millions of lines is not read into memory twice (FAISS copies what it indexes).
             embeddings = np.load(emb_path, mmap_mode="r")
             meta = pd.read_parquet(meta_path)
             texts = np.load(directory / TEXT_EMBEDDINGS, mmap_mode="r") \
                 if (directory / TEXT_EMBEDDINGS).exists() else None
+        except CorpusError:
+            raise
         except (OSError, ValueError) as exc:
             raise CorpusError(f"cannot read corpus {directory}: {type(exc).__name__}: {exc}") from None
         if embeddings.ndim != 2 or embeddings.dtype != np.float32 or len(embeddings) != len(meta):
@@ -149,10 +153,49 @@ class Corpus:
             raise CorpusError(f"corpus {directory}: {meta_path.name} lacks column(s) {', '.join(missing_cols)}")
         if texts is not None and texts.shape != embeddings.shape:
             raise CorpusError(f"corpus {directory}: {TEXT_EMBEDDINGS} is {texts.shape}, images {embeddings.shape}")
-        if not info:  # a training run dir: the final bundle beside the embeddings made them
-            info = {"kind": "flat", "source": "training run", "bundle": str(directory), "n_lines": len(meta)}
+        if info.get("n_lines") is not None and info["n_lines"] != len(meta):
+            raise CorpusError(f"corpus {directory}: {len(meta)} meta rows, but its "
+                              f"{CORPUS_INFO if (directory / CORPUS_INFO).exists() else artifacts.CONFIG} says "
+                              f"{info['n_lines']} lines (files of two different writes?)")
+        if info.get("dim") is not None and info["dim"] != embeddings.shape[1]:
+            raise CorpusError(f"corpus {directory}: {CORPUS_INFO} says dim {info['dim']}, the embeddings have "
+                              f"{embeddings.shape[1]}")
         index = on_gpu_if_available(cls._load_index(directory, info, embeddings, nprobe, ef_search))
         return cls(directory, meta, embeddings, index, info, texts)
+
+    @staticmethod
+    def _read_info(directory: Path) -> dict[str, Any]:
+        """corpus.json, or for a training run dir what its final training_config.json says about its corpus."""
+        path = directory / CORPUS_INFO
+        if path.exists():
+            info = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(info, dict):
+                raise CorpusError(f"corpus {directory}: {CORPUS_INFO} does not hold a JSON object")
+            kind = info.get("kind", "flat")
+            if kind not in INDEX_KINDS:
+                raise CorpusError(f"corpus {directory}: {CORPUS_INFO} has kind {kind!r}, not one of "
+                                  f"{', '.join(INDEX_KINDS)}")
+            for key in ("n_lines", "dim"):
+                if info.get(key) is not None and (not isinstance(info[key], int) or isinstance(info[key], bool)):
+                    raise CorpusError(f"corpus {directory}: {CORPUS_INFO} has a non-integer {key}")
+            if info.get("fingerprint") is not None and not isinstance(info["fingerprint"], str):
+                raise CorpusError(f"corpus {directory}: {CORPUS_INFO} has a non-string fingerprint")
+            return info
+        config_path = directory / artifacts.CONFIG
+        if not config_path.exists():
+            raise CorpusError(f"corpus {directory} has embeddings but neither {CORPUS_INFO} nor a final "
+                              f"{artifacts.CONFIG} (an interrupted save?); rebuild it with lineclip.index")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise CorpusError(f"corpus {directory}: {config_path.name} does not hold a JSON object")
+        info = {"kind": "flat", "source": "training run", "bundle": str(directory)}
+        if "corpus" not in config:  # written before runs recorded it: the bundle beside the embeddings made them
+            return info
+        recorded = config["corpus"]
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("fingerprint"), str):
+            raise CorpusError(f"{directory} was trained with trainer.export_embeddings=false: its "
+                              f"{artifacts.EMBEDDINGS} are not its final model's; build a corpus with lineclip.index")
+        return {**info, "n_lines": recorded.get("n_lines"), "fingerprint": recorded["fingerprint"]}
 
     @staticmethod
     def _load_index(directory: Path, info: dict[str, Any], embeddings: np.ndarray, nprobe: int | None,
@@ -169,6 +212,8 @@ class Corpus:
             raise CorpusError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         if index.ntotal != len(embeddings):
             raise CorpusError(f"{path} holds {index.ntotal} vectors for {len(embeddings)} meta rows")
+        if index.d != embeddings.shape[1]:
+            raise CorpusError(f"{path} indexes {index.d}-dim vectors, the corpus embeddings have {embeddings.shape[1]}")
         if nprobe is not None and kind == "ivf":
             faiss.extract_index_ivf(index).nprobe = nprobe
         if ef_search is not None and hasattr(index, "hnsw"):
@@ -246,6 +291,7 @@ def write_corpus(
         raise CorpusError(f"index.kind={params.kind!r} is not one of {', '.join(INDEX_KINDS)}")
     if output.exists() and not overwrite:
         raise CorpusError(f"{output} already exists (index.overwrite=true replaces it)")
+    artifacts.check_output_path(output, "output", replace_corpus=True)
     started = time.perf_counter()
     image, kept = encoder.encode_image_files([r.image_path for r in records], batch_size, num_workers, progress)
     if len(kept) == 0:
@@ -292,7 +338,10 @@ def write_corpus(
             shutil.rmtree(old, ignore_errors=True)
         else:
             staging.rename(output)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        error = artifacts.as_write_error(exc, f"corpus {output}")  # faiss reports a full disk as RuntimeError
+        if error is None:
+            raise
+        raise error from exc
     return output

@@ -14,7 +14,6 @@ here equals the one made during validation or export.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,15 @@ from lineclip import artifacts
 from lineclip.batch import _DECODE_ERRORS, BucketBatchSampler, count_truncated
 from lineclip.batch import encode_texts as byte_encode
 from lineclip.manifest import normalize_text
-from lineclip.preprocess import IMAGENET_MEAN, IMAGENET_STD, LineGeometry, LineImageTransform
+from lineclip.preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LineGeometry,
+    LineImageTransform,
+    image_size,
+    load_image,
+)
 from lineclip.towers import DualEncoder, ProjectionHead, build_image_backbone, build_text_encoder
 
 log = logging.getLogger(__name__)
@@ -127,6 +134,9 @@ def check_bundle(ref: BundleRef) -> dict[str, Any]:
         if any(n.startswith(".staging_") for n in names):
             msg += "; a .staging_* folder is there: training may still be running or was interrupted"
         raise BundleError(msg)
+    odd = artifacts.first_non_regular([ref.path(entry) for entry in artifacts.BUNDLE_ENTRIES])
+    if odd is not None:
+        raise BundleError(f"bundle {ref.label}: {odd} is not a regular file (a FIFO or a device?); refusing to read it")
     config_path = ref.path(artifacts.CONFIG)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -144,16 +154,27 @@ def check_bundle(ref: BundleRef) -> dict[str, Any]:
 def model_fingerprint(ref: BundleRef) -> str:
     """A short hash of the two projection heads: they change at every training step, so two bundles with equal
     heads embed alike. Corpora record it so that a search never mixes embeddings of two models."""
-    digest = hashlib.sha256()
-    for entry in (artifacts.IMAGE_HEAD, artifacts.TEXT_HEAD):
-        digest.update(ref.path(entry).read_bytes())
-    return digest.hexdigest()[:16]
+    return artifacts.heads_fingerprint(ref.directory, ref.prefix)
+
+
+def _max_image_pixels(config: dict[str, Any]) -> int:
+    """The run's own pixel limit (its data.max_image_pixels; null there: none, 0 here), else lineclip's default."""
+    resolved = config.get("config")
+    data = resolved.get("data") if isinstance(resolved, dict) else None
+    if not isinstance(data, dict) or "max_image_pixels" not in data:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    limit = data["max_image_pixels"]
+    if limit is None:
+        return 0
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else DEFAULT_MAX_IMAGE_PIXELS
 
 
 def _text_max_length(config: dict[str, Any]) -> int:
     value = config.get("text_max_length")
     if value is None:  # bundles written before the key existed keep it in the resolved config only
-        value = (config.get("config") or {}).get("text", {}).get("max_length")
+        resolved = config.get("config")
+        text = resolved.get("text") if isinstance(resolved, dict) else None
+        value = text.get("max_length") if isinstance(text, dict) else None
     if not isinstance(value, int) or value < 1:
         raise BundleError(f"training_config.json has no usable text_max_length (got {value!r})")
     return value
@@ -193,13 +214,13 @@ def check_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def _header_size(item: ImageInput) -> tuple[int, int] | str:
-    """(width, height), or why the image cannot be opened."""
+def _header_size(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int] | str:
+    """(width, height) as the model sees it (EXIF orientation applied, as in training), or why the image cannot be
+    used (no such file, not a regular file, more pixels than the limit, a broken header)."""
     if isinstance(item, Image.Image):
         return item.size
     try:
-        with Image.open(item) as image:  # the header only; pixels are decoded in the batch that needs them
-            return image.size
+        return image_size(item, max_pixels)  # the header only; pixels are decoded in the batch that needs them
     except FileNotFoundError:
         return "no such file"
     except _DECODE_ERRORS as exc:
@@ -207,10 +228,12 @@ def _header_size(item: ImageInput) -> tuple[int, int] | str:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Paths or PIL images -> (tensor or None, index, error). Never raises on a bad file."""
+    """Paths or PIL images -> (tensor or None, index, error). Never raises on a bad file. A PIL image is used as
+    given; a path is read as training reads it (lineclip.preprocess.load_image)."""
 
-    def __init__(self, items: Sequence[ImageInput], transform: LineImageTransform) -> None:
-        self.items, self.transform = items, transform
+    def __init__(self, items: Sequence[ImageInput], transform: LineImageTransform,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.items, self.transform, self.max_pixels = items, transform, max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -220,8 +243,7 @@ class _Images(torch.utils.data.Dataset):
         if isinstance(item, Image.Image):
             return self.transform(item), index, ""
         try:
-            with Image.open(item) as image:
-                image.load()  # a truncated file opens fine and fails only here
+            image = load_image(item, self.max_pixels)  # a truncated file opens fine and fails only on load
         except _DECODE_ERRORS as exc:
             return None, index, _first_line(exc)
         return self.transform(image), index, ""
@@ -258,6 +280,7 @@ class LineEncoder:
         self.text_max_length = text_max_length
         self.training_config = training_config
         self.bundle = bundle
+        self.max_image_pixels = _max_image_pixels(training_config)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> LineEncoder:
@@ -350,9 +373,9 @@ class LineEncoder:
         # Header reads are I/O bound (slow on network file systems); threads overlap them.
         if n > 256:
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                sizes = list(pool.map(_header_size, items))
+                sizes = list(pool.map(lambda item: _header_size(item, self.max_image_pixels), items))
         else:
-            sizes = [_header_size(item) for item in items]
+            sizes = [_header_size(item, self.max_image_pixels) for item in items]
         failed = [(i, size) for i, size in enumerate(sizes) if isinstance(size, str)]
         if failed and stop_early:
             return np.empty((0, self.dim), np.float32), np.empty(0, np.int64), failed
@@ -362,7 +385,8 @@ class LineEncoder:
         # More worker processes than cores or than batches only costs their start-up.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = max(0, min(num_workers, cores, len(sampler)))
-        loader = torch.utils.data.DataLoader(_Images(items, self.transform), batch_sampler=sampler,
+        loader = torch.utils.data.DataLoader(_Images(items, self.transform, self.max_image_pixels),
+                                             batch_sampler=sampler,
                                              collate_fn=_collate, num_workers=workers)
         out = np.zeros((n, self.dim), dtype=np.float32)
         done = np.zeros(n, dtype=bool)

@@ -17,6 +17,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from lineclip.artifacts import check_output_path
 from lineclip.cli import ModelArgs, UsageError, check_manifest_args, check_model_args, manifest_label, run_command
 from lineclip.config import conf_dir, register_configs
 from lineclip.corpus import INDEX_KINDS, IndexParams
@@ -59,6 +60,8 @@ def build(cfg: DictConfig) -> Path:
     output = Path(opts.output) if opts.output else ref.directory / f"{ref.prefix}index_{name}"
     if output.exists() and not opts.overwrite:
         raise UsageError(f"{output} already exists (index.overwrite=true replaces it)")
+    # Never a run dir, nor any file or dir of a run or another corpus; overwrite replaces only an index dir.
+    check_output_path(output, "index.output", replace_corpus=True, inputs=[cfg.manifest])
     records, report = read_manifest(cfg.manifest, cfg.dataset_dir, cfg.on_bad_row)
     encoder = load_encoder(cfg.run_dir, device=cfg.device)
     params = IndexParams(**{k: opts[k] for k in IndexParams.__dataclass_fields__})

@@ -52,6 +52,7 @@ BAD_ROW_REASONS = (
     "duplicate_id",
     "invalid_utf8",
     "text_too_long",
+    "invalid_unicode",
 )
 # A real line is ~450 bytes; a row far beyond that is a page or a file glued into one "line" by a broken
 # OCR export, and would only be truncated to noise.
@@ -258,6 +259,15 @@ def _parse_row(
         raise _BadRow("invalid_json", str(exc)) from None
     if not isinstance(row, dict):
         raise _BadRow("not_an_object", f"got a JSON {type(row).__name__}")
+    # Valid UTF-8 can still escape a lone surrogate ("\\ud800"): JSON accepts it, UTF-8 cannot encode it, and
+    # every later step (byte encoding, paths, parquet) would fail on it.
+    for key, value in row.items():
+        for part in (key, value) if isinstance(value, str) else (key,):
+            try:
+                part.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise _BadRow("invalid_unicode", f"{key.encode('utf-8', 'backslashreplace').decode()!r} holds "
+                              f"{part[exc.start]!r} at character {exc.start}, which UTF-8 cannot encode") from None
 
     image_key, image_value = _first_string(row, IMAGE_KEYS)
     if image_key is None or image_value is None:

@@ -11,9 +11,13 @@ keep a single channel until normalisation, which is where the three channels are
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -37,6 +41,108 @@ _AUG_CONTRAST = (0.85, 1.15)
 _AUG_BRIGHTNESS = (-20.0, 20.0)
 
 
+# A line image is a few hundred thousand pixels; a file claiming far more is a decompression bomb or a page,
+# and decoding it would cost gigabytes (data.max_image_pixels; PIL's own limit is 89M with a mere warning).
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class NotARegularFile(OSError):
+    """A FIFO, device or socket where an image file was expected: refused before any byte is read."""
+
+
+class TooManyPixels(ValueError):
+    """An image whose header claims more pixels than the limit; refused before its pixels are decoded."""
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open a file for reading only if it is a regular file. O_NONBLOCK: opening a FIFO does not wait for a
+    writer; the fstat then refuses it (and devices, sockets) before anything is read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise NotARegularFile(errno.EINVAL, f"{kind}, not an image file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) found in the file's header, without decoding pixels: JPEG/TIFF/WebP EXIF, and a
+    PNG eXIf chunk placed before the image data. 1 when there is none or it is unreadable."""
+    try:
+        if image.format == "PNG":  # PngImageFile.getexif() would decode the whole image to find a late chunk
+            raw = image.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = image.getexif()
+        value = exif.get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to lose the line
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None, path: str | os.PathLike) -> None:
+    if max_pixels and width * height > max_pixels:
+        raise TooManyPixels(f"{path}: {width}x{height} = {width * height} pixels > data.max_image_pixels={max_pixels}")
+
+
+def image_size(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) as the model will see the image (EXIF orientation applied), from the header only. Raises
+    NotARegularFile, TooManyPixels or what PIL raises on a broken header."""
+    with open_regular(path) as handle, Image.open(handle) as image:
+        width, height = image.size
+        _check_pixels(width, height, max_pixels, path)
+        return (height, width) if exif_orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """A line image file, decoded and turned by its EXIF orientation: what training, encoding and the search
+    page's thumbnails all use, so all three see the same line. Modes are left to the transform."""
+    with open_regular(path) as handle, Image.open(handle) as image:
+        _check_pixels(*image.size, max_pixels, path)
+        orientation = exif_orientation(image)
+        image.load()  # inside the try of the caller: a truncated file opens fine and fails only here
+        return image.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else image
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey (I;16*, I) and float (F) images scaled to 8 bits over their real range; PIL's own
+    convert("L") clips them at 255, which turns a 16-bit scan into two grey levels."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        scale = 257.0  # 65535 -> 255
+    else:
+        top = float(values.max()) if values.size else 0.0
+        if image.mode == "F" and top <= 1.0:
+            scale = 1.0 / 255.0
+        elif top <= 255.0:
+            scale = 1.0
+        elif top <= 65535.0:
+            scale = 257.0
+        else:
+            scale = top / 255.0
+    return Image.fromarray(np.clip(np.rint(values / scale), 0, 255).astype(np.uint8))
+
+
 def _round_scaled(n: int, num: int, den: int) -> int:
     """round(n * num / den), halves up, at least 1; integer arithmetic so that every caller that predicts a
     size (samplers, ``pipeline_size``) gets exactly the size the resize produces."""
@@ -49,6 +155,7 @@ def _check_pipeline(pipeline: str) -> None:
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
+    image = to_8bit(image)
     # Transparent pixels often hold black RGB; scans with alpha must read as paper (white), not ink.
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

@@ -98,19 +98,20 @@ def texts_for_embedding(corpus: Corpus, encoder: LineEncoder, query: np.ndarray,
             for i, (score, _text, rows) in enumerate(corpus.search_texts(query, top_k))]
 
 
-def load_query_image(path: str | Path) -> Image.Image:
-    from PIL import Image
-
+def load_query_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     from lineclip.batch import _DECODE_ERRORS
     from lineclip.encoder import ImageReadError
+    from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, load_image
+
+    max_pixels = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise ImageReadError(f"query_image={path} does not exist" if not path.exists()
                              else f"query_image={path} is not a file")
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file opens fine and fails only on its pixels
+        # decode now (a truncated file opens fine and fails only on its pixels), turned as training turns lines
+        image = load_image(path, max_pixels)
     except _DECODE_ERRORS as exc:
         raise ImageReadError(f"query_image={path} cannot be read as an image: {type(exc).__name__}: {exc}") from None
     return image
@@ -134,15 +135,17 @@ def format_hits(title: str, hits: list[Hit], text_width: int = 80) -> str:
 
 
 def _thumbnail_src(path: str, opts: Any) -> str | None:
-    from PIL import Image, ImageOps
+    """The line as the model saw it before preprocessing: read by lineclip.preprocess.load_image (regular files
+    only, the pixel limit, EXIF orientation), high bit depths scaled, alpha flattened onto white."""
+    from PIL import Image
 
     from lineclip.batch import _DECODE_ERRORS
+    from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, _rgb_array, load_image
 
     if not opts.thumbnails:
         return Path(path).absolute().as_uri() if Path(path).is_file() else None
     try:
-        with Image.open(path) as image:
-            thumb = ImageOps.exif_transpose(image).convert("RGB")
+        thumb = Image.fromarray(_rgb_array(load_image(path, DEFAULT_MAX_IMAGE_PIXELS)))
     except (*_DECODE_ERRORS, FileNotFoundError):
         return None
     thumb.thumbnail((opts.thumb_width, opts.thumb_height))
@@ -233,6 +236,10 @@ def search(cfg: DictConfig) -> dict[str, Any]:
 
     ref = resolve_bundle(cfg.run_dir)
     check_bundle(ref)
+    if cfg.search.html and cfg.search.output:
+        from lineclip.artifacts import check_output_path
+
+        check_output_path(cfg.search.output, "search.output", inputs=[cfg.query_image or ""])
     query_text = None
     if cfg.query is not None:
         query_text = normalize_text(str(cfg.query))

@@ -38,7 +38,15 @@ from lineclip.batch import (
     text_lengths,
     text_padding_fraction,
 )
-from lineclip.checkpoint import TrainerState, resolve_resume, rotate_checkpoints, training_state_dir
+from lineclip.checkpoint import (
+    TrainerState,
+    claim_run_dir,
+    load_training_state,
+    resolve_resume,
+    rotate_checkpoints,
+    save_training_state,
+    training_state_dir,
+)
 from lineclip.config import ConfigError, check_config
 from lineclip.galleries import ValidationPlan, setting_name
 from lineclip.loss import (
@@ -135,8 +143,17 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         init_config = check_bundle(init)
         image_path, text_path = str(init.path(artifacts.BACKBONE)), str(init.path(artifacts.TEXT_ENCODER))
     attn = cfg.model.attn_implementation
-    image_backbone = build_image_backbone(image_path, dict(cfg.model.config), cfg.model.trust_remote_code, attn)
-    text_encoder = build_text_encoder(text_path, dict(cfg.text.config), cfg.text.trust_remote_code, attn)
+    try:
+        image_backbone = build_image_backbone(image_path, dict(cfg.model.config), cfg.model.trust_remote_code, attn)
+        text_encoder = build_text_encoder(text_path, dict(cfg.text.config), cfg.text.trust_remote_code, attn)
+    except Exception as exc:  # noqa: BLE001 - a damaged bundle of model.init_from: one line, not a traceback
+        if init is None:
+            raise
+        from lineclip.encoder import BundleError
+
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise BundleError(f"model.init_from={cfg.model.init_from}: cannot load its towers: {type(exc).__name__}: "
+                          f"{first}") from None
     patch = image_backbone.config.patch_size
     if patch != cfg.preprocess.patch_multiple:
         raise ConfigError(
@@ -153,8 +170,15 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         logit_bias=cfg.loss.logit_bias if cfg.loss.name == "siglip" else None,
     )
     if init is not None:
-        model.image_head = ProjectionHead.load(init.path(artifacts.IMAGE_HEAD))
-        model.text_head = ProjectionHead.load(init.path(artifacts.TEXT_HEAD))
+        from lineclip.encoder import BundleError
+
+        for attr, entry in (("image_head", artifacts.IMAGE_HEAD), ("text_head", artifacts.TEXT_HEAD)):
+            try:  # weights_only=True: a head that would need code to unpickle is refused, in one line
+                setattr(model, attr, ProjectionHead.load(init.path(entry)))
+            except Exception as exc:  # noqa: BLE001 - UnpicklingError, KeyError, RuntimeError, OSError ...
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise BundleError(f"model.init_from: cannot load {init.path(entry)}: {type(exc).__name__}: "
+                                  f"{first}") from None
         if model.image_head.output_dim != cfg.model.projection_dim:
             raise ConfigError(f"model.init_from={cfg.model.init_from} has projection_dim "
                               f"{model.image_head.output_dim}; the config asks for {cfg.model.projection_dim}")
@@ -368,7 +392,7 @@ class TrainingDiverged(RuntimeError):
 
 def image_problems(dataset: LineDataset, cfg: DictConfig, split: str) -> dict[str, int]:
     """Count the lines whose image headers are unreadable or empty; in error mode, stop at the first."""
-    counts = {"unreadable_image": 0, "empty_image": 0}
+    counts = {"unreadable_image": 0, "empty_image": 0, "too_large_image": 0}
     for index, kind in sorted(dataset.image_problems.items()):
         if cfg.data.on_bad_row == "error":
             record = dataset.records[index]
@@ -532,6 +556,8 @@ def train(cfg: DictConfig) -> TrainResult:
     output_dir = Path(broadcast_object_list([str(cfg.output_dir or "outputs/run")])[0])
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = resolve_resume(cfg.trainer.resume, output_dir) if cfg.trainer.resume else None
+    claim_run_dir(output_dir, cfg.trainer.resume, resume_from, cfg.trainer.overwrite, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     set_seed(cfg.trainer.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -542,11 +568,14 @@ def train(cfg: DictConfig) -> TrainResult:
                             tuple(cfg.preprocess.width_buckets), cfg.preprocess.patch_multiple)
     mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
     crop = cfg.text.max_length if cfg.data.crop_to_text else None
+    pixels = cfg.data.max_image_pixels or 0  # null: no limit of lineclip's own
     train_set = LineDataset(train_records, LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std,
-                                                              augment=cfg.data.augment), crop_to_text_bytes=crop)
+                                                              augment=cfg.data.augment), crop_to_text_bytes=crop,
+                            max_image_pixels=pixels)
     eval_transform = LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std, augment=False)
     data_report["train"]["skipped"].update(image_problems(train_set, cfg, "train"))
-    val_set = LineDataset(val_records, eval_transform, crop_to_text_bytes=crop) if val_records else None
+    val_set = LineDataset(val_records, eval_transform, crop_to_text_bytes=crop,
+                          max_image_pixels=pixels) if val_records else None
     if val_set is not None:
         data_report["val"]["skipped"].update(image_problems(val_set, cfg, "val"))
     collate = LineCollator(cfg.text.max_length, reading=cfg.loss.reading_weight > 0 or cfg.loss.bag_weight > 0)
@@ -595,11 +624,10 @@ def train(cfg: DictConfig) -> TrainResult:
         warmup = max(1, total_steps // 10)
         log.warning("optim.warmup_steps=%d is not below the run's %d steps; warming up for %d steps instead",
                     cfg.optim.warmup_steps, total_steps, warmup)
-    # Not passed to accelerator.prepare (that would step it once per process per step); registered so that
-    # save_state/load_state carry it.
+    # Not passed to accelerator.prepare (that would step it once per process per step); the training state
+    # carries it (lineclip.checkpoint).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(warmup, total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
-    accelerator.register_for_checkpointing(scheduler)
     eval_every = cfg.trainer.eval_every_steps or cfg.trainer.checkpoint_every_steps
     schedule = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
                 "eval_every_steps": eval_every, "checkpoint_every_steps": cfg.trainer.checkpoint_every_steps,
@@ -607,8 +635,9 @@ def train(cfg: DictConfig) -> TrainResult:
 
     state = TrainerState()
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))  # model, optimizer, scheduler, scaler, every RNG
-        state = TrainerState.load(resume_from)
+        # model, optimizer, scheduler, scaler, this process's RNG: no pickle (lineclip.checkpoint)
+        state = load_training_state(resume_from, accelerator, model, optimizer, scheduler,
+                                    strict=cfg.trainer.resume_strict, n_lines=len(train_records))
         log.info("resumed from %s at step %d (epoch %d, batch %d of it)", resume_from.name, state.step,
                  state.epoch, state.batches_done_in_epoch)
     start_tracking(accelerator, cfg, output_dir, resuming=resume_from is not None)
@@ -649,14 +678,24 @@ def train(cfg: DictConfig) -> TrainResult:
             artifacts.staging_dir(output_dir, prefix, reset=True)
         accelerator.wait_for_everyone()
         staging = artifacts.staging_dir(output_dir, prefix)
-        accelerator.save_state(str(training_state_dir(staging)))  # every process writes its RNG state
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state.save(training_state_dir(staging))
-            artifacts.save_bundle(output_dir, prefix, accelerator.unwrap_model(model), image_processor, tokenizer,
-                                  training_config(state.step), extra_entries=(training_state_dir(staging).name,))
-            if cfg.trainer.keep_last_checkpoints:
-                rotate_checkpoints(output_dir, cfg.trainer.keep_last_checkpoints)
+        try:
+            # every process writes its RNG state
+            save_training_state(training_state_dir(staging), accelerator, model, optimizer, scheduler)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state.save(training_state_dir(staging))
+                artifacts.save_bundle(output_dir, prefix, accelerator.unwrap_model(model), image_processor,
+                                      tokenizer, training_config(state.step),
+                                      extra_entries=(training_state_dir(staging).name,))
+                if cfg.trainer.keep_last_checkpoints:
+                    rotate_checkpoints(output_dir, cfg.trainer.keep_last_checkpoints)
+        except BaseException as exc:
+            if accelerator.is_main_process:  # a full disk leaves no half-written staging dir behind
+                artifacts.remove_staging(staging)
+            error = artifacts.as_write_error(exc, f"checkpoint {prefix} in {output_dir}")
+            if error is None:
+                raise
+            raise error from exc
         accelerator.wait_for_everyone()
 
     def sync_corrupt() -> list[int]:
@@ -780,20 +819,33 @@ def train(cfg: DictConfig) -> TrainResult:
     if state.corrupt_indices:
         log.warning("skipped %d corrupt line images while training", len(state.corrupt_indices))
     if not interrupted:
+        emb = None
         if cfg.trainer.export_embeddings:
-            corpus = LineDataset(train_records, eval_transform)
+            corpus = LineDataset(train_records, eval_transform, max_image_pixels=pixels)
             emb = embed_dataset(accelerator, model, corpus, collate, eval_batch_size(cfg), cfg.data.num_workers,
                                 with_text=False)
             data_report["export_skipped_images"] = len(train_records) - len(emb.indices)
-            if accelerator.is_main_process:
-                kept = [train_records[i] for i in emb.indices.tolist()]
-                artifacts.save_corpus_embeddings(output_dir, emb.image.numpy(), kept)
         if accelerator.is_main_process:
+            # Corpus, data report and bundle are staged together and renamed in config-last: all or nothing.
+            staging = artifacts.staging_dir(output_dir, "", reset=True)
+            extra, corpus_info = [artifacts.DATA_REPORT], None
+            try:
+                if emb is not None:
+                    kept = [train_records[i] for i in emb.indices.tolist()]
+                    artifacts.save_corpus_embeddings(staging, emb.image.numpy(), kept)
+                    extra += [artifacts.EMBEDDINGS, artifacts.EMBEDDINGS_META]
+                    corpus_info = {"n_lines": len(kept)}
+                (staging / artifacts.DATA_REPORT).write_text(json.dumps(
+                    {**data_report, "corrupt_images_skipped": len(state.corrupt_indices),
+                     "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
+            except BaseException as exc:
+                artifacts.remove_staging(staging)
+                error = artifacts.as_write_error(exc, f"the final corpus in {output_dir}")
+                if error is None:
+                    raise
+                raise error from exc
             artifacts.save_bundle(output_dir, "", accelerator.unwrap_model(model), image_processor, tokenizer,
-                                  training_config(state.step))
-            (output_dir / "data_report.json").write_text(json.dumps(
-                {**data_report, "corrupt_images_skipped": len(state.corrupt_indices),
-                 "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
+                                  training_config(state.step), extra_entries=tuple(extra), corpus=corpus_info)
         accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group,
         tracker.finish()                  # which the caller (a test, a sweep) may still need

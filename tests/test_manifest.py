@@ -247,6 +247,7 @@ def bad_rows_manifest(tmp_path: Path) -> Path:
         b"   ",  # 12 whitespace only: ignored
         json.dumps({"image": "ok.png", "text": TIB_3}, ensure_ascii=False).encode(),  # 13 good
         json.dumps({"image": "ok.png", "text": TIB_1 * 400}, ensure_ascii=False).encode(),  # 14 text_too_long
+        b'{"image": "ok.png", "text": "\\ud800 lone surrogate"}',  # 15 invalid_unicode (valid UTF-8, bad JSON escape)
     ]
     path = tmp_path / "lines.jsonl"
     path.write_bytes(b"\r\n".join(lines) + b"\r\n")
@@ -263,6 +264,7 @@ EXPECTED_FIRST_BAD_LINE = {
     "duplicate_id": 10,
     "invalid_utf8": 11,
     "text_too_long": 14,
+    "invalid_unicode": 15,
 }
 
 
@@ -275,19 +277,20 @@ def test_every_bad_row_kind_is_counted(tmp_path: Path, caplog: pytest.LogCapture
     assert [r.sample_id for r in records] == ["g1", "dup", "lines:13"]
     assert [r.text for r in records] == [TIB_1, TIB_1, TIB_3]
     assert report.rows_used == 3
-    assert report.rows_total == 12
+    assert report.rows_total == 13
     assert report.skipped == dict.fromkeys(BAD_ROW_REASONS, 1)
     assert report.first_bad == {reason: f"{manifest}:{n}" for reason, n in EXPECTED_FIRST_BAD_LINE.items()}
     assert report.summary() == (
-        "lines.jsonl: 3 of 12 rows used; skipped: invalid_json=1, not_an_object=1, no_image_key=1, "
-        "image_not_found=1, no_text_key=1, empty_text=1, duplicate_id=1, invalid_utf8=1, text_too_long=1"
+        "lines.jsonl: 3 of 13 rows used; skipped: invalid_json=1, not_an_object=1, no_image_key=1, "
+        "image_not_found=1, no_text_key=1, empty_text=1, duplicate_id=1, invalid_utf8=1, text_too_long=1, "
+        "invalid_unicode=1"
     )
-    assert report.summary(label="val").startswith("val: 3 of 12")
+    assert report.summary(label="val").startswith("val: 3 of 13")
     as_dict = report.to_dict()
     assert json.loads(json.dumps(as_dict)) == as_dict
     assert as_dict["skipped"]["invalid_utf8"] == 1 and as_dict["manifest"] == str(manifest)
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "3 of 12 rows used" in warnings[0] and f"{manifest}:2" in warnings[0]
+    assert len(warnings) == 1 and "3 of 13 rows used" in warnings[0] and f"{manifest}:2" in warnings[0]
 
 
 def test_clean_manifest_reports_zero_for_every_reason(

@@ -1,0 +1,696 @@
+"""Hostile input, replayed (issue 14): every case ends with the documented exit status and one error line, changes
+nothing outside the command's own output (snapshots of whole dirs, contents included) and never runs code from a
+checkpoint (a marker pickle, planted in every file of a training state, must never write its marker).
+
+The run is the session's tiny memorising run (usage_support.overfit_run: 60 steps, a checkpoint at step 30 with
+its training state); every test that changes it works on a copy.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from usage_support import TRAIN_OVERRIDES, overfit_run
+
+from lineclip import artifacts
+from lineclip.checkpoint import TRAINING_STATE, checkpoint_steps
+
+CKPT = "checkpoint_step_0000030_"
+STATE_FILES = ("model.safetensors", "optimizer.pt", "rng_state_0.pt", "scheduler.json", "trainer_state.json")
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+class Marker:
+    """Unpickling this creates the file `path` (`open(path, "w")`): proof that checkpoint code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def payload(marker: Path, zipped: bool) -> bytes:
+    """A pickle that runs code when loaded: raw (`pickle.dumps`) or in torch.save's zip format."""
+    blob = {"state": Marker(marker), "step": 30}
+    if not zipped:
+        return pickle.dumps(blob)
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    return buffer.getvalue()
+
+
+def plant(path: Path, marker: Path) -> None:
+    path.write_bytes(payload(marker, zipped=path.suffix in (".pt", ".bin")))
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under `root` (hidden ones too) with a hash of its content: a refused command leaves it equal."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = "<dir>" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def compose(config_name: str, overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lineclip.config import conf_dir
+
+    extra = [] if config_name == "train" else ["progress=false"]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=[*overrides, *extra])
+
+
+def replay(command: str, overrides: list[str]) -> tuple[int, list[str]]:
+    """Run a command in-process as its CLI does (same config composition, same error handler): (exit status,
+    the error lines logged)."""
+    from lineclip.cli import run_command
+
+    fn: Callable[[Any], Any]
+    if command == "train":
+        from lineclip.train import run as fn
+    elif command == "evaluate":
+        from lineclip.evaluate import evaluate as fn
+    elif command == "index":
+        from lineclip.index import build as fn
+    else:
+        from lineclip.search import search as fn
+    cfg = compose(command, overrides)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("lineclip")
+    logger.addHandler(handler)
+    try:
+        run_command(fn, cfg)
+        status = 0
+    except SystemExit as exit_:
+        status = int(exit_.code or 0)
+    finally:
+        logger.removeHandler(handler)
+    return status, [r.getMessage() for r in records]
+
+
+def one_error(status: int, errors: list[str]) -> str:
+    assert status == 2 and len(errors) == 1 and "\n" not in errors[0], (status, errors)
+    return errors[0]
+
+
+def train_args(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["data=openpecha", f"data.dataset_dir={data['root']}", f"data.train_manifest={data['train']}",
+            f"data.val_manifest={data['train']}", "data.num_workers=0", "trainer.progress_bar=false",
+            *TRAIN_OVERRIDES, f"output_dir={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return overfit_run(tmp_path_factory)
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "MARKER"
+    yield path
+    assert not path.exists(), "code from a checkpoint ran"
+
+
+def copy_run(run: Path, target: Path) -> Path:
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("index_*", "eval_*", "search_*"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def planted(trained, tmp_path_factory):
+    """A copy of the run whose training state has the marker pickle in every file, plus accelerate's legacy pickle
+    files (which lineclip must never open either)."""
+    run, data = trained
+    root = tmp_path_factory.mktemp("planted")
+    copy = copy_run(run, root / "run")
+    marker = root / "MARKER"
+    state = copy / f"{CKPT}{TRAINING_STATE}"
+    assert sorted(p.name for p in state.iterdir()) == sorted(STATE_FILES)
+    for name in (*STATE_FILES, "custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin",
+                 "pytorch_model.bin"):
+        plant(state / name, marker)
+    return copy, data, marker
+
+
+# ------------------------------------------------------------------------------------ F1: nothing executes
+
+
+def test_the_marker_payload_is_live(tmp_path):
+    """The planted bytes do run code when loaded the unsafe way, so the tests below prove something."""
+    marker = tmp_path / "m"
+    pickle.loads(payload(marker, zipped=False))
+    assert marker.exists()
+    marker.unlink()
+    torch.load(io.BytesIO(payload(marker, zipped=True)), weights_only=False)
+    assert marker.exists()
+
+
+def test_resume_from_a_planted_state_runs_nothing(planted):
+    run, data, marker = planted
+    before = tree(run)
+    status, errors = replay("train", train_args(data, run, "trainer.resume=latest"))
+    line = one_error(status, errors)
+    assert "refusing" in line and f"{CKPT}{TRAINING_STATE}" in line
+    assert not marker.exists() and tree(run) == before
+
+
+@pytest.mark.parametrize("name", [*STATE_FILES, "legacy"])
+def test_each_refused_file_is_named(trained, tmp_path, marker, name):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    state = copy / f"{CKPT}{TRAINING_STATE}"
+    if name == "legacy":  # accelerate's own layout, as lineclip wrote it before: pickles only
+        (state / "model.safetensors").unlink()
+        for legacy in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"):
+            plant(state / legacy, marker)
+    else:
+        plant(state / name, marker)
+    before = tree(copy)
+    line = one_error(*replay("train", train_args(data, copy, "trainer.resume=latest")))
+    if name == "legacy":
+        assert "has no model.safetensors" in line and "custom_checkpoint_0.pkl" in line and "pickle" in line
+    else:
+        assert f"refusing {state / name}" in line
+    if name == "rng_state_0.pt":
+        assert "trainer.resume_strict=false" in line
+    assert tree(copy) == before
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"corrupt_indices": [999]}, "corrupt_indices outside this run's 8 train lines"),
+    ({"step": "30"}, "step, epoch and batches_done_in_epoch must be integers"),
+    ({"evil": 1}, "unknown key(s) evil"),
+])
+def test_a_damaged_trainer_state_is_one_line(trained, tmp_path, change, expected):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    path = copy / f"{CKPT}{TRAINING_STATE}" / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    before = tree(copy)
+    line = one_error(*replay("train", train_args(data, copy, "trainer.resume=latest")))
+    assert expected in line and str(path) in line and tree(copy) == before
+
+
+@pytest.mark.slow
+def test_a_refused_rng_state_resumes_only_when_not_strict(trained, tmp_path, marker, caplog):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    plant(copy / f"{CKPT}{TRAINING_STATE}" / "rng_state_0.pt", marker)
+    with caplog.at_level(logging.WARNING, logger="lineclip"):
+        status, errors = replay("train", train_args(data, copy, "trainer.resume=latest", "trainer.max_steps=31",
+                                                    "trainer.resume_strict=false"))
+    assert (status, errors) == (0, [])
+    assert any("rng_state_0.pt" in r.getMessage() and "not reproducible" in r.getMessage() for r in caplog.records)
+    assert json.loads((copy / artifacts.CONFIG).read_text())["global_step"] == 31
+
+
+@pytest.mark.slow
+def test_init_from_evaluate_index_search_never_open_the_training_state(planted, tmp_path):
+    run, data, marker = planted
+    before = tree(run)
+    out = tmp_path / "init"
+    status, errors = replay("train", train_args(data, out, f"model.init_from={run / CKPT}", "trainer.max_steps=1",
+                                                "trainer.export_embeddings=false"))
+    assert (status, errors) == (0, [])
+    bundle = f"run_dir={run / CKPT}{TRAINING_STATE}"  # a training state's path names its checkpoint bundle
+    assert replay("evaluate", [bundle, f"manifest={data['eval']}", f"eval.output={tmp_path / 'e.json'}"]) == (0, [])
+    assert json.loads((tmp_path / "e.json").read_text())["bundle"]["prefix"] == CKPT
+    assert replay("index", [f"run_dir={run}", f"manifest={data['eval']}",
+                            f"index.output={tmp_path / 'idx'}"]) == (0, [])
+    assert replay("search", [f"run_dir={run}", f"corpus={tmp_path / 'idx'}", "query=x",
+                             f"search.output={tmp_path / 's.html'}"]) == (0, [])
+    assert replay("search", [f"run_dir={run}", "query=x", f"search.output={tmp_path / 's2.html'}"]) == (0, [])
+    assert not marker.exists() and tree(run) == before
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "search"])
+def test_planted_heads_are_refused_in_one_line(trained, tmp_path, marker, command):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    for prefix in ("", CKPT):
+        plant(copy / f"{prefix}{artifacts.IMAGE_HEAD}", marker)
+    before = tree(copy)
+    if command == "train":
+        args = train_args(data, tmp_path / "new", f"model.init_from={copy / CKPT}", "trainer.max_steps=1")
+    elif command == "evaluate":
+        args = [f"run_dir={copy}", f"manifest={data['eval']}", f"eval.output={tmp_path / 'e.json'}"]
+    else:
+        args = [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]
+    line = one_error(*replay(command, args))
+    assert artifacts.IMAGE_HEAD in line
+    assert tree(copy) == before and not (tmp_path / "e.json").exists() and not (tmp_path / "s.html").exists()
+
+
+# ---------------------------------------------------------------------------------- F2, F6: outputs refused
+
+
+@pytest.mark.parametrize("command,option,target,expected", [
+    ("index", "index.output", "", "training run dir"),
+    ("index", "index.output", f"{CKPT}{TRAINING_STATE}", "belongs to the run"),
+    ("index", "index.output", "text_hierarchy_vit_backbone", "belongs to the run"),
+    ("search", "search.output", "training_config.json", "belongs to the run"),
+    ("search", "search.output", "faiss_embeddings.npy", "belongs to the run"),
+    ("search", "search.output", ".hydra/config.yaml", "belongs to the run"),
+    ("search", "search.output", "", "training run dir"),
+    ("evaluate", "eval.output", "text_hierarchy_clip_text_encoder/config.json", "belongs to the run"),
+    ("evaluate", "eval.output", f"{CKPT}training_config.json", "belongs to the run"),
+    ("evaluate", "eval.output", "MANIFEST", "inputs"),
+])
+def test_outputs_refuse_a_runs_own_files(trained, tmp_path, command, option, target, expected):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    before = tree(copy)
+    manifest = tmp_path / "lines.jsonl"
+    shutil.copy(data["eval"], manifest)
+    path = manifest if target == "MANIFEST" else copy / target
+    args = {"index": [f"manifest={manifest}", f"dataset_dir={data['root']}", "index.overwrite=true"],
+            "search": ["query=x"], "evaluate": [f"manifest={manifest}", f"dataset_dir={data['root']}"]}[command]
+    line = one_error(*replay(command, [f"run_dir={copy}", *args, f"{option}={path}"]))
+    assert expected in line and option in line
+    assert tree(copy) == before and manifest.read_bytes() == data["eval"].read_bytes()
+
+
+def test_index_overwrite_replaces_only_an_index_dir(trained, tmp_path):
+    run, data = trained
+    other = tmp_path / "not_an_index"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    line = one_error(*replay("index", [f"run_dir={run}", f"manifest={data['eval']}", f"index.output={other}",
+                                       "index.overwrite=true"]))
+    assert "not a lineclip.index corpus dir" in line and (other / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------- F3: a used dir
+
+
+@pytest.mark.slow
+def test_a_new_run_into_a_used_dir_needs_resume_or_overwrite(trained, tmp_path):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    before = tree(copy)
+    line = one_error(*replay("train", train_args(data, copy)))
+    assert "already holds a run" in line and "trainer.overwrite=true" in line and tree(copy) == before
+    line = one_error(*replay("train", train_args(data, copy, "trainer.resume=latest", "trainer.overwrite=true")))
+    assert "contradict" in line and tree(copy) == before
+    assert replay("train", train_args(data, copy, "trainer.overwrite=true", "trainer.max_steps=2",
+                                      "trainer.checkpoint_every_steps=1")) == (0, [])
+    assert checkpoint_steps(copy) == [1] and not list(copy.glob(f"{CKPT}*"))  # nothing of the old run is left
+    config = json.loads((copy / artifacts.CONFIG).read_text())
+    assert config["global_step"] == 2 and config["corpus"]["n_lines"] == 8
+    # a run dir holding a finished run but no checkpoint: latest has nothing to continue
+    for path in copy.glob("checkpoint_step_*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    before = tree(copy)
+    line = one_error(*replay("train", train_args(data, copy, "trainer.resume=latest")))
+    assert "no complete checkpoint" in line and tree(copy) == before
+
+
+# ------------------------------------------------------------------------------- F4: all or nothing, fingerprint
+
+
+@pytest.mark.slow
+def test_a_final_save_failing_midway_leaves_no_mixed_run(trained, tmp_path, monkeypatch):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    original = Path.rename
+
+    def full_disk(self, target):
+        if Path(target) == copy / artifacts.TEXT_ENCODER:  # after the new corpus and the image tower went in
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return original(self, target)
+
+    monkeypatch.setattr(Path, "rename", full_disk)
+    line = one_error(*replay("train", train_args(data, copy, "trainer.resume=latest", "trainer.max_steps=31")))
+    monkeypatch.setattr(Path, "rename", original)
+    assert "No space left on device" in line
+    assert not list(copy.glob(".staging_*")) and not (copy / artifacts.CONFIG).exists()
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    assert "no lineclip bundle" in line or "incomplete bundle" in line
+    from lineclip.corpus import Corpus, CorpusError
+
+    with pytest.raises(CorpusError, match="interrupted save"):
+        Corpus.load(copy)
+
+
+def test_search_refuses_a_corpus_embedded_by_another_model(trained, tmp_path):
+    run, _ = trained
+    copy = copy_run(run, tmp_path / "run")
+    for head in (artifacts.IMAGE_HEAD, artifacts.TEXT_HEAD):  # the checkpoint's model beside the final corpus
+        shutil.copy(copy / f"{CKPT}{head}", copy / head)
+    before = tree(copy)
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    assert "embedded by another model" in line and tree(copy) == before
+    recorded = json.loads((run / artifacts.CONFIG).read_text())["corpus"]
+    assert recorded["n_lines"] == 8 and recorded["fingerprint"] == artifacts.heads_fingerprint(run)
+
+
+def test_a_run_trained_without_export_has_no_corpus(trained, tmp_path):
+    run, _ = trained
+    copy = copy_run(run, tmp_path / "run")
+    config = json.loads((copy / artifacts.CONFIG).read_text())
+    (copy / artifacts.CONFIG).write_text(json.dumps({**config, "corpus": None}))
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    assert "export_embeddings=false" in line
+
+
+# ------------------------------------------------------------------------------------------ F5: input
+
+
+def test_lone_surrogates_are_counted_bad_rows(trained, tmp_path):
+    run, data = trained
+    rows = [json.loads(x) for x in data["eval"].read_text(encoding="utf-8").splitlines()]
+    lines = [json.dumps(r, ensure_ascii=True) for r in rows]
+    lines[2] = lines[2].replace('"text": "', '"text": "\\ud800', 1)
+    lines[3] = re.sub(r'"id": "', '"id": "\\\\udfff', lines[3], count=1)
+    assert "\\ud800" in lines[2] and "\\udfff" in lines[3]
+    manifest = tmp_path / "eval" / "meta" / "lines.jsonl"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert replay("evaluate", [f"run_dir={run}", f"manifest={manifest}", f"dataset_dir={data['root']}",
+                               f"eval.output={tmp_path / 'e.json'}"]) == (0, [])
+    report = json.loads((tmp_path / "e.json").read_text())["manifest_report"]
+    assert report["skipped"]["invalid_unicode"] == 2 and report["rows_used"] == len(rows) - 2
+    assert report["first_bad"]["invalid_unicode"] == f"{manifest}:3"
+    line = one_error(*replay("evaluate", [f"run_dir={run}", f"manifest={manifest}", f"dataset_dir={data['root']}",
+                                          "on_bad_row=error", f"eval.output={tmp_path / 'e2.json'}"]))
+    assert f"{manifest}:3: invalid_unicode" in line and not (tmp_path / "e2.json").exists()
+
+
+def test_sixteen_bit_images_keep_their_grey_levels(tmp_path):
+    from lineclip.preprocess import LineGeometry, LineImageTransform, load_image, to_8bit
+
+    ramp16 = np.tile(np.linspace(0, 65535, 280).astype(np.uint16), (56, 1))
+    Image.fromarray(ramp16).save(tmp_path / "ramp16.png")
+    image = load_image(tmp_path / "ramp16.png")
+    assert image.mode == "I;16"
+    eight = np.asarray(to_8bit(image))
+    assert eight.dtype == np.uint8 and len(np.unique(eight)) > 250  # PIL's convert("L") leaves 2 levels
+    np.testing.assert_array_equal(eight, np.rint(ramp16 / 257).astype(np.uint8))
+    transform = LineImageTransform("none", LineGeometry(56, 1024, (280,), 14))
+    reference = transform(Image.fromarray(np.rint(ramp16 / 257).astype(np.uint8)))
+    torch.testing.assert_close(transform(image), reference)
+    assert len(torch.unique(transform(image)[0])) > 250
+
+
+def _demo_line() -> Image.Image:
+    from lineclip.config import asset_dir
+
+    rows = (asset_dir("demo") / "train" / "meta" / "lines.jsonl").read_text().splitlines()
+    with Image.open(asset_dir("demo") / json.loads(rows[0])["line_path"]) as image:
+        return image.convert("RGB").crop((0, 0, 300, image.height))
+
+
+def test_exif_orientation_is_applied_alike_in_training_encoding_and_thumbnails(trained, tmp_path):
+    from lineclip import load_encoder
+    from lineclip.batch import LineDataset
+    from lineclip.manifest import LineRecord
+    from lineclip.preprocess import LineImageTransform, image_size
+    from lineclip.search import _thumbnail_src
+
+    upright = _demo_line()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the pixels are stored turned the other way
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    stored.save(tmp_path / "turned.png", exif=exif.tobytes())
+    upright.save(tmp_path / "upright.png")
+    assert Image.open(tmp_path / "turned.png").size == (upright.height, upright.width)
+    assert image_size(tmp_path / "turned.png") == upright.size
+
+    transform = LineImageTransform("bdrc")
+    records = [LineRecord(s, str(tmp_path / f"{s}.png"), "x") for s in ("turned", "upright")]
+    dataset = LineDataset(records, transform)
+    assert dataset.buckets[0] == dataset.buckets[1] and not dataset.image_problems
+    torch.testing.assert_close(dataset[0]["pixel_values"], dataset[1]["pixel_values"])
+
+    encoder = load_encoder(trained[0], device="cpu")
+    emb = encoder.encode_images([str(tmp_path / "turned.png"), str(tmp_path / "upright.png")])
+    np.testing.assert_allclose(emb[0], emb[1], atol=1e-5)
+
+    src = _thumbnail_src(str(tmp_path / "turned.png"), type("O", (), {"thumbnails": True, "thumb_width": 1200,
+                                                                        "thumb_height": 64})())
+    thumb = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert thumb.width > thumb.height  # shown as a line, as the model saw it
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height (8-bit grey) but holds almost no data: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, milder limit (89 M)
+def test_a_pixel_bomb_is_a_counted_skip_before_decoding(trained, tmp_path):
+    from lineclip import load_encoder
+    from lineclip.batch import LineDataset
+    from lineclip.manifest import LineRecord
+    from lineclip.preprocess import LineImageTransform, TooManyPixels, image_size
+
+    (tmp_path / "bomb.png").write_bytes(png_header(13000, 13000))
+    _demo_line().save(tmp_path / "ok.png")
+    with pytest.raises(TooManyPixels, match="169000000 pixels > data.max_image_pixels=40000000"):
+        image_size(tmp_path / "bomb.png")
+    records = [LineRecord(s, str(tmp_path / f"{s}.png"), "x") for s in ("bomb", "ok")]
+    dataset = LineDataset(records, LineImageTransform("bdrc"))
+    assert dataset.image_problems == {0: "too_large_image"} and dataset.buckets[0] == -1
+    small = LineDataset(records[1:], LineImageTransform("bdrc"), max_image_pixels=1000)
+    assert small.image_problems == {0: "too_large_image"}
+    encoder = load_encoder(trained[0], device="cpu")
+    embeddings, kept = encoder.encode_image_files([r.image_path for r in records])
+    assert kept.tolist() == [1] and embeddings.shape == (1, encoder.dim)
+
+
+@pytest.fixture
+def alarm():
+    """A regression (a read that blocks on a FIFO) fails the test instead of hanging the suite."""
+    def timeout(signum, frame):  # noqa: ARG001
+        raise TimeoutError("blocked on a non-regular file")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifos_and_devices_are_refused_before_they_are_opened(trained, tmp_path, alarm):
+    from lineclip.batch import LineDataset
+    from lineclip.manifest import LineRecord
+    from lineclip.preprocess import LineImageTransform, NotARegularFile, image_size, load_image
+
+    run, _ = trained
+    fifo = tmp_path / "line.png"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(NotARegularFile):
+            image_size(path)
+        with pytest.raises(NotARegularFile):
+            load_image(path)
+    dataset = LineDataset([LineRecord("f", str(fifo), "x")], LineImageTransform("bdrc"))
+    assert dataset.image_problems == {0: "unreadable_image"}
+    for query in (fifo, "/dev/zero"):
+        line = one_error(*replay("search", [f"run_dir={run}", f"query_image={query}",
+                                            f"search.output={tmp_path / 'q.html'}"]))
+        assert "is not a file" in line
+    # a corpus whose meta points every line at the FIFO: the page says so instead of hanging
+    copy = copy_run(run, tmp_path / "run")
+    meta = pd.read_parquet(copy / artifacts.EMBEDDINGS_META)
+    meta["image_path"] = str(fifo)
+    meta.to_parquet(copy / artifacts.EMBEDDINGS_META, index=False)
+    assert replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]) == (0, [])
+    assert "image not readable" in (tmp_path / "s.html").read_text()
+
+
+@pytest.mark.parametrize("where", ["config", "head", "backbone_file", "embeddings", "trainer_state", "rng"])
+def test_fifos_in_a_bundle_corpus_or_training_state_are_refused(trained, tmp_path, alarm, where):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    target = {"config": copy / artifacts.CONFIG, "head": copy / artifacts.TEXT_HEAD,
+              "backbone_file": copy / artifacts.BACKBONE / "config.json",
+              "embeddings": copy / artifacts.EMBEDDINGS,
+              "trainer_state": copy / f"{CKPT}{TRAINING_STATE}" / "trainer_state.json",
+              "rng": copy / f"{CKPT}{TRAINING_STATE}" / "rng_state_0.pt"}[where]
+    target.unlink()
+    os.mkfifo(target)
+    before = tree_without_fifos(copy)
+    if where in ("trainer_state", "rng"):
+        line = one_error(*replay("train", train_args(data, copy, "trainer.resume=latest")))
+    else:
+        line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    assert target.name in line and ("not a regular file" in line)
+    assert tree_without_fifos(copy) == before
+
+
+def tree_without_fifos(root: Path) -> dict[str, str]:
+    """`tree`, reading no FIFO."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        kind = "<dir>" if path.is_dir() else "<fifo>" if path.is_fifo() else None
+        out[str(path.relative_to(root))] = kind or hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("optim.lr=nan", "optim.lr must be > 0"),
+    ("optim.lr=inf", "optim.lr must be a finite number"),
+    ("optim.weight_decay=nan", "optim.weight_decay must be a finite number"),
+    ("optim.grad_clip=nan", "optim.grad_clip must be a finite number"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+    ("optim.eps=-1", "optim.eps must be > 0"),
+    ("optim.betas=[2,3]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in [0, 1]"),
+    ("loss.max_logit_scale=-1", "loss.max_logit_scale must be > 0"),
+    ("loss.temperature=inf", "loss.temperature must be a finite number"),
+    ("trainer.log_every_steps=0", "trainer.log_every_steps must be >= 1"),
+    ("preprocess.width_buckets=[-5]", "preprocess.width_buckets must be positive"),
+    ("data.max_image_pixels=0", "data.max_image_pixels must be > 0 or null"),
+    ("model.head_lr_multiplier=nan", "model.head_lr_multiplier must be a finite number"),
+])
+def test_bad_config_values_are_one_line_before_anything_is_written(trained, tmp_path, override, expected):
+    _, data = trained
+    out = tmp_path / "run"
+    line = one_error(*replay("train", train_args(data, out, override)))
+    assert line.startswith(expected) and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- I/O errors
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_leaves_no_staging_dir(trained, tmp_path):
+    """RLIMIT_FSIZE makes every write past 300 kB fail with EFBIG, as a full disk fails with ENOSPC (Python
+    ignores SIGXFSZ): the first checkpoint's training state cannot be written."""
+    import resource
+
+    _, data = trained
+    out = tmp_path / "run"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    args = [sys.executable, "-m", "lineclip.train", *train_args(data, out)[:-1], f"hydra.run.dir={out}",
+            "trainer.max_steps=2", "trainer.checkpoint_every_steps=1"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, preexec_fn=limit,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    output = proc.stdout + proc.stderr  # Hydra's console log goes to stdout
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert proc.returncode == 2 and len(errors) == 1, output[-3000:]
+    assert "File too large" in errors[0] and "Traceback" not in output
+    assert not list(out.glob(".staging_*")) and checkpoint_steps(out) == []
+
+
+@pytest.mark.parametrize("command", ["index", "evaluate"])
+def test_a_full_disk_under_index_and_evaluate_is_one_line(trained, tmp_path, monkeypatch, command):
+    import lineclip.cli
+    import lineclip.corpus
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run, data = trained
+    if command == "index":
+        monkeypatch.setattr(lineclip.corpus.np, "save", no_space)
+        args = [f"manifest={data['eval']}", f"index.output={tmp_path / 'out' / 'idx'}"]
+    else:
+        monkeypatch.setattr(lineclip.cli.Path, "write_text", no_space)
+        args = [f"manifest={data['eval']}", f"eval.output={tmp_path / 'out' / 'e.json'}"]
+    line = one_error(*replay(command, [f"run_dir={run}", *args]))
+    assert "No space left on device" in line
+    assert list((tmp_path / "out").iterdir()) == []  # no staging dir, no temporary file, no output
+
+
+def test_a_read_only_run_dir_is_one_line_before_the_model_is_built(trained, tmp_path, monkeypatch):
+    _, data = trained
+    out = tmp_path / "run"
+    out.mkdir()
+    if os.geteuid() == 0:  # root writes into a 0555 dir: make the write fail as the kernel would for others
+        original = Path.write_bytes
+
+        def read_only(self, data):
+            if self.parent == out:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return original(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", read_only)
+    out.chmod(0o555)
+    try:
+        line = one_error(*replay("train", train_args(data, out)))
+    finally:
+        out.chmod(0o755)
+    assert "is not writable" in line and "Permission denied" in line and list(out.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------- bad corpora
+
+
+@pytest.fixture(scope="module")
+def hnsw_corpus(trained, tmp_path_factory):
+    run, data = trained
+    out = tmp_path_factory.mktemp("corpora") / "hnsw"
+    assert replay("index", [f"run_dir={run}", f"manifest={data['eval']}", f"index.output={out}",
+                            "index.kind=hnsw"]) == (0, [])
+    return out
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("index_dim", "indexes 8-dim vectors"),
+    ("info_list", "corpus.json does not hold a JSON object"),
+    ("info_kind", "has kind"),
+    ("info_n_lines", "non-integer n_lines"),
+    ("info_dim", "says dim 3"),
+])
+def test_damaged_corpora_are_one_line(trained, hnsw_corpus, tmp_path, damage, expected):
+    import faiss
+
+    run, _ = trained
+    corpus = tmp_path / "corpus"
+    shutil.copytree(hnsw_corpus, corpus)
+    info = json.loads((corpus / "corpus.json").read_text())
+    if damage == "index_dim":
+        other = faiss.IndexHNSWFlat(8, 4, faiss.METRIC_INNER_PRODUCT)
+        other.add(np.random.default_rng(0).standard_normal((info["n_lines"], 8)).astype(np.float32))
+        faiss.write_index(other, str(corpus / "index.faiss"))
+    elif damage == "info_list":
+        (corpus / "corpus.json").write_text("[1]")
+    else:
+        key, value = {"info_kind": ("kind", ["flat"]), "info_n_lines": ("n_lines", "12"),
+                      "info_dim": ("dim", 3)}[damage]
+        (corpus / "corpus.json").write_text(json.dumps({**info, key: value}))
+    before = tree(corpus)
+    line = one_error(*replay("search", [f"run_dir={run}", f"corpus={corpus}", "query=x",
+                                        f"search.output={tmp_path / 's.html'}"]))
+    assert expected in line and tree(corpus) == before and not (tmp_path / "s.html").exists()
