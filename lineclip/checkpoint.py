@@ -304,7 +304,7 @@ def claim_run_dir(output_dir: Path, resume: str | None, resume_from: Path | None
         return
     log.warning("trainer.overwrite=true: removing the earlier run's files in %s (%s)", output_dir, shown)
     names = sorted(found, key=lambda n: (not n.endswith(artifacts.CONFIG), n))  # every config goes first
-    for name in [*names, "wandb_run_id"]:
+    for name in [*names, "wandb_run_id", "metrics.jsonl"]:
         target = output_dir / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)

@@ -65,6 +65,17 @@ def start_tracking(accelerator: Accelerator, cfg: DictConfig, output_dir: Path, 
 METRICS_FILE = "metrics.jsonl"
 
 
+def start_metrics_file(output_dir: Path, through_step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `through_step` (the step a resumed run continues from; 0 for a new
+    run): a run killed after its last checkpoint had logged steps that the resumed run logs again."""
+    path = output_dir / METRICS_FILE
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= through_step]
+    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
 def log_metrics(accelerator: Accelerator, output_dir: Path, metrics: dict[str, float], step: int) -> None:
     """To the trackers (W&B) and, on the main process, one JSON line in `<run dir>/metrics.jsonl`: the learning
     curves stay readable with logger=none or without W&B (a resumed run appends)."""

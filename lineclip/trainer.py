@@ -69,7 +69,7 @@ from lineclip.towers import (
     build_text_encoder,
     build_tokenizer,
 )
-from lineclip.tracking import log_metrics, start_tracking
+from lineclip.tracking import log_metrics, start_metrics_file, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -641,6 +641,8 @@ def train(cfg: DictConfig) -> TrainResult:
         log.info("resumed from %s at step %d (epoch %d, batch %d of it)", resume_from.name, state.step,
                  state.epoch, state.batches_done_in_epoch)
     start_tracking(accelerator, cfg, output_dir, resuming=resume_from is not None)
+    if accelerator.is_main_process:
+        start_metrics_file(output_dir, state.step)
     log.info("%d train lines, %d val lines; %d processes x batch %d (x%d micro-batches a step); %d steps "
              "(%d per epoch), warmup %d; negatives: %s", len(train_records), len(val_records), world,
              cfg.data.batch_size, micro_per_step, total_steps, steps_per_epoch, warmup,

@@ -96,8 +96,8 @@ def test_two_process_cli_writes_one_complete_artifact_set(tmp_path):
     bundle = ["text_hierarchy_clip_text_encoder", "text_hierarchy_clip_text_projection_head.pt",
               "text_hierarchy_projection_head.pt", "text_hierarchy_vit_backbone", "training_config.json"]
     expected = sorted([f"checkpoint_step_0000002_{b}" for b in [*bundle, "training_state"]] + bundle + [
-        "data_report.json", "faiss_embeddings.npy", "faiss_embeddings_meta.parquet", "train.log", "wandb",
-        "wandb_run_id"])
+        "data_report.json", "faiss_embeddings.npy", "faiss_embeddings_meta.parquet", "metrics.jsonl", "train.log",
+        "wandb", "wandb_run_id"])
     assert names == expected
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1  # trackers on the main process only
     cfg = json.loads((out / "training_config.json").read_text())

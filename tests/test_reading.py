@@ -70,3 +70,4 @@ def test_collator_adds_reading_targets_only_when_asked():
     flat, lengths = reading_targets(["ཀ་ཁ", "ག"])
     assert batch["reading_lengths"].tolist() == lengths.tolist() == [3, 1]
     assert torch.equal(batch["reading_targets"], flat)
+

@@ -78,6 +78,12 @@ def test_sigkill_after_a_checkpoint_then_resume_latest(tmp_path, tiny_dataset, u
     # the data order after resume is the uninterrupted one: same checkpoints, same final step
     cfg = json.loads((out / "training_config.json").read_text())
     assert cfg["global_step"] == 16
+    # the learning curves in metrics.jsonl: every logged step once, as the uninterrupted run logged them
+    def curve(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], round(r.get("train/loss", r.get("val_t2i_r1", -1.0)), 4)) for r in rows]
+
+    assert curve(out) == curve(uninterrupted) and len(curve(out)) >= 2
 
 
 @pytest.mark.slow
