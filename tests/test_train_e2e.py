@@ -2,6 +2,7 @@
 the way the PechaBridge Workbench does, and a 4-job Hydra multirun."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -251,3 +252,33 @@ def test_bad_config_exits_nonzero_with_one_line(tmp_path, override, reason):
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR" in line]
     assert len(errors) == 1 and reason in errors[0]
     assert not (tmp_path / "text_hierarchy_vit_backbone").exists()
+
+
+def test_collapse_is_logged_and_warned_once(trained_run):
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert train_rows and [r["step"] for r in train_rows] == sorted(r["step"] for r in train_rows)
+    for r in train_rows:
+        assert -1.0 <= r["train/embedding_cosine_image"] <= 1.0 and -1.0 <= r["train/embedding_cosine_text"] <= 1.0
+        assert r["train/embedding_cosine"] == max(r["train/embedding_cosine_image"], r["train/embedding_cosine_text"])
+    warnings = (trained_run / "train.log").read_text().count("embeddings collapsing")
+    assert warnings <= 1
+    if any(r["train/embedding_cosine"] > 0.99 for r in train_rows):
+        assert warnings == 1
+
+
+@pytest.mark.slow
+def test_reading_losses_train_and_stay_out_of_the_bundle(tmp_path, tiny_dataset):
+    out = tmp_path / "run"
+    run_train(out, tiny_dataset, "logger=none", "loss.reading_weight=1.0", "loss.bag_weight=1.0",
+              "preprocess.image_mean=[1.0,1.0,1.0]", "preprocess.image_std=[0.5,0.5,0.5]")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reading = [r["train/reading_loss"] for r in rows if "train/loss" in r]
+    assert reading and all(math.isfinite(v) and v > 0 for v in reading)
+    # the bundle is what the Workbench reads: the same files, no reading head, the configured pixel statistics
+    processor = json.loads((out / "text_hierarchy_vit_backbone" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [1.0, 1.0, 1.0] and processor["image_std"] == [0.5, 0.5, 0.5]
+    head = torch.load(out / "text_hierarchy_projection_head.pt", weights_only=True)
+    assert set(head["state_dict"]) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    backbone = AutoModel.from_pretrained(out / "text_hierarchy_vit_backbone")
+    assert not any("reading" in name or "bag" in name for name, _ in backbone.named_parameters())

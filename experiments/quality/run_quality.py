@@ -41,6 +41,9 @@ STUDIES: dict[str, dict[str, list[str]]] = {
     "seed": {"seed 0 (recipe)": [], "seed 1": ["trainer.seed=1"], "seed 2": ["trainer.seed=2"]},
     "image_tower": {"trained (recipe)": [], "frozen": ["model.freeze_backbone=true"]},
     "projection_dim": {"128 (recipe)": [], "64": ["model.projection_dim=64"], "256": ["model.projection_dim=256"]},
+    # issue 12's phrase training, each against the recipe (scored on page galleries and phrase queries too)
+    "phrase_training": {"infonce, shuffled batches (recipe)": [], "text spans p=0.5": ["data.text_span.p=0.5"],
+                        "same-page batches": ["data.group_batches_by=page_id"], "siglip": ["loss=siglip"]},
     "lr_per_tower": {"1x (recipe)": [], "text tower 0.3x": ["text.encoder_lr_multiplier=0.3"],
                      "image tower 0.3x": ["model.backbone_lr_multiplier=0.3"]},
 }
@@ -64,10 +67,11 @@ def train(out: Path, dataset: Path, steps: int, *overrides: str) -> dict:
 
 
 def evaluate(run: Path, manifest: Path) -> dict:
-    out = run / "eval_dev.json"
+    out = run / "eval_dev_pages_phrases.json"
     if not out.exists():
         subprocess.run([sys.executable, "-m", "lineclip.evaluate", f"run_dir={run}", f"manifest={manifest}",
-                        f"eval.output={out}"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                        "eval.gallery_by=page_id", "eval.queries=[line,phrase]", f"eval.output={out}"],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
@@ -84,8 +88,11 @@ def row(name: str, run: Path, result: dict) -> dict:
     aware = result["metrics"]["duplicate_aware"]
     val = json.loads((run / "training_config.json").read_text())["val_metrics"]
     losses = re.findall(r"step \d+/\d+: loss ([\d.]+)", (run / "train.log").read_text())
+    page = result.get("galleries", {}).get("page_id", {}).get("metrics", {})
+    phrase = result.get("phrase", {}).get("metrics", {})
     return {"name": name, "run": str(run), "wall_s": float((run / "wall_seconds").read_text()),
             "train_loss": float(losses[-1]) if losses else float("nan"),
+            "page_t2i_r1": page.get("t2i_r1", float("nan")), "phrase_t2i_r10": phrase.get("t2i_r10", float("nan")),
             **{f"{d}_r{k}": aware[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)},
             **{f"val_{d}_r{k}": val[f"val_{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)}}
 
@@ -106,19 +113,19 @@ def table(rows: list[dict], n: int, collection: dict[int, float] | None, floor: 
     def cells(r: dict, p: str) -> str:
         return " | ".join(f"{r[f'{p}{d}_r{k}']:.3f}" for d in ("t2i", "i2t") for k in (1, 5, 10))
 
-    lines = ["| variant | scored on | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | last train loss | wall |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | scored on | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | within-page t2i R@1 | phrase t2i "
+             "R@10 | last train loss | wall |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | whole lines (evaluate) | {cells(r, '')} | {r['train_loss']:.2f} | "
-                     f"{r['wall_s']:.0f} s |")
+        lines.append(f"| {r['name']} | whole lines (evaluate) | {cells(r, '')} | {r['page_t2i_r1']:.3f} | "
+                     f"{r['phrase_t2i_r10']:.3f} | {r['train_loss']:.2f} | {r['wall_s']:.0f} s |")
         if any(r[f"val_{d}_r{k}"] != r[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)):
-            lines.append(f"| | as trained (last validation) | {cells(r, 'val_')} | | |")
+            lines.append(f"| | as trained (last validation) | {cells(r, 'val_')} | | | | |")
     chance = " | ".join(f"{k / n:.3f}" for _ in range(2) for k in (1, 5, 10))
-    lines.append(f"| chance ({n} lines) | | {chance} | | |")
+    lines.append(f"| chance ({n} lines) | | {chance} | | | | |")
     if collection is not None:
         level = " | ".join(f"{collection[k]:.3f}" for _ in range(2) for k in (1, 5, 10))
         floor_cell = "" if floor is None else f"{floor:.2f}"  # None: the train manifest has no collection field
-        lines.append(f"| knows the collection only | | {level} | {floor_cell} | |")
+        lines.append(f"| knows the collection only | | {level} | | | {floor_cell} | |")
     return "\n".join(lines)
 
 
