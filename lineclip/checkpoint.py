@@ -13,17 +13,20 @@ into place last, so `latest` only ever sees complete checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import re
 import shutil
+import signal
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from lineclip import artifacts
 
@@ -310,3 +313,124 @@ def claim_run_dir(output_dir: Path, resume: str | None, resume_from: Path | None
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
+
+
+class Checkpointer:
+    """What a run writes, and the state that goes with it: the TrainerState (step, data position, counters,
+    validation history), the corrupt train lines seen on this process, the SIGTERM flag, and the writing of
+    checkpoints (bundle + training state under one prefix, then rotation) and of the final artifacts.
+
+    `run_info`: the training config's fixed keys (schedule, world size, batch sizes ...), in the order they are
+    written; `data_report`: the run's data report, shared with (and filled in further by) the loop."""
+
+    def __init__(self, cfg: Any, accelerator: Any, output_dir: Path, model: torch.nn.Module, optimizer: Any,
+                 scheduler: Any, image_processor: Any, tokenizer: Any, n_lines: int, run_info: dict[str, Any],
+                 data_report: dict[str, Any]) -> None:
+        self.cfg, self.accelerator, self.output_dir = cfg, accelerator, output_dir
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.run_info, self.data_report = run_info, data_report
+        self.state = TrainerState()
+        self.corrupt = torch.zeros(n_lines, dtype=torch.bool)
+        self.stop_requested = False
+
+    def resume(self, directory: Path) -> None:
+        """Model, optimizer, scheduler, scaler, this process's RNG and the loop position: no pickle."""
+        self.state = load_training_state(directory, self.accelerator, self.model, self.optimizer, self.scheduler,
+                                         strict=self.cfg.trainer.resume_strict, n_lines=len(self.corrupt))
+        self.corrupt[self.state.corrupt_indices] = True
+        log.info("resumed from %s at step %d (epoch %d, batch %d of it)", directory.name, self.state.step,
+                 self.state.epoch, self.state.batches_done_in_epoch)
+
+    @contextlib.contextmanager
+    def stop_on_sigterm(self):
+        """SIGTERM (SLURM pre-emption, spot VMs) only sets `stop_requested`: the loop finishes the step in
+        flight, checkpoints and exits cleanly."""
+
+        def request_stop(signum, frame):  # noqa: ARG001
+            self.stop_requested = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def sync_corrupt(self) -> list[int]:
+        """The corrupt train lines seen on any process."""
+        world = self.accelerator.num_processes
+        merged = self.accelerator.reduce(self.corrupt.to(self.accelerator.device, torch.int32), "max") \
+            if world > 1 else self.corrupt
+        return torch.nonzero(merged.cpu()).flatten().tolist()
+
+    def training_config(self) -> dict[str, Any]:
+        state, cfg = self.state, self.cfg
+        return {
+            **artifacts.workbench_keys(cfg),
+            **{k: state.val_metrics.get(k) for k in ("val_i2t_r1", "val_t2i_r1")},
+            "val_metrics": state.val_metrics,
+            "val_history": state.val_history,
+            "global_step": state.step,
+            **self.run_info,
+            "bad_steps_skipped": state.bad_steps,
+            "logit_scale": float(self.accelerator.unwrap_model(self.model).scale().detach()),
+            "crop_to_text": bool(cfg.data.crop_to_text),
+            "data_report": {**self.data_report, "corrupt_images_skipped": len(state.corrupt_indices)},
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+
+    def save(self) -> None:
+        """The bundle and the training state under one prefix, renamed into place config-last."""
+        accelerator, output_dir, state = self.accelerator, self.output_dir, self.state
+        prefix = artifacts.checkpoint_prefix(state.step)
+        state.checkpoints = sorted({*state.checkpoints, state.step})
+        state.corrupt_indices = self.sync_corrupt()
+        if accelerator.is_main_process:
+            artifacts.staging_dir(output_dir, prefix, reset=True)
+        accelerator.wait_for_everyone()
+        staging = artifacts.staging_dir(output_dir, prefix)
+        try:
+            # every process writes its RNG state
+            save_training_state(training_state_dir(staging), accelerator, self.model, self.optimizer, self.scheduler)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state.save(training_state_dir(staging))
+                artifacts.save_bundle(output_dir, prefix, accelerator.unwrap_model(self.model), self.image_processor,
+                                      self.tokenizer, self.training_config(),
+                                      extra_entries=(training_state_dir(staging).name,))
+                if self.cfg.trainer.keep_last_checkpoints:
+                    rotate_checkpoints(output_dir, self.cfg.trainer.keep_last_checkpoints)
+        except BaseException as exc:
+            if accelerator.is_main_process:  # a full disk leaves no half-written staging dir behind
+                artifacts.remove_staging(staging)
+            error = artifacts.as_write_error(exc, f"checkpoint {prefix} in {output_dir}")
+            if error is None:
+                raise
+            raise error from exc
+        accelerator.wait_for_everyone()
+
+    def save_final(self, corpus_image: np.ndarray | None, corpus_records: list[Any]) -> None:
+        """Main process: the corpus embeddings (when exported), the data report and the final bundle, staged
+        together and renamed in config-last: all or nothing. Then every process waits for it."""
+        accelerator, output_dir, state = self.accelerator, self.output_dir, self.state
+        if accelerator.is_main_process:
+            staging = artifacts.staging_dir(output_dir, "", reset=True)
+            extra, corpus_info = [artifacts.DATA_REPORT], None
+            try:
+                if corpus_image is not None:
+                    artifacts.save_corpus_embeddings(staging, corpus_image, corpus_records)
+                    extra += [artifacts.EMBEDDINGS, artifacts.EMBEDDINGS_META]
+                    corpus_info = {"n_lines": len(corpus_records)}
+                (staging / artifacts.DATA_REPORT).write_text(json.dumps(
+                    {**self.data_report, "corrupt_images_skipped": len(state.corrupt_indices),
+                     "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
+            except BaseException as exc:
+                artifacts.remove_staging(staging)
+                error = artifacts.as_write_error(exc, f"the final corpus in {output_dir}")
+                if error is None:
+                    raise
+                raise error from exc
+            artifacts.save_bundle(output_dir, "", accelerator.unwrap_model(self.model), self.image_processor,
+                                  self.tokenizer, self.training_config(), extra_entries=tuple(extra),
+                                  corpus=corpus_info)
+        accelerator.wait_for_everyone()
