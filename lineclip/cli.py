@@ -61,10 +61,11 @@ def check_model_args(cfg: DictConfig) -> None:
 def one_line_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input (not a bug): reported as one `log.error` line and exit status 2."""
     from lineclip.artifacts import OutputPathError
+    from lineclip.bundle import BundleError
     from lineclip.checkpoint import CheckpointError
     from lineclip.config import ConfigError
     from lineclip.corpus import CorpusError
-    from lineclip.encoder import BundleError, DeviceError, ImageReadError
+    from lineclip.encoder import DeviceError, ImageReadError
     from lineclip.manifest import ManifestError
 
     return (UsageError, ConfigError, ManifestError, BundleError, ImageReadError, DeviceError, CorpusError,

@@ -310,7 +310,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.eval.ks or min(cfg.eval.ks) < 1 or cfg.eval.chunk_size < 1:
         raise UsageError("eval.ks must be positive integers and eval.chunk_size >= 1")
     from lineclip.artifacts import check_output_path
-    from lineclip.encoder import check_bundle, load_encoder, resolve_bundle
+    from lineclip.bundle import check_bundle, resolve_bundle
+    from lineclip.encoder import load_encoder
     from lineclip.manifest import read_manifest
 
     ref = resolve_bundle(cfg.run_dir)

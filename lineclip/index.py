@@ -50,8 +50,9 @@ def build(cfg: DictConfig) -> Path:
     if min(opts.nprobe, opts.hnsw_m, opts.ef_construction, opts.ef_search) < 1 or (
             opts.nlist is not None and opts.nlist < 1):
         raise UsageError("index.nlist, nprobe, hnsw_m, ef_construction and ef_search must be >= 1")
+    from lineclip.bundle import check_bundle, resolve_bundle
     from lineclip.corpus import write_corpus
-    from lineclip.encoder import check_bundle, load_encoder, resolve_bundle
+    from lineclip.encoder import load_encoder
     from lineclip.manifest import read_manifest
 
     ref = resolve_bundle(cfg.run_dir)

@@ -230,8 +230,9 @@ def search(cfg: DictConfig) -> dict[str, Any]:
         raise UsageError('give exactly one of query="..." (text -> lines) or query_image=path (line -> texts)')
     if cfg.top_k < 1 or cfg.text_batch_size < 1 or cfg.search.thumb_height < 1 or cfg.search.thumb_width < 1:
         raise UsageError("top_k, text_batch_size, search.thumb_height and search.thumb_width must be >= 1")
+    from lineclip.bundle import check_bundle, resolve_bundle
     from lineclip.corpus import Corpus
-    from lineclip.encoder import check_bundle, load_encoder, resolve_bundle
+    from lineclip.encoder import load_encoder
     from lineclip.manifest import normalize_text
 
     ref = resolve_bundle(cfg.run_dir)

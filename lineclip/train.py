@@ -19,8 +19,8 @@ def run(cfg: DictConfig) -> float:
     """Train; bad input, a refused checkpoint or an I/O error (read-only or full disk) ends the process with one
     error line and exit status 2, not a traceback."""
     from lineclip.artifacts import OutputPathError
+    from lineclip.bundle import BundleError
     from lineclip.checkpoint import CheckpointError, ResumeError
-    from lineclip.encoder import BundleError
     from lineclip.manifest import ManifestError
     from lineclip.trainer import TrainingDiverged, train
 

@@ -25,8 +25,9 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 import lineclip
-from lineclip import artifacts
+from lineclip import bundle
 from lineclip.batch import TrainTexts
+from lineclip.bundle import BundleError, check_bundle, resolve_bundle
 from lineclip.checkpoint import Checkpointer, claim_run_dir, resolve_resume
 from lineclip.config import ConfigError, check_config
 from lineclip.data import build_data, load_lines
@@ -43,7 +44,6 @@ from lineclip.reading import bag_loss, reading_loss
 from lineclip.towers import (
     DualEncoder,
     Embeddings,
-    ProjectionHead,
     build_image_backbone,
     build_image_processor,
     build_text_encoder,
@@ -69,25 +69,19 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
     """The towers from `model`/`text` (hub id, local dir or random init), or, with `model.init_from`, both towers,
     both heads and the logit scale of an earlier run (the spec's pretraining before domain adaptation)."""
     image_path, text_path = cfg.model.name_or_path, cfg.text.name_or_path
-    init = None
-    if cfg.model.init_from:
-        from lineclip.encoder import check_bundle, resolve_bundle
-
-        init = resolve_bundle(cfg.model.init_from)
-        init_config = check_bundle(init)
-        image_path, text_path = str(init.path(artifacts.BACKBONE)), str(init.path(artifacts.TEXT_ENCODER))
     attn = cfg.model.attn_implementation
-    try:
+    init = resolve_bundle(cfg.model.init_from) if cfg.model.init_from else None
+    if init is None:
         image_backbone = build_image_backbone(image_path, dict(cfg.model.config), cfg.model.trust_remote_code, attn)
         text_encoder = build_text_encoder(text_path, dict(cfg.text.config), cfg.text.trust_remote_code, attn)
-    except Exception as exc:  # noqa: BLE001 - a damaged bundle of model.init_from: one line, not a traceback
-        if init is None:
-            raise
-        from lineclip.encoder import BundleError
-
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise BundleError(f"model.init_from={cfg.model.init_from}: cannot load its towers: {type(exc).__name__}: "
-                          f"{first}") from None
+    else:
+        init_config = check_bundle(init)
+        image_path, text_path = str(init.path(bundle.BACKBONE)), str(init.path(bundle.TEXT_ENCODER))
+        try:
+            image_backbone, text_encoder = bundle.load_towers(init, cfg.model.config, cfg.text.config,
+                                                              cfg.model.trust_remote_code, attn)
+        except BundleError as err:
+            raise BundleError(f"model.init_from={cfg.model.init_from}: {err}") from None
     patch = image_backbone.config.patch_size
     if patch != cfg.preprocess.patch_multiple:
         raise ConfigError(
@@ -104,15 +98,12 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         logit_bias=cfg.loss.logit_bias if cfg.loss.name == "siglip" else None,
     )
     if init is not None:
-        from lineclip.encoder import BundleError
-
-        for attr, entry in (("image_head", artifacts.IMAGE_HEAD), ("text_head", artifacts.TEXT_HEAD)):
-            try:  # weights_only=True: a head that would need code to unpickle is refused, in one line
-                setattr(model, attr, ProjectionHead.load(init.path(entry)))
-            except Exception as exc:  # noqa: BLE001 - UnpicklingError, KeyError, RuntimeError, OSError ...
-                first = (str(exc).strip().splitlines() or [""])[0]
-                raise BundleError(f"model.init_from: cannot load {init.path(entry)}: {type(exc).__name__}: "
-                                  f"{first}") from None
+        # Loaded after the model is built, as before: the fresh heads' draws keep the global RNG stream (and so
+        # the reading heads' init and every dropout mask) where a run with init_from has always had it.
+        try:
+            model.image_head, model.text_head = bundle.load_heads(init)
+        except BundleError as err:
+            raise BundleError(f"model.init_from: {err}") from None
         if model.image_head.output_dim != cfg.model.projection_dim:
             raise ConfigError(f"model.init_from={cfg.model.init_from} has projection_dim "
                               f"{model.image_head.output_dim}; the config asks for {cfg.model.projection_dim}")
@@ -541,7 +532,7 @@ def train(cfg: DictConfig) -> TrainResult:
                     checkpointer.save()
                 if stop_now and step < total_steps:
                     log.warning("SIGTERM: stopped at step %d after writing %s; continue with trainer.resume=latest",
-                                step, artifacts.checkpoint_prefix(step))
+                                step, bundle.checkpoint_prefix(step))
                     interrupted = True
                     break
                 if step >= total_steps:

@@ -13,8 +13,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lineclip import artifacts
-from lineclip.checkpoint import TRAINING_STATE, checkpoint_steps, resolve_resume
+from lineclip import bundle
+from lineclip.bundle import TRAINING_STATE
+from lineclip.checkpoint import checkpoint_steps, resolve_resume
 from lineclip.config import conf_dir, register_configs
 from lineclip.manifest import ManifestError
 
@@ -156,7 +157,7 @@ def test_crash_inside_a_save_leaves_latest_at_the_previous_checkpoint(tmp_path, 
     result = train(_cfg(out, tiny_dataset, "trainer.resume=latest", "trainer.keep_last_checkpoints=2"))
     assert result.schedule["total_steps"] == 16 and not result.interrupted
     assert checkpoint_steps(out) == [8, 12]  # rotated; the final artifacts stay
-    assert artifacts.is_complete_bundle(out, "") and not list(out.glob("checkpoint_step_0000004_*"))
+    assert bundle.is_complete_bundle(out, "") and not list(out.glob("checkpoint_step_0000004_*"))
 
 
 @pytest.mark.slow

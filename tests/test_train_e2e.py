@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from lineclip import artifacts
+from lineclip import bundle
 
 pytestmark = pytest.mark.slow
 SPEC_BUNDLE = [
@@ -229,7 +229,7 @@ def test_multirun_four_jobs_each_complete(tmp_path, tiny_dataset):
     assert len(jobs) == 4
     seen = set()
     for job in jobs:
-        assert artifacts.is_complete_bundle(job, "") and (job / "faiss_embeddings.npy").exists()
+        assert bundle.is_complete_bundle(job, "") and (job / "faiss_embeddings.npy").exists()
         assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # one W&B run per job, under its dir
         cfg = json.loads((job / "training_config.json").read_text())["config"]
         seen.add((cfg["optim"]["lr"], cfg["data"]["batch_size"]))
