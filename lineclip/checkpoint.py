@@ -232,6 +232,10 @@ def checkpoint_steps(output_dir: str | Path) -> list[int]:
     return sorted(steps)
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint is kept."""
+
+
 class ResumeError(ValueError):
     """`trainer.resume` names nothing resumable; the message says what was looked for."""
 

@@ -8,7 +8,7 @@
 Everything that decides what the model sees comes from the bundle itself: preprocessing pipeline, geometry
 and ``text_max_length`` from its ``training_config.json``, mean/std from the backbone's
 ``preprocessor_config.json``. Images go through the eval ``LineImageTransform`` (no augmentation) and texts
-through ``normalize_text`` + ``lineclip.batch.encode_texts``, exactly as in training, so an embedding made
+through ``normalize_text`` + ``lineclip.batch.byte_encode``, exactly as in training, so an embedding made
 here equals the one made during validation or export.
 """
 
@@ -27,8 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lineclip.batch import _DECODE_ERRORS, BucketBatchSampler, count_truncated
-from lineclip.batch import encode_texts as byte_encode
+from lineclip.batch import BucketBatchSampler, byte_encode, count_truncated
 from lineclip.bundle import (
     BACKBONE,
     CONFIG,
@@ -39,15 +38,16 @@ from lineclip.bundle import (
     model_fingerprint,
     resolve_bundle,
 )
-from lineclip.files import first_line
+from lineclip.files import first_line, usable_cpus
 from lineclip.manifest import normalize_text
 from lineclip.preprocess import (
+    DECODE_ERRORS,
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     LineGeometry,
     LineImageTransform,
-    image_size,
+    header_size,
     load_image,
 )
 from lineclip.towers import DualEncoder
@@ -120,14 +120,10 @@ def check_device(device: str | torch.device | None) -> torch.device:
 def _header_size(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int] | str:
     """(width, height) as the model sees it (EXIF orientation applied, as in training), or why the image cannot be
     used (no such file, not a regular file, more pixels than the limit, a broken header)."""
-    if isinstance(item, Image.Image):
-        return item.size
-    try:
-        return image_size(item, max_pixels)  # the header only; pixels are decoded in the batch that needs them
-    except FileNotFoundError:
+    size = header_size(item, max_pixels)
+    if isinstance(size, FileNotFoundError):
         return "no such file"
-    except _DECODE_ERRORS as exc:
-        return first_line(exc)
+    return first_line(size) if isinstance(size, BaseException) else size
 
 
 class _Images(torch.utils.data.Dataset):
@@ -147,7 +143,7 @@ class _Images(torch.utils.data.Dataset):
             return self.transform(item), index, ""
         try:
             image = load_image(item, self.max_pixels)  # a truncated file opens fine and fails only on load
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             return None, index, first_line(exc)
         return self.transform(image), index, ""
 
@@ -258,8 +254,7 @@ class LineEncoder:
         # One bucket per batch: no padding beyond a line's own bucket, so its embedding ignores its batch mates.
         sampler = BucketBatchSampler(buckets, batch_size, shuffle=False)
         # More worker processes than cores or than batches only costs their start-up.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = max(0, min(num_workers, cores, len(sampler)))
+        workers = max(0, min(num_workers, usable_cpus(), len(sampler)))
         loader = torch.utils.data.DataLoader(_Images(items, self.transform, self.max_image_pixels),
                                              batch_sampler=sampler,
                                              collate_fn=_collate, num_workers=workers)

@@ -44,11 +44,11 @@ from lineclip.cli import (
     UsageError,
     check_manifest_args,
     check_model_args,
-    manifest_label,
     run_command,
     write_text_atomic,
 )
 from lineclip.config import conf_dir, register_configs
+from lineclip.manifest import manifest_label
 
 if TYPE_CHECKING:
     from lineclip.encoder import LineEncoder

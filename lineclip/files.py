@@ -1,5 +1,6 @@
-"""What every writer and reader of lineclip's files shares: one-line errors, refusing non-regular files, and
-staged writes that either land whole or leave nothing behind."""
+"""What every command shares at the OS level: one-line errors, refusing non-regular files, staged writes that
+either land whole or leave nothing behind, and the CPUs a process may use. Light on purpose: no torch (lineclip.synth's
+worker processes import it)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,8 @@ def as_write_error(exc: BaseException, what: str) -> WriteError | None:
         return None
     lines = str(exc).strip().splitlines()
     return WriteError(f"cannot write {what}: {type(exc).__name__}: {lines[-1] if lines else ''}".strip())
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share), not all the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

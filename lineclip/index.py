@@ -18,9 +18,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from lineclip.artifacts import check_output_path
-from lineclip.cli import ModelArgs, UsageError, check_manifest_args, check_model_args, manifest_label, run_command
+from lineclip.cli import ModelArgs, UsageError, check_manifest_args, check_model_args, run_command
 from lineclip.config import conf_dir, register_configs
 from lineclip.corpus import INDEX_KINDS, IndexParams
+from lineclip.manifest import manifest_label
 
 
 @dataclass

@@ -28,7 +28,7 @@ import lineclip
 from lineclip import bundle
 from lineclip.batch import TrainTexts
 from lineclip.bundle import BundleError, check_bundle, resolve_bundle
-from lineclip.checkpoint import Checkpointer, claim_run_dir, resolve_resume
+from lineclip.checkpoint import Checkpointer, TrainingDiverged, claim_run_dir, resolve_resume
 from lineclip.config import ConfigError, check_config
 from lineclip.data import build_data, load_lines
 from lineclip.galleries import ValidationPlan
@@ -239,10 +239,6 @@ class TrainResult:
     def objective(self) -> float:
         """What sweeps maximise: the final validation text->image Recall@1."""
         return float(self.val_metrics.get("val_t2i_r1", float("nan")))
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite losses in a row; the last good checkpoint is kept."""
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:

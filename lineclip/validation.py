@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 
-from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset, encode_texts
+from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset, byte_encode
 from lineclip.data import make_loader
 from lineclip.galleries import ValidationPlan
 from lineclip.metrics import retrieval_metrics
@@ -85,7 +85,7 @@ def embed_texts(accelerator: Accelerator, model: torch.nn.Module, texts: list[st
     size = eval_batch_size(cfg)
     for start in range(0, len(order), size):
         rows = order[start : start + size]
-        input_ids, attention_mask, _ = encode_texts([texts[i] for i in rows], cfg.text.max_length)
+        input_ids, attention_mask, _ = byte_encode([texts[i] for i in rows], cfg.text.max_length)
         with accelerator.autocast():
             emb = raw.encode_text(input_ids.to(accelerator.device), attention_mask.to(accelerator.device))
         out[rows] = emb.float().cpu()

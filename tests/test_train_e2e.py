@@ -126,7 +126,7 @@ def _workbench_head(path):
 
 @torch.inference_mode()
 def test_bundle_reloads_like_the_workbench_and_reproduces_embeddings(trained_run):
-    from lineclip.batch import encode_texts
+    from lineclip.batch import byte_encode
     from lineclip.preprocess import LineGeometry, LineImageTransform
     from lineclip.towers import masked_mean
 
@@ -161,7 +161,7 @@ def test_bundle_reloads_like_the_workbench_and_reproduces_embeddings(trained_run
 
     ours_encoder = build_text_encoder(str(trained_run / "text_hierarchy_clip_text_encoder"), {}).eval()
     ours_head = ProjectionHead.load(trained_run / "text_hierarchy_clip_text_projection_head.pt").eval()
-    ids, mask, _ = encode_texts(texts, cfg["text_max_length"])
+    ids, mask, _ = byte_encode(texts, cfg["text_max_length"])
     ours = F.normalize(ours_head(masked_mean(ours_encoder(input_ids=ids, attention_mask=mask).last_hidden_state,
                                              mask)), dim=-1)
     short = [i for i, t in enumerate(texts) if len(t.encode()) + 1 <= cfg["text_max_length"]]
