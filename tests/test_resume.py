@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from usage_support import compose_cfg
 
 from lineclip import bundle
 from lineclip.bundle import TRAINING_STATE
 from lineclip.checkpoint import checkpoint_steps, resolve_resume
-from lineclip.config import conf_dir, register_configs
+from lineclip.config import register_configs
 from lineclip.manifest import ManifestError
 
 register_configs()
@@ -130,8 +130,7 @@ def test_sigterm_to_the_cli_exits_zero_after_a_checkpoint(tmp_path, tiny_dataset
 
 
 def _cfg(out: Path, dataset: Path, *extra: str):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=[*data_args(dataset), *RUN, f"output_dir={out}", *extra])
+    return compose_cfg(*data_args(dataset), *RUN, f"output_dir={out}", *extra)
 
 
 @pytest.mark.slow
