@@ -68,6 +68,6 @@ def test_build_optimization_counts_steps_per_process(compose_cfg):
     cfg = compose_cfg("trainer.epochs=2", "trainer.gradient_accumulation_steps=2", "optim.warmup_steps=100")
     model, _, _ = build_model(cfg)
     wrapped, opt = build_optimization(cfg, model, Accelerator(cpu=True), batches_per_epoch=9)
-    assert isinstance(opt.optimizer, torch.optim.AdamW) and opt.micro_per_step == 2
+    assert isinstance(opt.optimizer.optimizer, torch.optim.AdamW) and opt.micro_per_step == 2  # accelerate wraps it
     assert (opt.steps_per_epoch, opt.total_steps, opt.warmup) == (4, 8, 1)  # warmup above the total: a tenth
     assert opt.schedule["total_steps"] == 8 and opt.schedule["micro_batches_per_step"] == 2
