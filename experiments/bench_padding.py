@@ -4,7 +4,7 @@ On the real dev train lines (or the bundled demo lines when ../shared is absent)
 (``text.max_length`` 512, batch 32, the ``bdrc`` geometry for the width buckets), it builds the shuffled
 batches of ``lineclip.batch.BucketBatchSampler`` for several epochs, once grouping by image width only and
 once by width and text-length bucket (``lengths=text_lengths(...)``, ``text_bucket_bytes`` 32/64/128), and
-reports ``text_padding_fraction`` (padded ids / all ids after ``encode_texts``' pad to a multiple of 8),
+reports ``text_padding_fraction`` (padded ids / all ids after ``byte_encode``' pad to a multiple of 8),
 the text positions the text tower runs on (relative to width-only; attention grows with their square, so
 the sum of B * L^2 is shown too), and what the extra groups cost: short batches and, with drop_last, the
 lines left out of each epoch.

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from lineclip.config import conf_dir, register_configs
 from lineclip.loss import contrastive_loss
-from lineclip.trainer import any_rank, build_model, lr_lambda, param_groups, train_step
+from lineclip.trainer import any_rank, build_model, build_optimization, train_step
 
 CONFIGS = {
     "tiny": ["model=dinov2_tiny", "text=byt5_tiny"],
@@ -55,12 +55,11 @@ def bare_loop(model, data, steps: int, lr: float, text_ids) -> float:
 
 
 def lineclip_loop(model, cfg, data, steps: int, text_ids, device: str) -> float:
-    """The body of lineclip.trainer.train's loop for one optimizer step, minus data loading and logging."""
+    """One optimizer step as lineclip.trainer.train takes it, minus data loading and logging: the trainer's own
+    build_optimization (AdamW over param_groups, accelerate's prepare, the lr schedule), train_step and any_rank."""
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.trainer.mixed_precision)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(5, steps, "cosine", 0.0))
+    model, opt = build_optimization(cfg, model, accelerator, batches_per_epoch=steps)
+    optimizer, scheduler = opt.optimizer, opt.scheduler
     model.train()
     start = time.perf_counter()
     for step in range(steps):
@@ -70,7 +69,9 @@ def lineclip_loop(model, cfg, data, steps: int, text_ids, device: str) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        _ = (result.loss.item(), result.i2t_accuracy.item(), result.t2i_accuracy.item(), scheduler.get_last_lr())
+        contrastive = result.contrastive
+        _ = (result.loss.item(), contrastive.i2t_accuracy.item(), contrastive.t2i_accuracy.item(),
+             scheduler.get_last_lr())
     return time.perf_counter() - start
 
 

@@ -18,11 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from lineclip.manifest import LineRecord
 from lineclip.phrases import sample_phrase
-from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, image_size, load_image
+from lineclip.preprocess import (
+    DECODE_ERRORS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    TooManyPixels,
+    header_size,
+    load_image,
+    round_up,
+)
 from lineclip.reading import reading_targets
 
 if TYPE_CHECKING:
@@ -33,21 +39,9 @@ logger = logging.getLogger(__name__)
 # ByT5's vocabulary: 0 <pad>, 1 </s>, 2 <unk>, then the 256 byte values shifted by 3.
 PAD_ID, EOS_ID, BYTE_OFFSET = 0, 1, 3
 
-# What a broken image file raises in PIL: truncated data and bad headers (OSError, of which
-# UnidentifiedImageError is a subclass), nonsense sizes/modes (ValueError), absurd dimensions.
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    UnidentifiedImageError,
-    ValueError,
-    Image.DecompressionBombError,
-)
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _cut_at_char_boundary(data: bytes, limit: int) -> int:
+def cut_at_char_boundary(data: bytes, limit: int) -> int:
     """Largest length <= limit that does not end inside a multi-byte UTF-8 character."""
     if len(data) <= limit:
         return len(data)
@@ -59,7 +53,7 @@ def _cut_at_char_boundary(data: bytes, limit: int) -> int:
     return end
 
 
-def encode_texts(
+def byte_encode(
     texts: Sequence[str], max_length: int, pad_to_multiple: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """ByT5 input ids and attention mask ([B, L], int64) plus how many texts had to be truncated.
@@ -79,13 +73,13 @@ def encode_texts(
     n_truncated = 0
     for row, text in enumerate(texts):
         data = text.encode("utf-8")
-        keep = _cut_at_char_boundary(data, byte_budget)
+        keep = cut_at_char_boundary(data, byte_budget)
         n_truncated += keep < len(data)
         pieces.append(data[:keep])
         lengths[row] = keep
 
     batch = len(texts)
-    width = _round_up(int(lengths.max()) + 1, pad_to_multiple) if batch else 0
+    width = round_up(int(lengths.max()) + 1, pad_to_multiple) if batch else 0
     input_ids = np.full((batch, width), PAD_ID, dtype=np.int64)
     if batch:
         flat = np.frombuffer(b"".join(pieces), dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
@@ -104,19 +98,19 @@ def count_truncated(texts: Iterable[str], max_length: int) -> int:
 
 
 def text_lengths(texts: Iterable[str], max_length: int) -> np.ndarray:
-    """Per text, the number of ids ``encode_texts`` gives it (UTF-8 bytes after truncation + </s>, so at most
+    """Per text, the number of ids ``byte_encode`` gives it (UTF-8 bytes after truncation + </s>, so at most
     ``max_length``): the ``lengths`` that ``BucketBatchSampler`` groups by."""
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1 (room for </s>), got {max_length}")
     budget = max_length - 1
-    return np.array([_cut_at_char_boundary(text.encode("utf-8"), budget) + 1 for text in texts], dtype=np.int64)
+    return np.array([cut_at_char_boundary(text.encode("utf-8"), budget) + 1 for text in texts], dtype=np.int64)
 
 
 def text_padding_fraction(
     batches: Iterable[Sequence[int]], lengths: Sequence[int] | np.ndarray, pad_to_multiple: int = 8
 ) -> float:
     """Share of the text positions that are padding over ``batches`` (lists of record indices), with each
-    batch encoded as ``encode_texts`` does: ``[B, longest rounded up to pad_to_multiple]``, where record i
+    batch encoded as ``byte_encode`` does: ``[B, longest rounded up to pad_to_multiple]``, where record i
     takes ``lengths[i]`` ids (see ``text_lengths``). 0.0 when there is nothing to encode."""
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
@@ -126,7 +120,7 @@ def text_padding_fraction(
         if len(batch) == 0:
             continue
         batch_lengths = length_array[np.asarray(batch, dtype=np.int64)]
-        width = _round_up(int(batch_lengths.max()), pad_to_multiple)
+        width = round_up(int(batch_lengths.max()), pad_to_multiple)
         total += width * batch_lengths.size
         padded += width * batch_lengths.size - int(batch_lengths.sum())
     return padded / total if total else 0.0
@@ -139,13 +133,11 @@ def _where(record: LineRecord) -> str:
 def _header_size(path: str, max_pixels: int | None = None) -> tuple[int, int] | str | None:
     """(width, height) as the model sees the image (EXIF orientation applied), "too_large_image" past the pixel
     limit, or None for any header that cannot be read (FIFOs and devices are refused without reading)."""
-    try:
-        # Only the header is parsed; pixel data is decoded later, in the worker that needs it.
-        return image_size(path, DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
-    except TooManyPixels:
+    # Only the header is parsed; pixel data is decoded later, in the worker that needs it.
+    size = header_size(path, DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
+    if isinstance(size, TooManyPixels):
         return "too_large_image"
-    except _DECODE_ERRORS:
-        return None
+    return None if isinstance(size, BaseException) else size
 
 
 class LineDataset(torch.utils.data.Dataset):
@@ -176,7 +168,7 @@ class LineDataset(torch.utils.data.Dataset):
         if crop_to_text_bytes:
             for i, record in enumerate(records):
                 total = len(record.text.encode("utf-8"))
-                kept = _cut_at_char_boundary(record.text.encode("utf-8"), crop_to_text_bytes - 1)
+                kept = cut_at_char_boundary(record.text.encode("utf-8"), crop_to_text_bytes - 1)
                 # a little slack so the last kept syllable is not sliced through
                 self.visible_share[i] = min(1.0, kept / total * 1.04 + 0.01) if kept < total else 1.0
         paths = [record.image_path for record in records]
@@ -231,7 +223,7 @@ class LineDataset(torch.utils.data.Dataset):
             image = load_image(record.image_path, self.max_image_pixels)
             if self.visible_share[index] < 1.0:
                 image = image.crop((0, 0, *self._visible(index, image.size)))
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             logger.warning("skipping corrupt line image %s: %s", _where(record), exc)
             return {"index": index, "corrupt": "corrupt_image"}
         try:
@@ -400,7 +392,7 @@ class LineCollator:
             # An explicit check rather than `assert`, which `python -O` would strip.
             raise ValueError(f"a batch must hold one bucket (one image shape), got shapes {sorted(shapes)}")
         texts = [item["text"] for item in good]
-        input_ids, attention_mask, n_truncated = encode_texts(texts, self.max_length, self.pad_to_multiple)
+        input_ids, attention_mask, n_truncated = byte_encode(texts, self.max_length, self.pad_to_multiple)
         extra = {}
         if self.reading:
             extra["reading_targets"], extra["reading_lengths"] = reading_targets(texts)
@@ -493,6 +485,6 @@ class TrainTexts:
         """`batch` (from LineCollator) with its text side re-encoded from this epoch's texts (a no-op at p=0)."""
         if self.p == 0.0 or len(batch["indices"]) == 0:
             return batch
-        input_ids, attention_mask, _ = encode_texts([self.text(i) for i in batch["indices"].tolist()], max_length,
+        input_ids, attention_mask, _ = byte_encode([self.text(i) for i in batch["indices"].tolist()], max_length,
                                                     pad_to_multiple)
         return {**batch, "input_ids": input_ids, "attention_mask": attention_mask}

@@ -13,23 +13,35 @@ into place last, so `latest` only ever sees complete checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
-import re
 import shutil
+import signal
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from lineclip import artifacts
+from lineclip.bundle import (
+    BUNDLE_ENTRIES,
+    CONFIG,
+    TRAINING_STATE,
+    checkpoint_prefix,
+    checkpoint_step,
+    save_bundle,
+    staging_dir,
+    workbench_keys,
+)
+from lineclip.files import as_write_error, first_line, remove_staging
 
 log = logging.getLogger(__name__)
 
-TRAINING_STATE = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -43,7 +55,6 @@ def rng_file(rank: int) -> str:
 
 class CheckpointError(ValueError):
     """A training state that cannot be loaded safely; the message is one line naming the file."""
-_CHECKPOINT_CONFIG = re.compile(r"^checkpoint_step_(\d{7})_" + re.escape(artifacts.CONFIG) + "$")
 
 
 @dataclass
@@ -81,11 +92,6 @@ class TrainerState:
         return state
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def _require_regular(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path.parent} has no {path.name}")
@@ -99,7 +105,7 @@ def load_json(path: Path) -> dict[str, Any]:
     try:
         blob = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"refusing {path}: not a readable JSON file ({_first_line(exc)})") from None
+        raise CheckpointError(f"refusing {path}: not a readable JSON file ({first_line(exc)})") from None
     if not isinstance(blob, dict):
         raise CheckpointError(f"refusing {path}: not a JSON object")
     return blob
@@ -112,7 +118,7 @@ def load_tensors(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, OSError ...
-        raise CheckpointError(f"refusing {path}: not a weights-only tensor file ({_first_line(exc)})") from None
+        raise CheckpointError(f"refusing {path}: not a weights-only tensor file ({first_line(exc)})") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -138,7 +144,7 @@ def set_rng_state(blob: Any, path: Path) -> None:
         if torch.cuda.is_available() and blob["cuda"]:
             torch.cuda.set_rng_state_all(blob["cuda"])
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise CheckpointError(f"refusing {path}: not a lineclip RNG state ({_first_line(exc)})") from None
+        raise CheckpointError(f"refusing {path}: not a lineclip RNG state ({first_line(exc)})") from None
 
 
 def save_training_state(directory: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any,
@@ -192,14 +198,14 @@ def load_training_state(directory: Path, accelerator: Any, model: torch.nn.Modul
     try:
         load_model(accelerator.unwrap_model(model), str(model_path), strict=True, device="cpu")
     except Exception as exc:  # noqa: BLE001 - SafetensorError, RuntimeError (missing keys), OSError
-        raise CheckpointError(f"refusing {model_path}: {_first_line(exc)}") from None
+        raise CheckpointError(f"refusing {model_path}: {first_line(exc)}") from None
     try:
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)
         if scaler_state is not None:
             accelerator.scaler.load_state_dict(scaler_state)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{directory}: optimizer/scheduler state does not fit this run ({_first_line(exc)})") \
+        raise CheckpointError(f"{directory}: optimizer/scheduler state does not fit this run ({first_line(exc)})") \
             from None
     if rng is not None:
         try:
@@ -219,10 +225,15 @@ def checkpoint_steps(output_dir: str | Path) -> list[int]:
         return []
     steps = []
     for path in output_dir.iterdir():
-        match = _CHECKPOINT_CONFIG.match(path.name)
-        if match and (output_dir / f"{artifacts.checkpoint_prefix(int(match[1]))}{TRAINING_STATE}").is_dir():
-            steps.append(int(match[1]))
+        step = checkpoint_step(path.name)
+        if step is not None and path.name == f"{checkpoint_prefix(step)}{CONFIG}" \
+                and (output_dir / f"{checkpoint_prefix(step)}{TRAINING_STATE}").is_dir():
+            steps.append(step)
     return sorted(steps)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint is kept."""
 
 
 class ResumeError(ValueError):
@@ -235,19 +246,19 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     prefix (`.../checkpoint_step_0002400_`) or any entry of that bundle."""
     if resume == "latest":
         steps = checkpoint_steps(output_dir)
-        return output_dir / f"{artifacts.checkpoint_prefix(steps[-1])}{TRAINING_STATE}" if steps else None
+        return output_dir / f"{checkpoint_prefix(steps[-1])}{TRAINING_STATE}" if steps else None
     path = Path(resume)
     if path.is_dir() and not path.name.startswith("checkpoint_step_"):
         steps = checkpoint_steps(path)
         if not steps:
             raise ResumeError(f"trainer.resume={resume}: no complete checkpoint in that dir")
-        return path / f"{artifacts.checkpoint_prefix(steps[-1])}{TRAINING_STATE}"
-    match = re.match(r"^(checkpoint_step_\d{7}_)", path.name)
-    if not match:
+        return path / f"{checkpoint_prefix(steps[-1])}{TRAINING_STATE}"
+    step = checkpoint_step(path.name)
+    if step is None:
         raise ResumeError(f"trainer.resume={resume}: not 'latest', a run dir or a checkpoint_step_XXXXXXX_ bundle")
-    prefix = path.parent / match[1]
+    prefix = path.parent / checkpoint_prefix(step)
     state = Path(f"{prefix}{TRAINING_STATE}")
-    if not (state.is_dir() and Path(f"{prefix}{artifacts.CONFIG}").is_file()):
+    if not (state.is_dir() and Path(f"{prefix}{CONFIG}").is_file()):
         raise ResumeError(f"trainer.resume={resume}: {prefix.name} is not a complete checkpoint with training state")
     return state
 
@@ -258,8 +269,8 @@ def rotate_checkpoints(output_dir: Path, keep_last: int) -> list[int]:
     steps = checkpoint_steps(output_dir)
     doomed = steps[:-keep_last] if keep_last > 0 else []
     for step in doomed:
-        prefix = artifacts.checkpoint_prefix(step)
-        for entry in (artifacts.CONFIG, *artifacts.BUNDLE_ENTRIES, TRAINING_STATE):
+        prefix = checkpoint_prefix(step)
+        for entry in (CONFIG, *BUNDLE_ENTRIES, TRAINING_STATE):
             target = output_dir / f"{prefix}{entry}"
             if target.is_dir():
                 shutil.rmtree(target)
@@ -287,7 +298,7 @@ def claim_run_dir(output_dir: Path, resume: str | None, resume_from: Path | None
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ResumeError(f"run dir {output_dir} is not writable ({_first_line(exc)})") from None
+        raise ResumeError(f"run dir {output_dir} is not writable ({first_line(exc)})") from None
     found = artifacts.run_entries(output_dir)
     if not found:
         return
@@ -303,10 +314,131 @@ def claim_run_dir(output_dir: Path, resume: str | None, resume_from: Path | None
     if not remove:
         return
     log.warning("trainer.overwrite=true: removing the earlier run's files in %s (%s)", output_dir, shown)
-    names = sorted(found, key=lambda n: (not n.endswith(artifacts.CONFIG), n))  # every config goes first
+    names = sorted(found, key=lambda n: (not n.endswith(CONFIG), n))  # every config goes first
     for name in [*names, "wandb_run_id", "metrics.jsonl"]:
         target = output_dir / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
+
+
+class Checkpointer:
+    """What a run writes, and the state that goes with it: the TrainerState (step, data position, counters,
+    validation history), the corrupt train lines seen on this process, the SIGTERM flag, and the writing of
+    checkpoints (bundle + training state under one prefix, then rotation) and of the final artifacts.
+
+    `run_info`: the training config's fixed keys (schedule, world size, batch sizes ...), in the order they are
+    written; `data_report`: the run's data report, shared with (and filled in further by) the loop."""
+
+    def __init__(self, cfg: Any, accelerator: Any, output_dir: Path, model: torch.nn.Module, optimizer: Any,
+                 scheduler: Any, image_processor: Any, tokenizer: Any, n_lines: int, run_info: dict[str, Any],
+                 data_report: dict[str, Any]) -> None:
+        self.cfg, self.accelerator, self.output_dir = cfg, accelerator, output_dir
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.run_info, self.data_report = run_info, data_report
+        self.state = TrainerState()
+        self.corrupt = torch.zeros(n_lines, dtype=torch.bool)
+        self.stop_requested = False
+
+    def resume(self, directory: Path) -> None:
+        """Model, optimizer, scheduler, scaler, this process's RNG and the loop position: no pickle."""
+        self.state = load_training_state(directory, self.accelerator, self.model, self.optimizer, self.scheduler,
+                                         strict=self.cfg.trainer.resume_strict, n_lines=len(self.corrupt))
+        self.corrupt[self.state.corrupt_indices] = True
+        log.info("resumed from %s at step %d (epoch %d, batch %d of it)", directory.name, self.state.step,
+                 self.state.epoch, self.state.batches_done_in_epoch)
+
+    @contextlib.contextmanager
+    def stop_on_sigterm(self):
+        """SIGTERM (SLURM pre-emption, spot VMs) only sets `stop_requested`: the loop finishes the step in
+        flight, checkpoints and exits cleanly."""
+
+        def request_stop(signum, frame):  # noqa: ARG001
+            self.stop_requested = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def sync_corrupt(self) -> list[int]:
+        """The corrupt train lines seen on any process."""
+        world = self.accelerator.num_processes
+        merged = self.accelerator.reduce(self.corrupt.to(self.accelerator.device, torch.int32), "max") \
+            if world > 1 else self.corrupt
+        return torch.nonzero(merged.cpu()).flatten().tolist()
+
+    def training_config(self) -> dict[str, Any]:
+        state, cfg = self.state, self.cfg
+        return {
+            **workbench_keys(cfg),
+            **{k: state.val_metrics.get(k) for k in ("val_i2t_r1", "val_t2i_r1")},
+            "val_metrics": state.val_metrics,
+            "val_history": state.val_history,
+            "global_step": state.step,
+            **self.run_info,
+            "bad_steps_skipped": state.bad_steps,
+            "logit_scale": float(self.accelerator.unwrap_model(self.model).scale().detach()),
+            "crop_to_text": bool(cfg.data.crop_to_text),
+            "data_report": {**self.data_report, "corrupt_images_skipped": len(state.corrupt_indices)},
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+
+    def save(self) -> None:
+        """The bundle and the training state under one prefix, renamed into place config-last."""
+        accelerator, output_dir, state = self.accelerator, self.output_dir, self.state
+        prefix = checkpoint_prefix(state.step)
+        state.checkpoints = sorted({*state.checkpoints, state.step})
+        state.corrupt_indices = self.sync_corrupt()
+        if accelerator.is_main_process:
+            staging_dir(output_dir, prefix, reset=True)
+        accelerator.wait_for_everyone()
+        staging = staging_dir(output_dir, prefix)
+        try:
+            # every process writes its RNG state
+            save_training_state(training_state_dir(staging), accelerator, self.model, self.optimizer, self.scheduler)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state.save(training_state_dir(staging))
+                save_bundle(output_dir, prefix, accelerator.unwrap_model(self.model), self.image_processor,
+                                      self.tokenizer, self.training_config(),
+                                      extra_entries=(training_state_dir(staging).name,))
+                if self.cfg.trainer.keep_last_checkpoints:
+                    rotate_checkpoints(output_dir, self.cfg.trainer.keep_last_checkpoints)
+        except BaseException as exc:
+            if accelerator.is_main_process:  # a full disk leaves no half-written staging dir behind
+                remove_staging(staging)
+            error = as_write_error(exc, f"checkpoint {prefix} in {output_dir}")
+            if error is None:
+                raise
+            raise error from exc
+        accelerator.wait_for_everyone()
+
+    def save_final(self, corpus_image: np.ndarray | None, corpus_records: list[Any]) -> None:
+        """Main process: the corpus embeddings (when exported), the data report and the final bundle, staged
+        together and renamed in config-last: all or nothing. Then every process waits for it."""
+        accelerator, output_dir, state = self.accelerator, self.output_dir, self.state
+        if accelerator.is_main_process:
+            staging = staging_dir(output_dir, "", reset=True)
+            extra, corpus_info = [artifacts.DATA_REPORT], None
+            try:
+                if corpus_image is not None:
+                    artifacts.save_corpus_embeddings(staging, corpus_image, corpus_records)
+                    extra += [artifacts.EMBEDDINGS, artifacts.EMBEDDINGS_META]
+                    corpus_info = {"n_lines": len(corpus_records)}
+                (staging / artifacts.DATA_REPORT).write_text(json.dumps(
+                    {**self.data_report, "corrupt_images_skipped": len(state.corrupt_indices),
+                     "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
+            except BaseException as exc:
+                remove_staging(staging)
+                error = as_write_error(exc, f"the final corpus in {output_dir}")
+                if error is None:
+                    raise
+                raise error from exc
+            save_bundle(output_dir, "", accelerator.unwrap_model(self.model), self.image_processor,
+                                  self.tokenizer, self.training_config(), extra_entries=tuple(extra),
+                                  corpus=corpus_info)
+        accelerator.wait_for_everyone()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,16 +58,18 @@ def check_model_args(cfg: DictConfig) -> None:
 
 
 def one_line_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input (not a bug): reported as one `log.error` line and exit status 2."""
+    """The exceptions that mean bad input, not a bug (for every command, training included): reported as one
+    `log.error` line and exit status 2."""
     from lineclip.artifacts import OutputPathError
-    from lineclip.checkpoint import CheckpointError
+    from lineclip.bundle import BundleError
+    from lineclip.checkpoint import CheckpointError, ResumeError, TrainingDiverged
     from lineclip.config import ConfigError
     from lineclip.corpus import CorpusError
-    from lineclip.encoder import BundleError, DeviceError, ImageReadError
+    from lineclip.encoder import DeviceError, ImageReadError
     from lineclip.manifest import ManifestError
 
     return (UsageError, ConfigError, ManifestError, BundleError, ImageReadError, DeviceError, CorpusError,
-            OutputPathError, CheckpointError, OmegaConfBaseException)
+            OutputPathError, CheckpointError, ResumeError, TrainingDiverged, OmegaConfBaseException)
 
 
 def run_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
@@ -82,16 +83,6 @@ def run_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     except OSError as err:  # the environment (disk full, read-only dir, a file gone), not a bug
         log.error("%s", " ".join(f"{type(err).__name__}: {err}".split()))
         sys.exit(2)
-
-
-def manifest_label(manifest: str | Path) -> str:
-    """A file-name-safe name for a manifest: its stem, or `<split>_<stem>` for OpenPecha's
-    `<root>/<split>/meta/lines.jsonl`, where every split's manifest is called `lines`."""
-    path = Path(os.path.abspath(os.path.expanduser(str(manifest))))
-    stem = path.name.split(".")[0] or path.stem
-    if path.parent.name == "meta" and path.parent.parent.name:
-        stem = f"{path.parent.parent.name}_{stem}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "manifest"
 
 
 @contextmanager

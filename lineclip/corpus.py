@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from lineclip import artifacts
+from lineclip.files import as_write_error, first_non_regular
 
 if TYPE_CHECKING:
     import faiss
@@ -131,7 +132,7 @@ class Corpus:
             hint = " (was the run trained with trainer.export_embeddings=false? build one with lineclip.index)"
             raise CorpusError(f"{directory} is not a corpus: no {' or '.join(absent)}"
                               + (hint if (directory / artifacts.CONFIG).exists() else ""))
-        odd = artifacts.first_non_regular([directory / n for n in (*artifacts.CORPUS_FILES, artifacts.CONFIG)])
+        odd = first_non_regular([directory / n for n in (*artifacts.CORPUS_FILES, artifacts.CONFIG)])
         if odd is not None:
             raise CorpusError(f"corpus {directory}: {odd.name} is not a regular file (a FIFO or a device?)")
         try:
@@ -222,7 +223,7 @@ class Corpus:
 
     def check_model(self, encoder: LineEncoder) -> None:
         """Fail (one line) if this corpus was embedded by another model than `encoder`."""
-        from lineclip.encoder import BundleError, check_bundle, model_fingerprint, resolve_bundle
+        from lineclip.bundle import BundleError, check_bundle, model_fingerprint, resolve_bundle
 
         if encoder.dim != self.dim:
             raise CorpusError(f"corpus {self.directory} has {self.dim}-dim embeddings, the model gives {encoder.dim}")
@@ -340,7 +341,7 @@ def write_corpus(
             staging.rename(output)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        error = artifacts.as_write_error(exc, f"corpus {output}")  # faiss reports a full disk as RuntimeError
+        error = as_write_error(exc, f"corpus {output}")  # faiss reports a full disk as RuntimeError
         if error is None:
             raise
         raise error from exc

@@ -8,7 +8,7 @@
 Everything that decides what the model sees comes from the bundle itself: preprocessing pipeline, geometry
 and ``text_max_length`` from its ``training_config.json``, mean/std from the backbone's
 ``preprocessor_config.json``. Images go through the eval ``LineImageTransform`` (no augmentation) and texts
-through ``normalize_text`` + ``lineclip.batch.encode_texts``, exactly as in training, so an embedding made
+through ``normalize_text`` + ``lineclip.batch.byte_encode``, exactly as in training, so an embedding made
 here equals the one made during validation or export.
 """
 
@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,32 +26,35 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers.utils import logging as hf_logging
 
-from lineclip import artifacts
-from lineclip.batch import _DECODE_ERRORS, BucketBatchSampler, count_truncated
-from lineclip.batch import encode_texts as byte_encode
+from lineclip.batch import BucketBatchSampler, byte_encode, count_truncated
+from lineclip.bundle import (
+    BACKBONE,
+    CONFIG,
+    BundleError,
+    BundleRef,
+    check_bundle,
+    load_model,
+    model_fingerprint,
+    resolve_bundle,
+)
+from lineclip.files import first_line, usable_cpus
 from lineclip.manifest import normalize_text
 from lineclip.preprocess import (
+    DECODE_ERRORS,
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     LineGeometry,
     LineImageTransform,
-    image_size,
+    header_size,
     load_image,
 )
-from lineclip.towers import DualEncoder, ProjectionHead, build_image_backbone, build_text_encoder
+from lineclip.towers import DualEncoder
 
 log = logging.getLogger(__name__)
 
 ImageInput = str | os.PathLike | Image.Image
-_CHECKPOINT_NAME = re.compile(r"checkpoint_step_\d+")
-_REQUIRED_KEYS = ("target_height", "max_width", "width_buckets", "patch_multiple", "image_preprocess_pipeline")
-
-
-class BundleError(ValueError):
-    """A run dir or bundle that cannot be loaded; the message is one line naming the path."""
 
 
 class ImageReadError(ValueError):
@@ -62,99 +63,6 @@ class ImageReadError(ValueError):
 
 class DeviceError(ValueError):
     """A device that this machine does not have."""
-
-
-@dataclass(frozen=True)
-class BundleRef:
-    """Where a bundle lives: its folder and the prefix its five entries share (``""`` for the final one)."""
-
-    directory: Path
-    prefix: str
-
-    def path(self, entry: str) -> Path:
-        return self.directory / f"{self.prefix}{entry}"
-
-    @property
-    def label(self) -> str:
-        return str(self.directory / self.prefix) if self.prefix else str(self.directory)
-
-
-def bundle_prefixes(directory: str | Path) -> list[str]:
-    """Prefixes of the complete bundles in a folder (``""`` first, then checkpoints in step order)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [n[: -len(artifacts.CONFIG)] for n in os.listdir(directory) if n.endswith(artifacts.CONFIG)]
-    return sorted((p for p in found if artifacts.is_complete_bundle(directory, p)), key=lambda p: (p != "", p))
-
-
-def resolve_bundle(path: str | Path) -> BundleRef:
-    """Turn a run dir, a bundle prefix or one file of a bundle into a ``BundleRef`` (not yet checked)."""
-    p = Path(os.path.expanduser(str(path))).absolute()
-    if p.is_dir() and (p / artifacts.CONFIG).exists():
-        return BundleRef(p, "")  # a run dir with its final bundle
-    # An entry name is matched longest first so that no shorter entry name wins on a common suffix.
-    for entry in sorted(artifacts.BUNDLE_ENTRIES, key=len, reverse=True):
-        if p.name.endswith(entry):
-            return BundleRef(p.parent, p.name[: -len(entry)])
-    for prefix in bundle_prefixes(p.parent):
-        if prefix and p.name.startswith(prefix):  # something else of a checkpoint, e.g. its training_state/
-            return BundleRef(p.parent, prefix)
-    if p.is_dir():
-        return BundleRef(p, "")  # a run dir without a final bundle: check_bundle lists its checkpoints
-    prefix = p.name
-    if _CHECKPOINT_NAME.fullmatch(prefix):
-        prefix += "_"  # `checkpoint_step_0000002` names the bundle as well as its prefix does
-    return BundleRef(p.parent, prefix)
-
-
-def check_bundle(ref: BundleRef) -> dict[str, Any]:
-    """Raise BundleError (one line) unless all five entries exist under one prefix; return the training config."""
-    if not ref.directory.is_dir():
-        raise BundleError(f"run dir {ref.directory} does not exist")
-    missing = [entry for entry in artifacts.BUNDLE_ENTRIES if not ref.path(entry).exists()]
-    if missing:
-        names = os.listdir(ref.directory)
-        elsewhere = sorted(n for n in names for e in missing if n.endswith(e) and n != f"{ref.prefix}{e}")
-        complete = bundle_prefixes(ref.directory)
-        if len(missing) == len(artifacts.BUNDLE_ENTRIES) and ref.prefix and not any(
-                n.startswith(ref.prefix) for n in names):
-            msg = f"{ref.label} does not exist (neither a run dir nor a bundle prefix)"
-        elif len(missing) == len(artifacts.BUNDLE_ENTRIES):
-            msg = f"no lineclip bundle at {ref.label}"
-            if complete:
-                msg += "; bundles there: " + ", ".join(repr(p) if p else "'' (final)" for p in complete)
-                if "" not in complete:
-                    msg += f" (pass e.g. {ref.directory / complete[-1]})"
-        else:
-            msg = f"incomplete bundle at {ref.label}: missing {', '.join(missing)}"
-            if elsewhere:
-                shown = ", ".join(elsewhere[:3]) + (f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else "")
-                msg += f"; found {shown} instead (every file of one bundle must share one prefix: '{ref.prefix}')"
-        if any(n.startswith(".staging_") for n in names):
-            msg += "; a .staging_* folder is there: training may still be running or was interrupted"
-        raise BundleError(msg)
-    odd = artifacts.first_non_regular([ref.path(entry) for entry in artifacts.BUNDLE_ENTRIES])
-    if odd is not None:
-        raise BundleError(f"bundle {ref.label}: {odd} is not a regular file (a FIFO or a device?); refusing to read it")
-    config_path = ref.path(artifacts.CONFIG)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot read {config_path}: {exc}") from None
-    if not isinstance(config, dict) or config.get("mode") != "line_clip":
-        raise BundleError(f"{config_path} is not a line_clip training config (mode={config.get('mode')!r})"
-                          if isinstance(config, dict) else f"{config_path} does not hold a JSON object")
-    absent = [key for key in _REQUIRED_KEYS if key not in config]
-    if absent:
-        raise BundleError(f"{config_path} lacks {', '.join(absent)}")
-    return config
-
-
-def model_fingerprint(ref: BundleRef) -> str:
-    """A short hash of the two projection heads: they change at every training step, so two bundles with equal
-    heads embed alike. Corpora record it so that a search never mixes embeddings of two models."""
-    return artifacts.heads_fingerprint(ref.directory, ref.prefix)
 
 
 def _max_image_pixels(config: dict[str, Any]) -> int:
@@ -192,11 +100,6 @@ def _mean_std(backbone_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]
         raise BundleError(f"cannot read image_mean/image_std from {path}: {exc}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -206,7 +109,7 @@ def check_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device or default_device())
     except RuntimeError as exc:
-        raise DeviceError(f"device={device!r}: {_first_line(exc)}") from None
+        raise DeviceError(f"device={device!r}: {first_line(exc)}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device={device} but CUDA is not available here (torch {torch.__version__})")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
@@ -217,14 +120,10 @@ def check_device(device: str | torch.device | None) -> torch.device:
 def _header_size(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int] | str:
     """(width, height) as the model sees it (EXIF orientation applied, as in training), or why the image cannot be
     used (no such file, not a regular file, more pixels than the limit, a broken header)."""
-    if isinstance(item, Image.Image):
-        return item.size
-    try:
-        return image_size(item, max_pixels)  # the header only; pixels are decoded in the batch that needs them
-    except FileNotFoundError:
+    size = header_size(item, max_pixels)
+    if isinstance(size, FileNotFoundError):
         return "no such file"
-    except _DECODE_ERRORS as exc:
-        return _first_line(exc)
+    return first_line(size) if isinstance(size, BaseException) else size
 
 
 class _Images(torch.utils.data.Dataset):
@@ -244,8 +143,8 @@ class _Images(torch.utils.data.Dataset):
             return self.transform(item), index, ""
         try:
             image = load_image(item, self.max_pixels)  # a truncated file opens fine and fails only on load
-        except _DECODE_ERRORS as exc:
-            return None, index, _first_line(exc)
+        except DECODE_ERRORS as exc:
+            return None, index, first_line(exc)
         return self.transform(image), index, ""
 
 
@@ -288,43 +187,15 @@ class LineEncoder:
         device = check_device(device)
         ref = resolve_bundle(path)
         config = check_bundle(ref)
-        mean, std = _mean_std(ref.path(artifacts.BACKBONE))
+        mean, std = _mean_std(ref.path(BACKBONE))
         try:
             geometry = LineGeometry(int(config["target_height"]), int(config["max_width"]),
                                     tuple(config["width_buckets"]), int(config["patch_multiple"]))
             transform = LineImageTransform(str(config["image_preprocess_pipeline"]), geometry, mean, std)
         except (TypeError, ValueError) as exc:
-            raise BundleError(f"{ref.path(artifacts.CONFIG)}: {_first_line(exc)}") from None
+            raise BundleError(f"{ref.path(CONFIG)}: {first_line(exc)}") from None
         text_max_length = _text_max_length(config)
-        what = ""
-        bars_were_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar per tower is noise in a CLI's output
-        try:
-            what = artifacts.BACKBONE
-            backbone = build_image_backbone(str(ref.path(what)), {})
-            what = artifacts.TEXT_ENCODER
-            text_encoder = build_text_encoder(str(ref.path(what)), {})
-            what = artifacts.IMAGE_HEAD
-            image_head = ProjectionHead.load(ref.path(what))
-            what = artifacts.TEXT_HEAD
-            text_head = ProjectionHead.load(ref.path(what))
-        except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises (pickle, safetensors, OSError, ...)
-            raise BundleError(f"cannot load {ref.path(what)}: {_first_line(exc)}") from None
-        finally:
-            if bars_were_on:
-                hf_logging.enable_progress_bar()
-        if image_head.input_dim != backbone.config.hidden_size or text_head.input_dim != text_encoder.config.d_model:
-            raise BundleError(f"bundle {ref.label}: a projection head does not fit its tower (image head in "
-                              f"{image_head.input_dim} vs backbone {backbone.config.hidden_size}, text head in "
-                              f"{text_head.input_dim} vs encoder {text_encoder.config.d_model})")
-        if image_head.output_dim != text_head.output_dim:
-            raise BundleError(f"bundle {ref.label}: image head gives {image_head.output_dim} dims, text head "
-                              f"{text_head.output_dim}")
-        if backbone.config.patch_size != geometry.patch_multiple:
-            raise BundleError(f"bundle {ref.label}: patch_multiple={geometry.patch_multiple} in training_config.json "
-                              f"but the backbone's patch is {backbone.config.patch_size}")
-        model = DualEncoder(backbone, text_encoder, projection_dim=image_head.output_dim)
-        model.image_head, model.text_head = image_head, text_head
+        model = load_model(ref, geometry.patch_multiple)
         log.info("loaded %s (step %s, %s pipeline, height %d, text_max_length %d) on %s", ref.label,
                  config.get("global_step", "?"), transform.pipeline, geometry.target_height, text_max_length,
                  device)
@@ -383,8 +254,7 @@ class LineEncoder:
         # One bucket per batch: no padding beyond a line's own bucket, so its embedding ignores its batch mates.
         sampler = BucketBatchSampler(buckets, batch_size, shuffle=False)
         # More worker processes than cores or than batches only costs their start-up.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = max(0, min(num_workers, cores, len(sampler)))
+        workers = max(0, min(num_workers, usable_cpus(), len(sampler)))
         loader = torch.utils.data.DataLoader(_Images(items, self.transform, self.max_image_pixels),
                                              batch_sampler=sampler,
                                              collate_fn=_collate, num_workers=workers)

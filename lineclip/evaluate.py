@@ -44,11 +44,11 @@ from lineclip.cli import (
     UsageError,
     check_manifest_args,
     check_model_args,
-    manifest_label,
     run_command,
     write_text_atomic,
 )
 from lineclip.config import conf_dir, register_configs
+from lineclip.manifest import manifest_label
 
 if TYPE_CHECKING:
     from lineclip.encoder import LineEncoder
@@ -310,7 +310,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.eval.ks or min(cfg.eval.ks) < 1 or cfg.eval.chunk_size < 1:
         raise UsageError("eval.ks must be positive integers and eval.chunk_size >= 1")
     from lineclip.artifacts import check_output_path
-    from lineclip.encoder import check_bundle, load_encoder, resolve_bundle
+    from lineclip.bundle import check_bundle, resolve_bundle
+    from lineclip.encoder import load_encoder
     from lineclip.manifest import read_manifest
 
     ref = resolve_bundle(cfg.run_dir)

@@ -18,9 +18,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from lineclip.artifacts import check_output_path
-from lineclip.cli import ModelArgs, UsageError, check_manifest_args, check_model_args, manifest_label, run_command
+from lineclip.cli import ModelArgs, UsageError, check_manifest_args, check_model_args, run_command
 from lineclip.config import conf_dir, register_configs
 from lineclip.corpus import INDEX_KINDS, IndexParams
+from lineclip.manifest import manifest_label
 
 
 @dataclass
@@ -50,8 +51,9 @@ def build(cfg: DictConfig) -> Path:
     if min(opts.nprobe, opts.hnsw_m, opts.ef_construction, opts.ef_search) < 1 or (
             opts.nlist is not None and opts.nlist < 1):
         raise UsageError("index.nlist, nprobe, hnsw_m, ef_construction and ef_search must be >= 1")
+    from lineclip.bundle import check_bundle, resolve_bundle
     from lineclip.corpus import write_corpus
-    from lineclip.encoder import check_bundle, load_encoder, resolve_bundle
+    from lineclip.encoder import load_encoder
     from lineclip.manifest import read_manifest
 
     ref = resolve_bundle(cfg.run_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -145,7 +146,7 @@ class ManifestReport:
 
     def summary(self, label: str | None = None) -> str:
         """One line such as ``train lines.jsonl: 748 of 750 rows used; skipped: image_not_found=1, ...``."""
-        name = label if label is not None else _display_name(self.manifest)
+        name = label if label is not None else display_name(self.manifest)
         text = f"{name}: {self.rows_used} of {self.rows_total} rows used"
         bad = [f"{reason}={self.skipped[reason]}" for reason in BAD_ROW_REASONS if self.skipped.get(reason)]
         if bad:
@@ -157,12 +158,27 @@ class ManifestError(ValueError):
     """A manifest that cannot be used; the message is one line naming the file (and line where it applies)."""
 
 
-def _display_name(manifest: str) -> str:
+def _split_of(path: Path) -> str | None:
     # OpenPecha layouts name every manifest `<split>/meta/lines.jsonl`; the split is what tells them apart.
+    return path.parent.parent.name if path.parent.name == "meta" and path.parent.parent.name else None
+
+
+def display_name(manifest: str | Path) -> str:
+    """How reports name a manifest: its file name, after its split for OpenPecha's `<split>/meta/lines.jsonl`."""
     path = Path(manifest)
-    if path.parent.name == "meta" and path.parent.parent.name:
-        return f"{path.parent.parent.name} {path.name}"
-    return path.name
+    split = _split_of(path)
+    return f"{split} {path.name}" if split else path.name
+
+
+def manifest_label(manifest: str | Path) -> str:
+    """A file-name-safe name for a manifest: its stem, or `<split>_<stem>` for OpenPecha's
+    `<root>/<split>/meta/lines.jsonl`, where every split's manifest is called `lines`."""
+    path = Path(os.path.abspath(os.path.expanduser(str(manifest))))
+    stem = path.name.split(".")[0] or path.stem
+    split = _split_of(path)
+    if split:
+        stem = f"{split}_{stem}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "manifest"
 
 
 def _candidate_dirs(manifest_path: Path, dataset_dir: Path | None) -> list[str]:

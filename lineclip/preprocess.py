@@ -22,7 +22,7 @@ from typing import BinaryIO
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 PIPELINES: tuple[str, ...] = ("none", "pb", "bdrc")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -54,6 +54,20 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+
+# What a broken image file raises in PIL: truncated data and bad headers (OSError, of which
+# UnidentifiedImageError is a subclass), nonsense sizes/modes (ValueError), absurd dimensions.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    UnidentifiedImageError,
+    ValueError,
+    Image.DecompressionBombError,
+)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 class NotARegularFile(OSError):
@@ -110,6 +124,19 @@ def image_size(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMA
         width, height = image.size
         _check_pixels(width, height, max_pixels, path)
         return (height, width) if exif_orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def header_size(item: str | os.PathLike | Image.Image,
+                max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int] | BaseException:
+    """`image_size` that never raises for a bad file: the (width, height) the model sees, or the exception that
+    refuses the image (FileNotFoundError, NotARegularFile, TooManyPixels, a broken header). A PIL image is
+    taken as given. Training (lineclip.batch) and inference (lineclip.encoder) both read headers here."""
+    if isinstance(item, Image.Image):
+        return item.size
+    try:
+        return image_size(item, max_pixels)  # the header only; pixels are decoded in the batch that needs them
+    except DECODE_ERRORS as exc:
+        return exc
 
 
 def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
@@ -245,18 +272,14 @@ class LineGeometry:
         if any(b < 1 for b in self.width_buckets):
             raise ValueError(f"width buckets must be positive, got {self.width_buckets}")
 
-    def _round_up(self, n: int) -> int:
-        p = self.patch_multiple
-        return -(-n // p) * p
-
     def bucket_width(self, content_width: int) -> int:
         """Smallest bucket (rounded up to the patch) that holds ``content_width``; wider content is rounded
         up to a multiple of the patch."""
         for bucket in self.width_buckets:
-            rounded = self._round_up(bucket)
+            rounded = round_up(bucket, self.patch_multiple)
             if rounded >= content_width:
                 return rounded
-        return self._round_up(max(1, content_width))
+        return round_up(max(1, content_width), self.patch_multiple)
 
     def content_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of the resized content: height ``target_height`` keeping aspect, unless that makes

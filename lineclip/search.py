@@ -99,9 +99,8 @@ def texts_for_embedding(corpus: Corpus, encoder: LineEncoder, query: np.ndarray,
 
 
 def load_query_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    from lineclip.batch import _DECODE_ERRORS
     from lineclip.encoder import ImageReadError
-    from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, load_image
+    from lineclip.preprocess import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, load_image
 
     max_pixels = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
 
@@ -112,7 +111,7 @@ def load_query_image(path: str | Path, max_pixels: int | None = None) -> Image.I
     try:
         # decode now (a truncated file opens fine and fails only on its pixels), turned as training turns lines
         image = load_image(path, max_pixels)
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise ImageReadError(f"query_image={path} cannot be read as an image: {type(exc).__name__}: {exc}") from None
     return image
 
@@ -139,14 +138,13 @@ def _thumbnail_src(path: str, opts: Any) -> str | None:
     only, the pixel limit, EXIF orientation), high bit depths scaled, alpha flattened onto white."""
     from PIL import Image
 
-    from lineclip.batch import _DECODE_ERRORS
-    from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, _rgb_array, load_image
+    from lineclip.preprocess import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, _rgb_array, load_image
 
     if not opts.thumbnails:
         return Path(path).absolute().as_uri() if Path(path).is_file() else None
     try:
         thumb = Image.fromarray(_rgb_array(load_image(path, DEFAULT_MAX_IMAGE_PIXELS)))
-    except (*_DECODE_ERRORS, FileNotFoundError):
+    except (*DECODE_ERRORS, FileNotFoundError):
         return None
     thumb.thumbnail((opts.thumb_width, opts.thumb_height))
     buffer = io.BytesIO()
@@ -230,8 +228,9 @@ def search(cfg: DictConfig) -> dict[str, Any]:
         raise UsageError('give exactly one of query="..." (text -> lines) or query_image=path (line -> texts)')
     if cfg.top_k < 1 or cfg.text_batch_size < 1 or cfg.search.thumb_height < 1 or cfg.search.thumb_width < 1:
         raise UsageError("top_k, text_batch_size, search.thumb_height and search.thumb_width must be >= 1")
+    from lineclip.bundle import check_bundle, resolve_bundle
     from lineclip.corpus import Corpus
-    from lineclip.encoder import check_bundle, load_encoder, resolve_bundle
+    from lineclip.encoder import load_encoder
     from lineclip.manifest import normalize_text
 
     ref = resolve_bundle(cfg.run_dir)
@@ -256,9 +255,9 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     if query_text is not None:
         n_bytes = len(query_text.encode("utf-8"))
         if n_bytes + 1 > encoder.text_max_length:
-            from lineclip.batch import _cut_at_char_boundary
+            from lineclip.batch import cut_at_char_boundary
 
-            kept = _cut_at_char_boundary(query_text.encode("utf-8"), encoder.text_max_length - 1)
+            kept = cut_at_char_boundary(query_text.encode("utf-8"), encoder.text_max_length - 1)
             query["truncated_to"] = kept
             log.warning("query is %d bytes, longer than the model's text_max_length=%d (with </s>): only its first "
                         "%d bytes are encoded", n_bytes, encoder.text_max_length, kept)

@@ -21,7 +21,6 @@ import gzip
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import sys
@@ -44,6 +43,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
 
 from lineclip.config import conf_dir, register_configs
+from lineclip.files import usable_cpus
 from lineclip.manifest import normalize_text
 
 log = logging.getLogger("lineclip.synth")
@@ -515,11 +515,6 @@ def _split_pages(corpus: Sequence[CorpusLine], seed: int, eval_fraction: float) 
     return {split: [pool[i] for i in rng.permutation(len(pool))] for split, pool in pools.items()}
 
 
-def _usable_cpus() -> int:
-    # The CPUs this process may run on (a container's or taskset's share), not all the machine has.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, size):
         yield start, min(n, start + size)
@@ -562,7 +557,7 @@ def generate(cfg: SynthConfig | DictConfig) -> SynthReport:
 
     job = _Job(cfg, corpus, fonts, out_dir, counts["train"], _split_pages(corpus, cfg.seed, cfg.eval_fraction))
     chunks = list(_chunks(cfg.n_lines, cfg.chunk_size))
-    workers = min(cfg.workers or _usable_cpus(), len(chunks))
+    workers = min(cfg.workers or usable_cpus(), len(chunks))
     start = time.perf_counter()
     with ExitStack() as stack:
         handles = {split: stack.enter_context(manifest.open("w", encoding="utf-8"))

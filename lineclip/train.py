@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from lineclip.config import ConfigError, conf_dir, register_configs
+from lineclip.config import conf_dir, register_configs
 
 register_configs()
-log = logging.getLogger("lineclip")
 
 
 def run(cfg: DictConfig) -> float:
     """Train; bad input, a refused checkpoint or an I/O error (read-only or full disk) ends the process with one
-    error line and exit status 2, not a traceback."""
-    from lineclip.artifacts import OutputPathError
-    from lineclip.checkpoint import CheckpointError, ResumeError
-    from lineclip.encoder import BundleError
-    from lineclip.manifest import ManifestError
-    from lineclip.trainer import TrainingDiverged, train
+    error line and exit status 2, not a traceback (lineclip.cli.run_command, as for every command)."""
+    from lineclip.cli import run_command
+    from lineclip.trainer import train
 
-    try:
-        result = train(cfg)
-        return result.objective
-    except (ConfigError, ManifestError, ResumeError, CheckpointError, BundleError, OutputPathError,
-            TrainingDiverged) as err:
-        log.error("%s", " ".join(str(err).split()))
-        sys.exit(2)
-    except OSError as err:  # the environment (disk full, read-only), not a bug; staging dirs are already removed
-        log.error("%s", " ".join(f"{type(err).__name__}: {err}".split()))
-        sys.exit(2)
+    return run_command(lambda c: train(c).objective, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")

@@ -28,3 +28,11 @@ def tiny_dataset(tmp_path_factory):
             rows[1]["text"] = rows[0]["text"]
         (root / split / "meta" / "lines.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
     return root
+
+
+@pytest.fixture
+def compose_cfg():
+    """`compose_cfg(*overrides, config_name="train")`: a config composed from conf/ as Hydra's command line does."""
+    from usage_support import compose_cfg
+
+    return compose_cfg

@@ -20,8 +20,8 @@ from lineclip.batch import (
     LineCollator,
     LineDataset,
     TrainTexts,
+    byte_encode,
     count_truncated,
-    encode_texts,
     group_keys,
     text_lengths,
     text_padding_fraction,
@@ -61,7 +61,7 @@ def test_encode_texts_matches_byt5_tokenizer() -> None:
     transformers = pytest.importorskip("transformers")
     tokenizer = transformers.ByT5Tokenizer()  # byte-level: needs no vocabulary files
     expected = tokenizer(TEXTS, padding=True)
-    input_ids, attention_mask, n_truncated = encode_texts(TEXTS, max_length=1024)
+    input_ids, attention_mask, n_truncated = byte_encode(TEXTS, max_length=1024)
     longest = len(expected["input_ids"][0])
     assert n_truncated == 0
     assert input_ids.dtype == attention_mask.dtype == torch.long
@@ -73,13 +73,13 @@ def test_encode_texts_matches_byt5_tokenizer() -> None:
 
 
 def test_encode_texts_layout() -> None:
-    input_ids, attention_mask, _ = encode_texts(["ཀ", "ab"], max_length=64, pad_to_multiple=8)
+    input_ids, attention_mask, _ = byte_encode(["ཀ", "ab"], max_length=64, pad_to_multiple=8)
     assert input_ids.tolist() == [
         [0xE0 + BYTE_OFFSET, 0xBD + BYTE_OFFSET, 0x80 + BYTE_OFFSET, EOS_ID, 0, 0, 0, 0],
         [ord("a") + BYTE_OFFSET, ord("b") + BYTE_OFFSET, EOS_ID, 0, 0, 0, 0, 0],
     ]
     assert attention_mask.sum(1).tolist() == [4, 3]
-    ids, _, _ = encode_texts(["ab"], max_length=64, pad_to_multiple=1)
+    ids, _, _ = byte_encode(["ab"], max_length=64, pad_to_multiple=1)
     assert ids.shape == (1, 3)
 
 
@@ -93,7 +93,7 @@ def decode_row(ids: torch.Tensor) -> tuple[str, int]:
 @pytest.mark.parametrize("max_length", range(1, 24))
 def test_truncation_backs_up_to_a_character_boundary(max_length: int) -> None:
     texts = [TIB_1, "ab" + TIB_2, "x" + TIB_3, "𝄞𝄞𝄞𝄞𝄞𝄞", "ok"]  # 3-byte Tibetan, 4-byte music symbols
-    input_ids, attention_mask, n_truncated = encode_texts(texts, max_length=max_length)
+    input_ids, attention_mask, n_truncated = byte_encode(texts, max_length=max_length)
     assert n_truncated == count_truncated(texts, max_length)
     assert n_truncated == sum(len(t.encode()) + 1 > max_length for t in texts)
     assert input_ids.shape[1] <= -(-max_length // 8) * 8
@@ -111,7 +111,7 @@ def test_truncation_backs_up_to_a_character_boundary(max_length: int) -> None:
 def test_truncation_count_and_exact_fit() -> None:
     fits = "ཀ" * 21  # 63 bytes + EOS = 64 ids
     over = "ཀ" * 22
-    input_ids, attention_mask, n_truncated = encode_texts([fits, over, TIB_2], max_length=64)
+    input_ids, attention_mask, n_truncated = byte_encode([fits, over, TIB_2], max_length=64)
     assert n_truncated == 2
     assert input_ids.shape == (3, 64)
     assert decode_row(input_ids[0]) == (fits, 63)
@@ -120,21 +120,21 @@ def test_truncation_count_and_exact_fit() -> None:
     # TIB_2 mixes 3-byte letters and 1-byte spaces: the cut lands 0-2 bytes short of the budget.
     assert TIB_2.startswith(text) and 61 <= eos <= 63 and attention_mask[2].sum() == eos + 1
     # max_length 62 leaves 61 bytes: 20 whole characters, never 20 and a third.
-    input_ids, _, n_truncated = encode_texts([over], max_length=62)
+    input_ids, _, n_truncated = byte_encode([over], max_length=62)
     assert n_truncated == 1 and decode_row(input_ids[0]) == ("ཀ" * 20, 60)
     assert input_ids.shape == (1, 64)  # longest row 61 rounded up to 8, <= 62 rounded up
     assert count_truncated([fits, over, "", TIB_1], 64) == 2
 
 
 def test_encode_texts_edge_cases() -> None:
-    input_ids, attention_mask, n = encode_texts([], max_length=16)
+    input_ids, attention_mask, n = byte_encode([], max_length=16)
     assert input_ids.shape == attention_mask.shape == (0, 0) and n == 0
-    input_ids, attention_mask, n = encode_texts([""], max_length=16)
+    input_ids, attention_mask, n = byte_encode([""], max_length=16)
     assert input_ids.tolist() == [[EOS_ID] + [PAD_ID] * 7] and attention_mask.sum() == 1 and n == 0
     with pytest.raises(ValueError):
-        encode_texts(["a"], max_length=0)
+        byte_encode(["a"], max_length=0)
     with pytest.raises(ValueError):
-        encode_texts(["a"], max_length=8, pad_to_multiple=0)
+        byte_encode(["a"], max_length=8, pad_to_multiple=0)
 
 
 # --- dataset with corrupt files ------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_text_lengths_are_what_encode_texts_gives() -> None:
     texts = random_texts(200) + ["", "a", "ཀ" * 200]
     for max_length in (1, 7, 64, 512):
         lengths = text_lengths(texts, max_length)
-        _, attention_mask, _ = encode_texts(texts, max_length)
+        _, attention_mask, _ = byte_encode(texts, max_length)
         assert lengths.dtype == np.int64 and lengths.tolist() == attention_mask.sum(1).tolist()
         assert lengths.max() <= max_length
     with pytest.raises(ValueError):
@@ -409,7 +409,7 @@ def test_padding_fraction_matches_the_encoded_batches(max_length: int, pad_to_mu
         batches = list(BucketBatchSampler(buckets, 32, shuffle=True, seed=0, lengths=sampler_lengths))
         padded = total = 0
         for batch in batches:  # independent count: what the collator would really build
-            _, attention_mask, _ = encode_texts([texts[i] for i in batch], max_length, pad_to_multiple)
+            _, attention_mask, _ = byte_encode([texts[i] for i in batch], max_length, pad_to_multiple)
             padded += int((attention_mask == 0).sum())
             total += attention_mask.numel()
         assert text_padding_fraction(batches, lengths, pad_to_multiple) == pytest.approx(padded / total)
@@ -564,9 +564,9 @@ def test_train_texts_encode_replaces_the_text_side() -> None:
     lines = ["ཀ་ཁ་ག་ང", "ཅ་ཆ"]
     texts = TrainTexts(lines, p=1.0, min_syllables=2, max_syllables=2, seed=0)
     batch = {"indices": torch.tensor([0, 1]), **dict(zip(("input_ids", "attention_mask"),
-                                                         encode_texts(lines, 64)[:2], strict=True))}
+                                                         byte_encode(lines, 64)[:2], strict=True))}
     out = texts.encode(batch, 64)
-    ids, mask, _ = encode_texts([texts.text(0), texts.text(1)], 64)
+    ids, mask, _ = byte_encode([texts.text(0), texts.text(1)], 64)
     assert torch.equal(out["input_ids"], ids) and torch.equal(out["attention_mask"], mask)
     assert texts.text(1) == "ཅ་ཆ" and texts.text(0) in ("ཀ་ཁ", "ཁ་ག", "ག་ང")
     assert TrainTexts(lines).encode(batch, 64) is batch

@@ -16,10 +16,11 @@ from hydra import compose, initialize_config_dir
 
 from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset
 from lineclip.config import asset_dir, conf_dir, register_configs
+from lineclip.data import text_ids_of
 from lineclip.loss import contrastive_loss
 from lineclip.manifest import read_manifest
 from lineclip.preprocess import LineGeometry, LineImageTransform
-from lineclip.trainer import build_model, grad_cache_step, text_ids_of
+from lineclip.trainer import build_model, grad_cache_step
 
 pytestmark = pytest.mark.distributed
 CHECKS = Path(__file__).parent / "distributed" / "checks.py"

@@ -18,8 +18,9 @@ from torch import nn
 from usage_support import overfit_run
 
 from lineclip import artifacts
+from lineclip.bundle import BundleError, BundleRef, check_bundle, resolve_bundle
 from lineclip.config import asset_dir
-from lineclip.encoder import BundleError, BundleRef, ImageReadError, check_bundle, resolve_bundle
+from lineclip.encoder import ImageReadError
 
 CKPT = "checkpoint_step_0000030_"
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from usage_support import compose_config, overfit_run, run_cli, run_in_process, snapshot
 
-from lineclip.cli import manifest_label
 from lineclip.evaluate import chance_level
+from lineclip.manifest import manifest_label
 
 
 def _random_ranking_expectation(ids, ks, strict):

@@ -34,8 +34,9 @@ import torch
 from PIL import Image
 from usage_support import TRAIN_OVERRIDES, overfit_run
 
-from lineclip import artifacts
-from lineclip.checkpoint import TRAINING_STATE, checkpoint_steps
+from lineclip import artifacts, bundle
+from lineclip.bundle import TRAINING_STATE
+from lineclip.checkpoint import checkpoint_steps
 
 CKPT = "checkpoint_step_0000030_"
 STATE_FILES = ("model.safetensors", "optimizer.pt", "rng_state_0.pt", "scheduler.json", "trainer_state.json")
@@ -371,7 +372,7 @@ def test_search_refuses_a_corpus_embedded_by_another_model(trained, tmp_path):
     line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
     assert "embedded by another model" in line and tree(copy) == before
     recorded = json.loads((run / artifacts.CONFIG).read_text())["corpus"]
-    assert recorded["n_lines"] == 8 and recorded["fingerprint"] == artifacts.heads_fingerprint(run)
+    assert recorded["n_lines"] == 8 and recorded["fingerprint"] == bundle.heads_fingerprint(run)
 
 
 def test_a_run_trained_without_export_has_no_corpus(trained, tmp_path):

@@ -4,10 +4,10 @@ without gradient caching (one process; tests/test_distributed.py covers gatherin
 import pytest
 import torch
 from accelerate import Accelerator
-from hydra import compose, initialize_config_dir
+from usage_support import compose_cfg
 
 from lineclip.batch import LineCollator, LineDataset, TrainTexts
-from lineclip.config import asset_dir, conf_dir, register_configs
+from lineclip.config import asset_dir, register_configs
 from lineclip.loss import contrastive_loss, sigmoid_loss
 from lineclip.manifest import read_manifest
 from lineclip.preprocess import LineGeometry, LineImageTransform
@@ -17,8 +17,7 @@ register_configs()
 
 
 def _setup(loss: str, n_micro: int = 3, per: int = 4):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"loss={loss}"])
+    cfg = compose_cfg(f"loss={loss}")
     torch.manual_seed(0)
     model, _, _ = build_model(cfg)
     model.eval()  # no dropout: both computations see the same function
@@ -78,8 +77,6 @@ def test_group_batches_by_a_field_no_line_has_is_a_config_error(tmp_path):
     from lineclip.config import ConfigError
     from lineclip.trainer import train
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"output_dir={tmp_path}", "logger=none", "data.num_workers=0",
-                                                      "data.group_batches_by=shelf_mark"])
+    cfg = compose_cfg(f"output_dir={tmp_path}", "logger=none", "data.num_workers=0", "data.group_batches_by=shelf_mark")
     with pytest.raises(ConfigError, match="data.group_batches_by=shelf_mark"):
         train(cfg)

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
+from usage_support import compose_cfg
 
 from lineclip import artifacts
 from lineclip.batch import LineDataset
-from lineclip.config import ConfigError, conf_dir, register_configs
+from lineclip.config import ConfigError, register_configs
 from lineclip.manifest import LineRecord
 from lineclip.preprocess import LineGeometry, LineImageTransform
 
@@ -35,8 +35,7 @@ def test_crop_to_text_cuts_the_image_to_the_kept_share(tmp_path):
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose_cfg(*overrides)
 
 
 @pytest.mark.slow

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from usage_support import compose_cfg
 
-from lineclip import artifacts
-from lineclip.checkpoint import TRAINING_STATE, checkpoint_steps, resolve_resume
-from lineclip.config import conf_dir, register_configs
+from lineclip import bundle
+from lineclip.bundle import TRAINING_STATE
+from lineclip.checkpoint import checkpoint_steps, resolve_resume
+from lineclip.config import register_configs
 from lineclip.manifest import ManifestError
 
 register_configs()
@@ -135,8 +136,7 @@ def test_sigterm_to_the_cli_exits_zero_after_a_checkpoint(tmp_path, tiny_dataset
 
 
 def _cfg(out: Path, dataset: Path, *extra: str):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=[*data_args(dataset), *RUN, f"output_dir={out}", *extra])
+    return compose_cfg(*data_args(dataset), *RUN, f"output_dir={out}", *extra)
 
 
 @pytest.mark.slow
@@ -162,7 +162,7 @@ def test_crash_inside_a_save_leaves_latest_at_the_previous_checkpoint(tmp_path, 
     result = train(_cfg(out, tiny_dataset, "trainer.resume=latest", "trainer.keep_last_checkpoints=2"))
     assert result.schedule["total_steps"] == 16 and not result.interrupted
     assert checkpoint_steps(out) == [8, 12]  # rotated; the final artifacts stay
-    assert artifacts.is_complete_bundle(out, "") and not list(out.glob("checkpoint_step_0000004_*"))
+    assert bundle.is_complete_bundle(out, "") and not list(out.glob("checkpoint_step_0000004_*"))
 
 
 @pytest.mark.slow

@@ -1,14 +1,12 @@
 """Towers build offline, round-trip through save_pretrained/from_pretrained (the hub path with a local dir),
-and the optimizer groups and schedule are what the trainer promises."""
-
-import math
+the heads keep the Workbench format. (Optimizer groups and schedule: test_trainer.py.)"""
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from transformers import ByT5Tokenizer, Dinov2Config, Dinov2Model, T5Config, T5EncoderModel
+from usage_support import compose_cfg
 
-from lineclip.config import conf_dir, register_configs
+from lineclip.config import register_configs
 from lineclip.reading import VOCAB_SIZE
 from lineclip.towers import (
     DualEncoder,
@@ -20,7 +18,7 @@ from lineclip.towers import (
     head_hidden_dim,
     masked_mean,
 )
-from lineclip.trainer import build_model, lr_lambda, param_groups
+from lineclip.trainer import build_model
 
 register_configs()
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14)
@@ -28,8 +26,7 @@ TINY_T5 = dict(vocab_size=384, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_lay
 
 
 def _cfg(overrides=()):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose_cfg(*overrides)
 
 
 def test_pretrained_path_loads_a_local_save_pretrained_dir(tmp_path):
@@ -105,31 +102,3 @@ def test_reading_heads_exist_in_training_only_and_read_the_columns():
 def test_masked_mean_ignores_padding():
     hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
     assert masked_mean(hidden, torch.tensor([[1, 1, 0]])).item() == 2.0
-
-
-def test_param_groups_decay_and_multipliers():
-    cfg = _cfg(["model.backbone_lr_multiplier=0.1", "text.head_lr_multiplier=3", "optim.lr=1e-3",
-                "loss.reading_weight=1", "loss.bag_weight=1", "loss.logit_scale_lr_multiplier=20"])
-    model, _, _ = build_model(cfg)
-    groups = param_groups(model, cfg)
-    by_param = {id(p): g for g in groups for p in g["params"]}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            assert id(p) not in by_param
-            continue
-        g = by_param[id(p)]
-        no_decay = p.ndim < 2 or name == "logit_scale"
-        assert (g["weight_decay"] == 0.0) == no_decay, name
-        expected = 1e-3 * (0.1 if name.startswith("image_backbone.") else 3 if name.startswith("text_head.")
-                           else 20 if name == "logit_scale" else 1)
-        assert g["lr"] == pytest.approx(expected), name
-    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
-
-
-def test_warmup_then_cosine():
-    f = lr_lambda(warmup=10, total=110, schedule="cosine", min_ratio=0.0)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert f(110) == pytest.approx(0.0, abs=1e-12)
-    lin = lr_lambda(warmup=0 or 1, total=101, schedule="linear", min_ratio=0.1)
-    assert lin(51) == pytest.approx(0.1 + 0.9 * 0.5)

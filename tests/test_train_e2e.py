@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from lineclip import artifacts
+from lineclip import bundle
 
 pytestmark = pytest.mark.slow
 SPEC_BUNDLE = [
@@ -127,7 +127,7 @@ def _workbench_head(path):
 
 @torch.inference_mode()
 def test_bundle_reloads_like_the_workbench_and_reproduces_embeddings(trained_run):
-    from lineclip.batch import encode_texts
+    from lineclip.batch import byte_encode
     from lineclip.preprocess import LineGeometry, LineImageTransform
     from lineclip.towers import masked_mean
 
@@ -162,7 +162,7 @@ def test_bundle_reloads_like_the_workbench_and_reproduces_embeddings(trained_run
 
     ours_encoder = build_text_encoder(str(trained_run / "text_hierarchy_clip_text_encoder"), {}).eval()
     ours_head = ProjectionHead.load(trained_run / "text_hierarchy_clip_text_projection_head.pt").eval()
-    ids, mask, _ = encode_texts(texts, cfg["text_max_length"])
+    ids, mask, _ = byte_encode(texts, cfg["text_max_length"])
     ours = F.normalize(ours_head(masked_mean(ours_encoder(input_ids=ids, attention_mask=mask).last_hidden_state,
                                              mask)), dim=-1)
     short = [i for i, t in enumerate(texts) if len(t.encode()) + 1 <= cfg["text_max_length"]]
@@ -230,7 +230,7 @@ def test_multirun_four_jobs_each_complete(tmp_path, tiny_dataset):
     assert len(jobs) == 4
     seen = set()
     for job in jobs:
-        assert artifacts.is_complete_bundle(job, "") and (job / "faiss_embeddings.npy").exists()
+        assert bundle.is_complete_bundle(job, "") and (job / "faiss_embeddings.npy").exists()
         assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # one W&B run per job, under its dir
         cfg = json.loads((job / "training_config.json").read_text())["config"]
         seen.add((cfg["optim"]["lr"], cfg["data"]["batch_size"]))

@@ -98,14 +98,21 @@ def run_cli(module: str, *args: str, cwd: Path | None = None) -> subprocess.Comp
                           text=True, timeout=300, cwd=cwd)
 
 
-def compose_config(config_name: str, overrides: list[str]) -> Any:
-    """A command's config, composed from conf/ with overrides as Hydra's command line does."""
+def compose_cfg(*overrides: str, config_name: str = "train") -> Any:
+    """A config of conf/ (training's by default), composed with overrides as Hydra's command line does: the one
+    place tests compose a config (also the `compose_cfg` fixture of conftest.py)."""
     from hydra import compose, initialize_config_dir
 
-    from lineclip.config import conf_dir
+    from lineclip.config import conf_dir, register_configs
 
+    register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name=config_name, overrides=[*overrides, "progress=false"])
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def compose_config(config_name: str, overrides: list[str]) -> Any:
+    """A command's config, composed from conf/ with overrides as Hydra's command line does."""
+    return compose_cfg(*overrides, "progress=false", config_name=config_name)
 
 
 def run_in_process(fn: Callable[[Any], Any], config_name: str, overrides: list[str]) -> tuple[int, str]:

@@ -16,11 +16,12 @@ from hydra import compose, initialize_config_dir
 
 from lineclip.batch import LineCollator, LineDataset
 from lineclip.config import asset_dir, conf_dir, register_configs
+from lineclip.data import text_ids_of
 from lineclip.loss import contrastive_loss, sigmoid_loss
 from lineclip.manifest import read_manifest
 from lineclip.metrics import retrieval_metrics
 from lineclip.preprocess import LineGeometry, LineImageTransform
-from lineclip.trainer import build_model, grad_cache_step, text_ids_of, train
+from lineclip.trainer import build_model, grad_cache_step, train
 
 register_configs()
 

@@ -1,0 +1,313 @@
+"""The bundle, in one place: its names, finding one, checking it, writing it and loading it.
+
+A bundle is five entries sharing one prefix (`""` for the final model, `checkpoint_step_0002400_` for a
+checkpoint): the image backbone (with its image processor), the image head, the text encoder (with its
+tokenizer), the text head and `training_config.json` (preprocessing, the logit scale, the resolved config).
+Every entry is first written into a staging dir and renamed into place, with `training_config.json` last: a
+bundle whose config file exists is complete, even if the process was killed in the middle of a save.
+
+`resolve_bundle` turns a run dir, a prefix or any entry into a `BundleRef`; `check_bundle` reads its config;
+`load_towers` / `load_heads` (training's `model.init_from`) and `load_model` (`LineEncoder`) read its weights
+without running code from it; `save_bundle` writes one; `checkpoint_prefix` / `checkpoint_step` are the one
+writer and the one parser of a checkpoint's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging as hf_logging
+
+from lineclip.files import as_write_error, first_line, first_non_regular, remove_staging
+from lineclip.towers import DualEncoder, ProjectionHead, build_image_backbone, build_text_encoder
+
+BACKBONE = "text_hierarchy_vit_backbone"
+IMAGE_HEAD = "text_hierarchy_projection_head.pt"
+TEXT_ENCODER = "text_hierarchy_clip_text_encoder"
+TEXT_HEAD = "text_hierarchy_clip_text_projection_head.pt"
+CONFIG = "training_config.json"
+BUNDLE_ENTRIES = (BACKBONE, IMAGE_HEAD, TEXT_ENCODER, TEXT_HEAD, CONFIG)
+TRAINING_STATE = "training_state"  # a checkpoint's sixth entry (lineclip.checkpoint); never read by a bundle load
+# The one spelling of a checkpoint's prefix; `checkpoint_prefix` writes it, `checkpoint_step` parses it.
+PREFIX_PATTERN = r"checkpoint_step_\d{7}_"
+_PREFIX = re.compile(r"checkpoint_step_(\d{7})_")
+REQUIRED_KEYS = ("target_height", "max_width", "width_buckets", "patch_multiple", "image_preprocess_pipeline")
+
+
+def checkpoint_prefix(step: int) -> str:
+    return f"checkpoint_step_{step:07d}_"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of the checkpoint whose prefix `name` starts with (`checkpoint_step_0002400_...` -> 2400)."""
+    match = _PREFIX.match(name)
+    return int(match[1]) if match else None
+
+
+class BundleError(ValueError):
+    """A run dir or bundle that cannot be loaded; the message is one line naming the path."""
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """Where a bundle lives: its folder and the prefix its five entries share (``""`` for the final one)."""
+
+    directory: Path
+    prefix: str
+
+    def path(self, entry: str) -> Path:
+        return self.directory / f"{self.prefix}{entry}"
+
+    @property
+    def label(self) -> str:
+        return str(self.directory / self.prefix) if self.prefix else str(self.directory)
+
+
+# ------------------------------------------------------------------------------------ finding, checking
+
+
+def is_complete_bundle(output_dir: str | Path, prefix: str) -> bool:
+    return all((Path(output_dir) / f"{prefix}{entry}").exists() for entry in BUNDLE_ENTRIES)
+
+
+def bundle_prefixes(directory: str | Path) -> list[str]:
+    """Prefixes of the complete bundles in a folder (``""`` first, then checkpoints in step order)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [n[: -len(CONFIG)] for n in os.listdir(directory) if n.endswith(CONFIG)]
+    return sorted((p for p in found if is_complete_bundle(directory, p)), key=lambda p: (p != "", p))
+
+
+def resolve_bundle(path: str | Path) -> BundleRef:
+    """Turn a run dir, a bundle prefix or one file of a bundle into a ``BundleRef`` (not yet checked)."""
+    p = Path(os.path.expanduser(str(path))).absolute()
+    if p.is_dir() and (p / CONFIG).exists():
+        return BundleRef(p, "")  # a run dir with its final bundle
+    # An entry name is matched longest first so that no shorter entry name wins on a common suffix.
+    for entry in sorted(BUNDLE_ENTRIES, key=len, reverse=True):
+        if p.name.endswith(entry):
+            return BundleRef(p.parent, p.name[: -len(entry)])
+    for prefix in bundle_prefixes(p.parent):
+        if prefix and p.name.startswith(prefix):  # something else of a checkpoint, e.g. its training_state/
+            return BundleRef(p.parent, prefix)
+    if p.is_dir():
+        return BundleRef(p, "")  # a run dir without a final bundle: check_bundle lists its checkpoints
+    prefix = p.name
+    if _PREFIX.fullmatch(f"{prefix}_"):
+        prefix += "_"  # `checkpoint_step_0000002` names the bundle as well as its prefix does
+    return BundleRef(p.parent, prefix)
+
+
+def check_bundle(ref: BundleRef) -> dict[str, Any]:
+    """Raise BundleError (one line) unless all five entries exist under one prefix; return the training config."""
+    if not ref.directory.is_dir():
+        raise BundleError(f"run dir {ref.directory} does not exist")
+    missing = [entry for entry in BUNDLE_ENTRIES if not ref.path(entry).exists()]
+    if missing:
+        names = os.listdir(ref.directory)
+        elsewhere = sorted(n for n in names for e in missing if n.endswith(e) and n != f"{ref.prefix}{e}")
+        complete = bundle_prefixes(ref.directory)
+        if len(missing) == len(BUNDLE_ENTRIES) and ref.prefix and not any(n.startswith(ref.prefix) for n in names):
+            msg = f"{ref.label} does not exist (neither a run dir nor a bundle prefix)"
+        elif len(missing) == len(BUNDLE_ENTRIES):
+            msg = f"no lineclip bundle at {ref.label}"
+            if complete:
+                msg += "; bundles there: " + ", ".join(repr(p) if p else "'' (final)" for p in complete)
+                if "" not in complete:
+                    msg += f" (pass e.g. {ref.directory / complete[-1]})"
+        else:
+            msg = f"incomplete bundle at {ref.label}: missing {', '.join(missing)}"
+            if elsewhere:
+                shown = ", ".join(elsewhere[:3]) + (f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else "")
+                msg += f"; found {shown} instead (every file of one bundle must share one prefix: '{ref.prefix}')"
+        if any(n.startswith(".staging_") for n in names):
+            msg += "; a .staging_* folder is there: training may still be running or was interrupted"
+        raise BundleError(msg)
+    odd = first_non_regular([ref.path(entry) for entry in BUNDLE_ENTRIES])
+    if odd is not None:
+        raise BundleError(f"bundle {ref.label}: {odd} is not a regular file (a FIFO or a device?); refusing to read it")
+    config_path = ref.path(CONFIG)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {config_path}: {exc}") from None
+    if not isinstance(config, dict) or config.get("mode") != "line_clip":
+        raise BundleError(f"{config_path} is not a line_clip training config (mode={config.get('mode')!r})"
+                          if isinstance(config, dict) else f"{config_path} does not hold a JSON object")
+    absent = [key for key in REQUIRED_KEYS if key not in config]
+    if absent:
+        raise BundleError(f"{config_path} lacks {', '.join(absent)}")
+    return config
+
+
+def heads_fingerprint(directory: str | Path, prefix: str = "") -> str:
+    """A short hash of a bundle's two projection heads: they change at every training step, so two bundles with
+    equal heads embed alike. Corpora record it so that a search never mixes embeddings of two models."""
+    digest = hashlib.sha256()
+    for entry in (IMAGE_HEAD, TEXT_HEAD):
+        digest.update((Path(directory) / f"{prefix}{entry}").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(ref: BundleRef) -> str:
+    """`heads_fingerprint` of the bundle at `ref`."""
+    return heads_fingerprint(ref.directory, ref.prefix)
+
+
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """No transformers progress bars inside (a shard bar per save breaks the training bar; a "Loading weights"
+    bar per tower is noise in a CLI's output); restored as they were."""
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_towers(ref: BundleRef, image_config: dict[str, Any] | None = None, text_config: dict[str, Any] | None = None,
+                trust_remote_code: bool = False, attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """The image backbone and text encoder of a checked bundle (safetensors; no code of the bundle runs unless
+    `trust_remote_code`). BundleError names the entry that failed."""
+    what = BACKBONE
+    try:
+        with quiet_hf_progress():
+            backbone = build_image_backbone(str(ref.path(what)), dict(image_config or {}), trust_remote_code,
+                                            attn_implementation)
+            what = TEXT_ENCODER
+            text_encoder = build_text_encoder(str(ref.path(what)), dict(text_config or {}), trust_remote_code,
+                                              attn_implementation)
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises (safetensors, JSON, OSError, ...)
+        raise BundleError(f"cannot load {ref.path(what)}: {first_line(exc)}") from None
+    return backbone, text_encoder
+
+
+def load_heads(ref: BundleRef) -> tuple[ProjectionHead, ProjectionHead]:
+    """The image and text projection heads (weights_only=True: a head that would need code to unpickle is
+    refused, in one line)."""
+    heads = []
+    for entry in (IMAGE_HEAD, TEXT_HEAD):
+        try:
+            heads.append(ProjectionHead.load(ref.path(entry)))
+        except Exception as exc:  # noqa: BLE001 - UnpicklingError, KeyError, RuntimeError, OSError ...
+            raise BundleError(f"cannot load {ref.path(entry)}: {first_line(exc)}") from None
+    return heads[0], heads[1]
+
+
+def load_model(ref: BundleRef, patch_multiple: int) -> DualEncoder:
+    """The bundle's towers and heads as one inference DualEncoder, checked to fit together and the config's
+    `patch_multiple`."""
+    backbone, text_encoder = load_towers(ref)
+    image_head, text_head = load_heads(ref)
+    if image_head.input_dim != backbone.config.hidden_size or text_head.input_dim != text_encoder.config.d_model:
+        raise BundleError(f"bundle {ref.label}: a projection head does not fit its tower (image head in "
+                          f"{image_head.input_dim} vs backbone {backbone.config.hidden_size}, text head in "
+                          f"{text_head.input_dim} vs encoder {text_encoder.config.d_model})")
+    if image_head.output_dim != text_head.output_dim:
+        raise BundleError(f"bundle {ref.label}: image head gives {image_head.output_dim} dims, text head "
+                          f"{text_head.output_dim}")
+    if backbone.config.patch_size != patch_multiple:
+        raise BundleError(f"bundle {ref.label}: patch_multiple={patch_multiple} in training_config.json "
+                          f"but the backbone's patch is {backbone.config.patch_size}")
+    model = DualEncoder(backbone, text_encoder, projection_dim=image_head.output_dim)
+    model.image_head, model.text_head = image_head, text_head
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def workbench_keys(cfg: Any) -> dict[str, Any]:
+    """The keys the PechaBridge Workbench reads to find a bundle and rebuild its preprocessing."""
+    pre = cfg.preprocess
+    return {
+        "mode": "line_clip",
+        "target_height": int(pre.target_height),
+        "max_width": int(pre.max_width),
+        "patch_multiple": int(pre.patch_multiple),
+        "width_buckets": [int(b) for b in pre.width_buckets],
+        "image_preprocess_pipeline": str(pre.pipeline),
+        "image_preprocess_pb": pre.pipeline == "pb",
+        "image_preprocess_bdrc": pre.pipeline == "bdrc",
+        "text_max_length": int(cfg.text.max_length),
+        "projection_dim": int(cfg.model.projection_dim),
+    }
+
+
+def staging_dir(output_dir: str | Path, prefix: str, reset: bool = False) -> Path:
+    """Where a bundle is assembled before its entries are renamed into place."""
+    staging = Path(output_dir) / f".staging_{prefix or 'final'}"
+    if reset:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    return staging
+
+
+def save_bundle(
+    output_dir: str | Path,
+    prefix: str,
+    model: DualEncoder,
+    image_processor: Any,
+    tokenizer: Any,
+    training_config: dict[str, Any],
+    extra_entries: tuple[str, ...] = (),
+    corpus: dict[str, Any] | None = None,
+) -> None:
+    """Write one complete bundle. `model` must be the unwrapped module (accelerator.unwrap_model).
+
+    `extra_entries` were already written into `staging_dir(output_dir, prefix)` by the caller (the training
+    state; for the final bundle the corpus embeddings and data report); they are renamed into place with the
+    rest, before the config. The old config goes first, so a failure half-way leaves no bundle that looks
+    complete (and no old model beside new embeddings). `corpus`: recorded in the config as `corpus`, with the
+    fingerprint of the heads written here (the model that embedded the staged corpus)."""
+    output_dir = Path(output_dir)
+    staging = staging_dir(output_dir, prefix, reset=not extra_entries)
+    try:
+        _save_bundle(output_dir, prefix, staging, model, image_processor, tokenizer, training_config, extra_entries,
+                     corpus)
+    except BaseException as exc:
+        remove_staging(staging)  # a full disk leaves no half-written staging dir behind
+        error = as_write_error(exc, f"the {prefix or 'final '}bundle in {output_dir}")
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _save_bundle(output_dir: Path, prefix: str, staging: Path, model: DualEncoder, image_processor: Any,
+                 tokenizer: Any, training_config: dict[str, Any], extra_entries: tuple[str, ...],
+                 corpus: dict[str, Any] | None) -> None:
+    with quiet_hf_progress():
+        model.image_backbone.save_pretrained(staging / BACKBONE)
+        image_processor.save_pretrained(staging / BACKBONE)
+        model.image_head.save(staging / IMAGE_HEAD)
+        model.text_encoder.save_pretrained(staging / TEXT_ENCODER)
+        tokenizer.save_pretrained(staging / TEXT_ENCODER)
+        model.text_head.save(staging / TEXT_HEAD)
+    if corpus is not None or not prefix:
+        # The final bundle says whether the run dir's corpus is its own: None (not exported) or the fingerprint.
+        training_config = {**training_config, "corpus": None if corpus is None else {
+            **corpus, "fingerprint": heads_fingerprint(staging)}}
+    (staging / CONFIG).write_text(json.dumps(training_config, indent=2, ensure_ascii=False, default=str))
+    (output_dir / f"{prefix}{CONFIG}").unlink(missing_ok=True)  # the old bundle stops looking complete first
+    for entry in (*extra_entries, *BUNDLE_ENTRIES):  # config last: its presence marks the bundle complete
+        target = output_dir / f"{prefix}{entry}"
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        (staging / entry).rename(target)
+    staging.rmdir()
