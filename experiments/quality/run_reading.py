@@ -79,7 +79,7 @@ def main() -> None:
     train(stage2, "cpu_read_real", dev, f"model.init_from={stage1}")
     for name, run, dataset in (("cpu_read, synthetic eval pages", stage1, synth),
                                ("cpu_read_real, real dev eval pages", stage2, dev)):
-        wall = (run / "wall_seconds").read_text() if (run / "wall_seconds").exists() else "?"
+        wall = (run / "wall_seconds").read_text().strip() if (run / "wall_seconds").exists() else "?"
         print(f"## {name} ({wall} s of training)\n\n```\n{evaluate(run, dataset)}```\n\n{curve(run)}\n")
 
 
