@@ -32,7 +32,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from usage_support import TRAIN_OVERRIDES, overfit_run
+from usage_support import TRAIN_OVERRIDES, overfit_run, run_capturing_errors
 
 from lineclip import artifacts, bundle
 from lineclip.bundle import TRAINING_STATE
@@ -92,8 +92,6 @@ def compose(config_name: str, overrides: list[str]) -> Any:
 def replay(command: str, overrides: list[str]) -> tuple[int, list[str]]:
     """Run a command in-process as its CLI does (same config composition, same error handler): (exit status,
     the error lines logged)."""
-    from lineclip.cli import run_command
-
     fn: Callable[[Any], Any]
     if command == "train":
         from lineclip.train import run as fn
@@ -103,20 +101,7 @@ def replay(command: str, overrides: list[str]) -> tuple[int, list[str]]:
         from lineclip.index import build as fn
     else:
         from lineclip.search import search as fn
-    cfg = compose(command, overrides)
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.ERROR)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("lineclip")
-    logger.addHandler(handler)
-    try:
-        run_command(fn, cfg)
-        status = 0
-    except SystemExit as exit_:
-        status = int(exit_.code or 0)
-    finally:
-        logger.removeHandler(handler)
-    return status, [r.getMessage() for r in records]
+    return run_capturing_errors(fn, compose(command, overrides))
 
 
 def one_error(status: int, errors: list[str]) -> str:

@@ -115,12 +115,11 @@ def compose_config(config_name: str, overrides: list[str]) -> Any:
     return compose_cfg(*overrides, "progress=false", config_name=config_name)
 
 
-def run_in_process(fn: Callable[[Any], Any], config_name: str, overrides: list[str]) -> tuple[int, str]:
-    """Compose a command's config as Hydra does and run it through the CLI's own error handler (much faster than
-    a subprocess). Returns (exit status, the error line); fails unless exactly one error line was logged."""
+def run_capturing_errors(fn: Callable[[Any], Any], cfg: Any) -> tuple[int, list[str]]:
+    """Run a command's function on a composed config through the CLI's own error handler: (exit status, the
+    error lines logged under `lineclip`)."""
     from lineclip.cli import run_command
 
-    cfg = compose_config(config_name, overrides)
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.ERROR)
     handler.emit = records.append  # type: ignore[method-assign]
@@ -133,6 +132,13 @@ def run_in_process(fn: Callable[[Any], Any], config_name: str, overrides: list[s
         status = int(exit_.code or 0)
     finally:
         logger.removeHandler(handler)
-    messages = [r.getMessage() for r in records]
+    return status, [r.getMessage() for r in records]
+
+
+def run_in_process(fn: Callable[[Any], Any], config_name: str, overrides: list[str]) -> tuple[int, str]:
+    """Compose a command's config as Hydra does and run it through the CLI's own error handler (much faster than
+    a subprocess). Returns (exit status, the error line); fails unless exactly one error line was logged."""
+
+    status, messages = run_capturing_errors(fn, compose_config(config_name, overrides))
     assert len(messages) == 1 and "\n" not in messages[0], messages
     return status, messages[0]
