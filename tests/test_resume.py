@@ -58,6 +58,23 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.02)
 
 
+def sigterm_during_step(monkeypatch, n: int):
+    """Make the trainer's n-th train_step send this process SIGTERM (deterministic pre-emption); returns the
+    original train_step, to put back for the resumed run."""
+    from lineclip import trainer
+
+    original, calls = trainer.train_step, {"n": 0}
+
+    def step_then_sigterm(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
+    return original
+
+
 def assert_same_final(run: Path, reference: Path) -> None:
     got, want = final_weights(run), final_weights(reference)
     assert got.keys() == want.keys()
@@ -96,15 +113,7 @@ def test_sigterm_mid_epoch_checkpoints_then_resume_matches(tmp_path, tiny_datase
 
     args = ("trainer.checkpoint_every_steps=100", "data.batch_size=1")
     trainer.train(_cfg(tmp_path / "reference", tiny_dataset, *args))
-    original, calls = trainer.train_step, {"n": 0}
-
-    def step_then_sigterm(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*a, **kw)
-
-    monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
+    original = sigterm_during_step(monkeypatch, 7)
     out = tmp_path / "run"
     result = trainer.train(_cfg(out, tiny_dataset, *args))
     assert result.interrupted and checkpoint_steps(out) == [7]
@@ -313,15 +322,7 @@ def test_phrase_training_with_same_page_batches_and_siglip_resumes_exactly(tmp_p
     args = ("trainer.checkpoint_every_steps=100", "loss=siglip", "data.text_span.p=0.7",
             "data.group_batches_by=page_id", "trainer.max_steps=9")
     trainer.train(_cfg(tmp_path / "reference", tiny_dataset, *args))
-    original, calls = trainer.train_step, {"n": 0}
-
-    def step_then_sigterm(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*a, **kw)
-
-    monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
+    original = sigterm_during_step(monkeypatch, 5)
     out = tmp_path / "run"
     assert trainer.train(_cfg(out, tiny_dataset, *args)).interrupted
     monkeypatch.setattr(trainer, "train_step", original)
