@@ -39,6 +39,7 @@ from lineclip.bundle import (
     workbench_keys,
 )
 from lineclip.files import as_write_error, first_line, remove_staging
+from lineclip.tracking import METRICS_FILE, RUN_ID_FILE
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def claim_run_dir(output_dir: Path, resume: str | None, resume_from: Path | None
         return
     log.warning("trainer.overwrite=true: removing the earlier run's files in %s (%s)", output_dir, shown)
     names = sorted(found, key=lambda n: (not n.endswith(CONFIG), n))  # every config goes first
-    for name in [*names, "wandb_run_id", "metrics.jsonl"]:
+    for name in [*names, RUN_ID_FILE, METRICS_FILE]:
         target = output_dir / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)

@@ -36,9 +36,9 @@ def char_class(char: str) -> int:
     return SPACE_CLASS if char == " " else OTHER_CLASS
 
 
-def reading_targets(texts: Sequence[str], max_chars: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reading_targets(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """CTC targets of a batch: all texts' classes concatenated ([sum of lengths]) and each text's length."""
-    classes = [[char_class(c) for c in (text[:max_chars] if max_chars else text)] for text in texts]
+    classes = [[char_class(c) for c in text] for text in texts]
     lengths = torch.tensor([len(c) for c in classes], dtype=torch.long)
     flat = torch.tensor([c for cs in classes for c in cs], dtype=torch.long)
     return flat, lengths
