@@ -10,22 +10,18 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import os
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from lineclip.manifest import LineRecord
+from lineclip.manifest import LineRecord, LineTable, StringColumn
 from lineclip.phrases import sample_phrase
 from lineclip.preprocess import (
     DECODE_ERRORS,
     DEFAULT_MAX_IMAGE_PIXELS,
-    TooManyPixels,
-    header_size,
     load_image,
     round_up,
 )
@@ -130,28 +126,39 @@ def _where(record: LineRecord) -> str:
     return f"{record.image_path} ({record.source})" if record.source else record.image_path
 
 
-def _header_size(path: str, max_pixels: int | None = None) -> tuple[int, int] | str | None:
-    """(width, height) as the model sees the image (EXIF orientation applied), "too_large_image" past the pixel
-    limit, or None for any header that cannot be read (FIFOs and devices are refused without reading)."""
-    # Only the header is parsed; pixel data is decoded later, in the worker that needs it.
-    size = header_size(path, DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
-    if isinstance(size, TooManyPixels):
-        return "too_large_image"
-    return None if isinstance(size, BaseException) else size
+def visible_shares(texts: StringColumn | Sequence[str], crop_to_text_bytes: int | None) -> np.ndarray:
+    """Per line the leading share of its image width that its text still describes once cut to
+    `crop_to_text_bytes` (text.max_length) ids; 1.0 for every text that is not cut."""
+    if isinstance(texts, StringColumn):
+        total = texts.byte_lengths()
+    else:
+        total = np.array([len(text.encode("utf-8")) for text in texts], dtype=np.int64)
+    share = np.ones(len(total), dtype=np.float64)
+    if crop_to_text_bytes:
+        for i in np.flatnonzero(total > crop_to_text_bytes - 1).tolist():
+            data = texts[i].encode("utf-8")
+            kept = cut_at_char_boundary(data, crop_to_text_bytes - 1)
+            # a little slack so the last kept syllable is not sliced through
+            share[i] = min(1.0, kept / len(data) * 1.04 + 0.01) if kept < len(data) else 1.0
+    return share
 
 
 class LineDataset(torch.utils.data.Dataset):
     """Line images (transformed) with their texts. A file that fails to decode yields
     ``{"index": i, "corrupt": "corrupt_image"}``, never raises, so a data-loader worker never dies.
 
-    ``buckets[i]`` is the canvas width record i will get, computed up front from image headers so the
-    sampler can group lines without decoding them; -1 marks a header that could not be read (such
-    records are counted in ``n_unreadable_headers`` and never sampled).
+    ``buckets[i]`` is the canvas width record i will get, computed up front from image sizes (the table's, from
+    the line cache or the manifest, else read from the headers here) so the sampler can group lines without
+    decoding them; -1 marks an image that cannot be used (such records are counted in
+    ``n_unreadable_headers`` and never sampled).
+
+    The records are held as a LineTable (columns, not Python objects): with fork-started loader workers nothing
+    per line is refcounted, so the workers share the parent's pages instead of copying them.
     """
 
     def __init__(
         self,
-        records: Sequence[LineRecord],
+        records: Sequence[LineRecord] | LineTable,
         transform: LineImageTransform,
         header_workers: int | None = None,
         crop_to_text_bytes: int | None = None,
@@ -161,51 +168,45 @@ class LineDataset(torch.utils.data.Dataset):
         the same leading share of its width, so image and text still show the same part of the line.
         `max_image_pixels`: images whose header claims more are never decoded (counted as too_large_image);
         None: lineclip.preprocess.DEFAULT_MAX_IMAGE_PIXELS, 0: no limit of lineclip's own."""
-        self.records = records
+        from lineclip.sizes import IMAGE_PROBLEMS, complete_sizes
+
+        table = records if isinstance(records, LineTable) else LineTable.from_records(records)
         self.transform = transform
         self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
-        self.visible_share = np.ones(len(records))
-        if crop_to_text_bytes:
-            for i, record in enumerate(records):
-                total = len(record.text.encode("utf-8"))
-                kept = cut_at_char_boundary(record.text.encode("utf-8"), crop_to_text_bytes - 1)
-                # a little slack so the last kept syllable is not sliced through
-                self.visible_share[i] = min(1.0, kept / total * 1.04 + 0.01) if kept < total else 1.0
-        paths = [record.image_path for record in records]
-        workers = header_workers if header_workers is not None else min(8, os.cpu_count() or 1)
-        # Header reads are I/O bound (and slow on network file systems), so threads overlap them well.
-        if workers > 1 and len(paths) > 256:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                sizes = list(pool.map(lambda path: _header_size(path, self.max_image_pixels), paths))
-        else:
-            sizes = [_header_size(path, self.max_image_pixels) for path in paths]
+        self.visible_share = visible_shares(table.texts, crop_to_text_bytes)
+        # Sizes not known yet are read from the headers (in parallel: lineclip.sizes).
+        self.records = complete_sizes(table, self.max_image_pixels, header_workers, progress=False)
+        sizes = self.records.sizes
         # Found before training, from headers: "empty_image" (a zero-byte file or a zero width/height, what a
-        # degenerate OCR crop leaves; decoders refuse a 0-px header) or "unreadable_image" (any other header
-        # that fails). Such lines are never sampled; the trainer counts them by kind or, in error mode, stops.
-        self.image_problems: dict[int, str] = {}
-        for i, size in enumerate(sizes):
-            if isinstance(size, str):
-                self.image_problems[i] = size
-            elif size is None:
-                empty = os.path.isfile(paths[i]) and os.path.getsize(paths[i]) == 0
-                self.image_problems[i] = "empty_image" if empty else "unreadable_image"
-            elif min(size) <= 0:
-                self.image_problems[i] = "empty_image"
-        self.buckets = np.array(
-            [-1 if i in self.image_problems else transform.bucket_of(*self._visible(i, size))
-             for i, size in enumerate(sizes)],
-            dtype=np.int64,
-        )
-        self.unreadable_indices: list[int] = sorted(self.image_problems)
+        # degenerate OCR crop leaves; decoders refuse a 0-px header), "unreadable_image" (any other header that
+        # fails) or "too_large_image". Such lines are never sampled; the trainer counts them by kind or, in error
+        # mode, stops.
+        problems = np.flatnonzero(sizes[:, 0] < 0)
+        self.image_problems: dict[int, str] = {int(i): IMAGE_PROBLEMS[int(sizes[i, 0])] for i in problems}
+        self.buckets = self._bucket_array(sizes)
+        self.unreadable_indices: list[int] = problems.tolist()
         self.n_unreadable_headers = len(self.unreadable_indices)
         if self.n_unreadable_headers:
-            first = records[self.unreadable_indices[0]]
+            first = self.records[self.unreadable_indices[0]]
             logger.warning(
                 "%d of %d line images have unreadable or empty headers and will not be sampled (first: %s)",
                 self.n_unreadable_headers,
-                len(records),
+                len(self.records),
                 _where(first),
             )
+
+    def _bucket_array(self, sizes: np.ndarray) -> np.ndarray:
+        """Per line its bucket (-1: not usable), computed once per distinct visible size: far fewer than lines."""
+        buckets = np.full(len(sizes), -1, dtype=np.int64)
+        usable = np.flatnonzero(sizes[:, 0] >= 0)
+        if usable.size == 0:
+            return buckets
+        widths = np.maximum(1, np.ceil(sizes[usable, 0] * self.visible_share[usable]))
+        visible = np.stack([widths.astype(np.int64), sizes[usable, 1].astype(np.int64)], axis=1)
+        distinct, inverse = np.unique(visible, axis=0, return_inverse=True)
+        per_size = np.array([self.transform.bucket_of(int(w), int(h)) for w, h in distinct], dtype=np.int64)
+        buckets[usable] = per_size[inverse.reshape(-1)]
+        return buckets
 
     def _visible(self, index: int, size: tuple[int, int]) -> tuple[int, int]:
         width, height = size

@@ -13,10 +13,14 @@ import logging
 import os
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 logger = logging.getLogger(__name__)
 
@@ -250,19 +254,32 @@ def _id_string(value: Any) -> str:
 def _extra_value(value: Any) -> str | None:
     if isinstance(value, str):
         return value
-    if isinstance(value, (bool, int, float)):
-        return json.dumps(value)  # "true", "3", "1.5": stable, JSON-like spelling
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)  # what json.dumps writes for an int, without its per-call overhead
+    if isinstance(value, float):
+        return json.dumps(value)  # "1.5", "NaN": stable, JSON-like spelling
     return None  # lists, objects and null are not groupable scalars
+
+
+def _pixel_count(value: Any) -> int:
+    """A manifest's `width`/`height` when it is a positive integer, else -1 (unknown: read the header)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else -1
+
+
+# One usable row as the table stores it: sample_id, image_path, text, doc_id, page_id, line_id, extra (JSON
+# object text, "" for none), width, height (-1: not in the manifest).
+_Row = tuple[str, str, str, str, str, str, str, int, int]
 
 
 def _parse_row(
     raw: bytes,
     line_no: int,
     stem: str,
-    source: str,
     candidate_dirs: list[str],
     max_text_bytes: int | None = DEFAULT_MAX_TEXT_BYTES,
-) -> LineRecord:
+) -> _Row:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -276,14 +293,16 @@ def _parse_row(
     if not isinstance(row, dict):
         raise _BadRow("not_an_object", f"got a JSON {type(row).__name__}")
     # Valid UTF-8 can still escape a lone surrogate ("\\ud800"): JSON accepts it, UTF-8 cannot encode it, and
-    # every later step (byte encoding, paths, parquet) would fail on it.
-    for key, value in row.items():
-        for part in (key, value) if isinstance(value, str) else (key,):
-            try:
-                part.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise _BadRow("invalid_unicode", f"{key.encode('utf-8', 'backslashreplace').decode()!r} holds "
-                              f"{part[exc.start]!r} at character {exc.start}, which UTF-8 cannot encode") from None
+    # every later step (byte encoding, paths, parquet) would fail on it. Only a row with a backslash escape can
+    # hold one, so the others skip the check.
+    if "\\u" in line:
+        for key, value in row.items():
+            for part in (key, value) if isinstance(value, str) else (key,):
+                try:
+                    part.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise _BadRow("invalid_unicode", f"{key.encode('utf-8', 'backslashreplace').decode()!r} holds "
+                                  f"{part[exc.start]!r} at character {exc.start}, which UTF-8 cannot encode") from None
 
     image_key, image_value = _first_string(row, IMAGE_KEYS)
     if image_key is None or image_value is None:
@@ -301,7 +320,7 @@ def _parse_row(
     text = normalize_text(text_value)
     if not text:  # unreachable for a non-blank string today; kept so the non-empty invariant never rots
         raise _BadRow("empty_text", f"{text_key!r} is empty after normalisation")
-    if max_text_bytes and len(text.encode("utf-8")) > max_text_bytes:
+    if max_text_bytes and len(text) * 4 > max_text_bytes and len(text.encode("utf-8")) > max_text_bytes:
         raise _BadRow("text_too_long", f"{len(text.encode('utf-8'))} bytes > data.max_text_bytes={max_text_bytes}")
 
     image_path = _resolve(image_value, candidate_dirs)
@@ -324,29 +343,145 @@ def _parse_row(
         if converted is not None:
             extra[key] = converted
 
-    return LineRecord(
-        sample_id=sample_id,
-        image_path=image_path,
-        text=text,
-        doc_id=_id_string(row.get("doc_id")),
-        page_id=_id_string(row.get("page_id")),
-        line_id=_id_string(row.get("line_id")),
-        source=source,
-        extra=FrozenStrMap(extra),
-    )
+    return (sample_id, image_path, text, _id_string(row.get("doc_id")), _id_string(row.get("page_id")),
+            _id_string(row.get("line_id")), json.dumps(extra, ensure_ascii=False) if extra else "",
+            _pixel_count(row.get("width")), _pixel_count(row.get("height")))
 
 
-def read_manifest(
+# The columns of a LineTable, in order. Strings are Arrow strings (one bytes buffer + offsets per chunk), so a
+# million lines are a few buffers, not millions of Python objects that every loader worker's refcounting would
+# copy page by page.
+STRING_COLUMNS = ("sample_id", "image_path", "text", "doc_id", "page_id", "line_id", "extra")
+TABLE_SCHEMA = pa.schema([*(pa.field(name, pa.string()) for name in STRING_COLUMNS),
+                          pa.field("line_no", pa.int64()), pa.field("width", pa.int32()),
+                          pa.field("height", pa.int32())])
+_CHUNK_ROWS = 65_536  # rows parsed into Python objects before they become Arrow buffers
+
+
+class StringColumn(Sequence[str]):
+    """One string column of a LineTable, indexable like a list; an item becomes a Python str only when asked."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        self.chunks = [chunk for chunk in column.chunks if len(chunk)] or [pa.array([], pa.string())]
+        self.starts = np.cumsum([0] + [len(chunk) for chunk in self.chunks])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        chunk = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.chunks[chunk][index - int(self.starts[chunk])].as_py()
+
+    def byte_lengths(self) -> np.ndarray:
+        """Per item its UTF-8 length, from the offsets alone (no string is built)."""
+        return np.concatenate([pc.binary_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
+                               for chunk in self.chunks])
+
+
+class LineTable(Sequence[LineRecord]):
+    """The usable rows of a manifest as columns (an Arrow table, memory-mapped when it comes from the line
+    cache), with per line the image size from its header or the manifest (`width`/`height`; -1: not known
+    yet). ``table[i]`` builds the LineRecord of line i on demand; nothing per line lives as a Python object.
+
+    Sizes below 0 mark images that cannot be used (lineclip.sizes): -1 not read yet, -2 unreadable header,
+    -3 empty file, -4 more pixels than the limit.
+    """
+
+    def __init__(self, table: pa.Table, manifest: str = "", sources: Sequence[str] | None = None,
+                 cache_path: str | None = None) -> None:
+        self.table = table.select(list(TABLE_SCHEMA.names))
+        self.manifest = manifest
+        self.sources = sources  # per line, when the lines come from records rather than one manifest
+        self.cache_path = cache_path  # the memory-mapped file the table lives in, if any
+        self.columns = {name: StringColumn(self.table.column(name)) for name in STRING_COLUMNS}
+        self.line_nos = self.table.column("line_no").to_numpy()
+        self.sizes = np.stack([self.table.column("width").to_numpy(), self.table.column("height").to_numpy()],
+                              axis=1).astype(np.int32) if len(self.table) else np.zeros((0, 2), np.int32)
+
+    @classmethod
+    def from_records(cls, records: Sequence[LineRecord]) -> LineTable:
+        columns = {name: [getattr(r, name) for r in records] for name in STRING_COLUMNS if name != "extra"}
+        columns["extra"] = [json.dumps(dict(r.extra), ensure_ascii=False) if r.extra else "" for r in records]
+        table = pa.table({**columns, "line_no": pa.array(np.full(len(records), -1, np.int64)),
+                          "width": pa.array(np.full(len(records), -1, np.int32)),
+                          "height": pa.array(np.full(len(records), -1, np.int32))}, schema=TABLE_SCHEMA)
+        return cls(table, sources=[r.source for r in records])
+
+    @property
+    def texts(self) -> StringColumn:
+        return self.columns["text"]
+
+    @property
+    def image_paths(self) -> StringColumn:
+        return self.columns["image_path"]
+
+    def source(self, index: int) -> str:
+        if self.sources is not None:
+            return self.sources[index]
+        return f"{self.manifest}:{int(self.line_nos[index])}"
+
+    def __len__(self) -> int:
+        return len(self.line_nos)
+
+    def __getitem__(self, index: int) -> LineRecord:  # type: ignore[override]
+        if not isinstance(index, (int, np.integer)):
+            raise TypeError(f"LineTable indices are ints, got {type(index).__name__}")
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        get = {name: column[index] for name, column in self.columns.items()}
+        extra = get.pop("extra")
+        return LineRecord(**get, source=self.source(index),
+                          extra=FrozenStrMap(json.loads(extra)) if extra else FrozenStrMap())
+
+    def __iter__(self) -> Iterator[LineRecord]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def with_sizes(self, sizes: np.ndarray) -> LineTable:
+        """The same lines with these (width, height) rows (what the header scan found)."""
+        sizes = np.asarray(sizes, dtype=np.int32)
+        table = self.table.set_column(TABLE_SCHEMA.get_field_index("width"), "width", pa.array(sizes[:, 0]))
+        table = table.set_column(TABLE_SCHEMA.get_field_index("height"), "height", pa.array(sizes[:, 1]))
+        return LineTable(table, self.manifest, self.sources)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Loader workers started by spawn get the table by pickle: a cached table is re-mapped from its file
+        # rather than copied into every worker.
+        if self.cache_path is not None and self.sources is None:
+            return (_open_cached, (self.cache_path, self.manifest))
+        return (LineTable, (self.table, self.manifest, self.sources))
+
+
+def _open_cached(path: str, manifest: str) -> LineTable:
+    with pa.memory_map(path) as source:
+        table = pa.ipc.open_file(source).read_all()
+    return LineTable(table, manifest, cache_path=path)
+
+
+def _rows_to_batch(rows: list[_Row], line_nos: list[int]) -> pa.RecordBatch:
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 9
+    arrays = [pa.array(columns[i], pa.string()) for i in range(7)]
+    arrays += [pa.array(line_nos, pa.int64()), pa.array(columns[7], pa.int32()), pa.array(columns[8], pa.int32())]
+    return pa.RecordBatch.from_arrays(arrays, schema=TABLE_SCHEMA)
+
+
+def read_line_table(
     path: str | Path,
     dataset_dir: str | Path | None = None,
     on_bad_row: str = "skip",
     max_text_bytes: int | None = DEFAULT_MAX_TEXT_BYTES,
-) -> tuple[list[LineRecord], ManifestReport]:
-    """Read a JSONL line manifest into records plus a report of what was skipped and why.
+) -> tuple[LineTable, ManifestReport]:
+    """Read a JSONL line manifest into a LineTable plus a report of what was skipped and why.
 
     ``on_bad_row="skip"`` counts each bad row under its reason and goes on; ``"error"`` raises
     ManifestError at the first bad row with ``path:line_no: reason (detail)``. A missing file, or a
-    manifest with no usable row, raises ManifestError in either mode.
+    manifest with no usable row, raises ManifestError in either mode. Image sizes are those of the manifest's
+    `width`/`height` where it has them, else -1 (lineclip.sizes reads the headers).
     """
     if on_bad_row not in ON_BAD_ROW_CHOICES:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}")
@@ -357,39 +492,65 @@ def read_manifest(
 
     candidate_dirs = _candidate_dirs(manifest, _opt_path(dataset_dir))
     report = ManifestReport(manifest=str(manifest))
-    records: list[LineRecord] = []
-    seen_ids: dict[str, str] = {}
+    batches: list[pa.RecordBatch] = []
+    rows: list[_Row] = []
+    line_nos: list[int] = []
+    seen_ids: dict[str, int] = {}  # id -> line number; ids are strings, one dict entry per line while reading
+    stem = manifest.stem
     # Binary mode, one line at a time: a non-UTF-8 line must cost that row only, not the whole file.
     with manifest.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
             report.rows_total += 1
-            source = f"{manifest}:{line_no}"
             try:
-                record = _parse_row(raw, line_no, manifest.stem, source, candidate_dirs, max_text_bytes)
+                row = _parse_row(raw, line_no, stem, candidate_dirs, max_text_bytes)
                 # Ids are claimed by usable rows only, so a bad first occurrence does not shadow a good one.
-                first = seen_ids.get(record.sample_id)
+                first = seen_ids.get(row[0])
                 if first is not None:
-                    raise _BadRow("duplicate_id", f"id {record.sample_id!r} already used at {first}")
+                    raise _BadRow("duplicate_id", f"id {row[0]!r} already used at {manifest}:{first}")
             except _BadRow as bad:
+                source = f"{manifest}:{line_no}"
                 if on_bad_row == "error":
                     raise ManifestError(f"{source}: {bad.reason} ({bad.detail})") from None
                 report.skipped[bad.reason] += 1
                 report.first_bad.setdefault(bad.reason, source)
                 continue
-            seen_ids[record.sample_id] = source
-            records.append(record)
+            seen_ids[row[0]] = line_no
+            rows.append(row)
+            line_nos.append(line_no)
             report.rows_used += 1
+            if len(rows) == _CHUNK_ROWS:
+                batches.append(_rows_to_batch(rows, line_nos))
+                rows, line_nos = [], []
+    del seen_ids
+    if rows or not batches:
+        batches.append(_rows_to_batch(rows, line_nos))
 
-    if not records:
+    if not report.rows_used:
         where = "; ".join(f"first {reason} at {loc}" for reason, loc in report.first_bad.items())
         raise ManifestError(
             f"manifest {manifest} has no usable rows: {report.summary()}" + (f" ({where})" if where else "")
         )
+    log_report(report)
+    return LineTable(pa.Table.from_batches(batches, TABLE_SCHEMA), str(manifest)), report
+
+
+def log_report(report: ManifestReport) -> None:
     if report.rows_skipped:
         where = ", ".join(f"{reason} at {loc}" for reason, loc in report.first_bad.items())
         logger.warning("%s (first: %s)", report.summary(), where)
     else:
         logger.info("%s", report.summary())
-    return records, report
+
+
+def read_manifest(
+    path: str | Path,
+    dataset_dir: str | Path | None = None,
+    on_bad_row: str = "skip",
+    max_text_bytes: int | None = DEFAULT_MAX_TEXT_BYTES,
+) -> tuple[list[LineRecord], ManifestReport]:
+    """`read_line_table` with the lines as a list of LineRecords: for evaluation-sized manifests and callers that
+    want plain records. Training reads tables (lineclip.sizes.load_lines), which stay columnar."""
+    table, report = read_line_table(path, dataset_dir, on_bad_row, max_text_bytes)
+    return list(table), report

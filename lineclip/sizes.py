@@ -1,0 +1,247 @@
+"""Line image sizes, read once: a parallel header scan with a progress bar, and the line cache that keeps a
+manifest's validated lines and their sizes so that the next run starts without parsing or scanning.
+
+The line cache is an Arrow IPC file, `.<manifest name>.lineclip-<key>.arrow` beside the manifest (or, where that
+dir is not writable, in `<run dir>/line_cache/`): the manifest's usable rows as a LineTable, the image size of
+every line, and the manifest report (bad rows per reason). It is keyed by what the rows depend on: the
+manifest's path, size and modification time, the dirs relative image paths resolve against (dataset dir,
+working dir), `data.max_text_bytes`, `data.max_image_pixels` and the cache format. It is memory-mapped, not
+read: every process (ranks and their loader workers) shares one copy in the page cache, and only the lines a
+batch needs are ever touched. A cache whose key does not match, or that does not parse, is rebuilt.
+What it cannot see: images replaced or deleted after it was written, without the manifest changing. Such a
+line still fails safely when loaded (counted as corrupt_image); `data.line_cache=false` reads everything anew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from lineclip.files import usable_cpus
+from lineclip.manifest import (
+    BAD_ROW_REASONS,
+    TABLE_SCHEMA,
+    LineTable,
+    ManifestReport,
+    _candidate_dirs,
+    _open_cached,
+    _opt_path,
+    log_report,
+    read_line_table,
+)
+from lineclip.preprocess import TooManyPixels, header_size
+
+logger = logging.getLogger(__name__)
+
+# Size codes below 0 (both width and height): why a line's image cannot be used, found from its header.
+SIZE_UNKNOWN, SIZE_UNREADABLE, SIZE_EMPTY, SIZE_TOO_LARGE = -1, -2, -3, -4
+IMAGE_PROBLEMS = {SIZE_UNREADABLE: "unreadable_image", SIZE_EMPTY: "empty_image", SIZE_TOO_LARGE: "too_large_image"}
+CACHE_VERSION = 1
+_SCAN_CHUNK = 512  # paths per task of the process pool: large enough that pickling is noise
+_PROCESS_SCAN_MIN = 20_000  # below this, threads: a process pool's start-up would cost more than it saves
+
+
+def header_row(path: str, max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) as the model sees the image, or a size code (SIZE_UNREADABLE, SIZE_EMPTY: a zero-byte file
+    or a zero width/height, what a degenerate OCR crop leaves; SIZE_TOO_LARGE: past `max_pixels`)."""
+    size = header_size(path, max_pixels)  # the header only; FIFOs and devices are refused without reading
+    if isinstance(size, TooManyPixels):
+        return SIZE_TOO_LARGE, SIZE_TOO_LARGE
+    if isinstance(size, BaseException):
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        return (SIZE_EMPTY, SIZE_EMPTY) if empty else (SIZE_UNREADABLE, SIZE_UNREADABLE)
+    if min(size) <= 0:
+        return SIZE_EMPTY, SIZE_EMPTY
+    return size
+
+
+def _scan_chunk(paths: list[str], max_pixels: int | None) -> np.ndarray:
+    return np.array([header_row(path, max_pixels) for path in paths], dtype=np.int32).reshape(-1, 2)
+
+
+def scan_sizes(paths: Sequence[str], max_pixels: int | None, workers: int | None = None,
+               progress: bool = True, desc: str = "image headers") -> np.ndarray:
+    """[N, 2] int32 (width, height) or size codes, one header read per path. Header parsing is Python (PIL), so
+    large scans use processes (`workers`, default: the usable CPUs); small ones threads, which overlap the I/O
+    of a network file system. A tqdm bar shows the rate."""
+    n = len(paths)
+    workers = usable_cpus() if workers is None else max(1, workers)
+    out = np.empty((n, 2), dtype=np.int32)
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress or n < 2048, mininterval=1.0) as bar:
+        if workers > 1 and n >= _PROCESS_SCAN_MIN:
+            # fork where there is one: the children need no import and no copy of anything but their paths.
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            starts = range(0, n, _SCAN_CHUNK)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                chunks = ([paths[i] for i in range(start, min(n, start + _SCAN_CHUNK))] for start in starts)
+                for start, sizes in zip(starts, pool.map(_scan_chunk, chunks, [max_pixels] * len(starts),
+                                                           chunksize=4), strict=True):
+                    out[start : start + len(sizes)] = sizes
+                    bar.update(len(sizes))
+        elif workers > 1 and n > 256:
+            with ThreadPoolExecutor(max_workers=min(8, workers)) as pool:
+                for i, size in enumerate(pool.map(lambda path: header_row(path, max_pixels), paths)):
+                    out[i] = size
+                    bar.update(1)
+        else:
+            for i, path in enumerate(paths):
+                out[i] = header_row(path, max_pixels)
+            bar.update(n)
+    return out
+
+
+def complete_sizes(table: LineTable, max_pixels: int | None, workers: int | None = None,
+                   progress: bool = True) -> LineTable:
+    """The table with every unknown size read from its header. Sizes the manifest gave (`width`/`height`) are
+    kept, only checked against the pixel limit; whether they match the file is found when the line is loaded."""
+    sizes = table.sizes.copy()
+    given = sizes[:, 0] > 0
+    if max_pixels:
+        sizes[given & (sizes[:, 0].astype(np.int64) * sizes[:, 1] > max_pixels)] = SIZE_TOO_LARGE
+    unknown = np.flatnonzero(sizes[:, 0] == SIZE_UNKNOWN)
+    if unknown.size:
+        paths = table.image_paths
+        sizes[unknown] = scan_sizes(_Picked(paths, unknown), max_pixels, workers, progress)
+    return table.with_sizes(sizes)
+
+
+class _Picked(Sequence[str]):
+    """paths[indices[i]] without building the whole list."""
+
+    def __init__(self, paths: Sequence[str], indices: np.ndarray) -> None:
+        self.paths, self.indices = paths, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        return self.paths[int(self.indices[i])]
+
+
+def cache_key(manifest: Path, dataset_dir: str | None, max_text_bytes: int | None,
+              max_pixels: int | None) -> dict[str, Any]:
+    """What a cached table depends on; any change makes the cache stale."""
+    stat = manifest.stat()
+    return {"version": CACHE_VERSION, "manifest": str(manifest), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "resolve_dirs": _candidate_dirs(manifest, _opt_path(dataset_dir)), "max_text_bytes": max_text_bytes,
+            "max_image_pixels": max_pixels}
+
+
+def cache_name(manifest: Path, key: dict[str, Any]) -> str:
+    # Everything but size and mtime goes into the name, so a run with another dataset_dir keeps its own cache
+    # instead of rebuilding the other's; an edited manifest replaces its file.
+    stable = {k: v for k, v in key.items() if k not in ("size", "mtime_ns")}
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:12]
+    return f".{manifest.name}.lineclip-{digest}.arrow"
+
+
+def read_cache(path: Path, key: dict[str, Any]) -> tuple[LineTable, ManifestReport] | None:
+    """The cached table and report when `path` holds a cache of exactly `key`, else None (missing, stale or not a
+    cache: it is data like the manifest, checked rather than trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        source = pa.memory_map(str(path))
+        reader = pa.ipc.open_file(source)
+        meta = json.loads((reader.schema.metadata or {}).get(b"lineclip", b"{}"))
+        if meta.get("key") != key:
+            logger.info("line cache %s is stale (the manifest or the settings changed); rebuilding it", path)
+            return None
+        table = reader.read_all()
+        if not table.schema.remove_metadata().equals(TABLE_SCHEMA):
+            raise ValueError("unexpected columns")
+        report = ManifestReport(**meta["report"])
+        if set(report.skipped) != set(BAD_ROW_REASONS) or report.rows_used != len(table):
+            raise ValueError("report does not match the table")
+    except (OSError, ValueError, TypeError, KeyError, pa.ArrowException) as exc:
+        logger.warning("ignoring line cache %s (%s); rebuilding it", path, exc)
+        return None
+    return LineTable(table, key["manifest"], cache_path=str(path)), report
+
+
+def write_cache(table: LineTable, report: ManifestReport, key: dict[str, Any], dirs: Sequence[Path]) -> Path | None:
+    """Write the cache into the first dir that takes it (temporary name, then an atomic rename, so a reader never
+    sees half a file); None when none does."""
+    name = cache_name(Path(key["manifest"]), key)
+    schema = TABLE_SCHEMA.with_metadata({"lineclip": json.dumps({"key": key, "report": report.to_dict()})})
+    for directory in dirs:
+        tmp = None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                writer.write_table(table.table.replace_schema_metadata(None), max_chunksize=1 << 16)
+            os.replace(tmp, directory / name)
+            return directory / name
+        except OSError as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            logger.info("cannot write the line cache into %s (%s)", directory, exc)
+    return None
+
+
+def load_line_table(manifest: str | Path, dataset_dir: str | None = None, on_bad_row: str = "skip",
+                    max_text_bytes: int | None = None, max_pixels: int | None = None,
+                    fallback_dir: str | Path | None = None, use_cache: bool = True, cache_dir: str | None = None,
+                    scan_workers: int | None = None, progress: bool = True) -> tuple[LineTable, ManifestReport]:
+    """A manifest's lines with every image size known: from the line cache when it matches, else parsed and
+    scanned, then cached (beside the manifest, else in `cache_dir`, else `fallback_dir`, e.g. the run dir).
+    In `on_bad_row="error"` mode a cache that counted bad rows is not enough: the manifest is read again so that
+    the error names the row."""
+    path = Path(os.path.abspath(os.path.expanduser(str(manifest))))
+    dirs = [Path(cache_dir)] if cache_dir else [path.parent]
+    if fallback_dir is not None:
+        dirs.append(Path(fallback_dir) / "line_cache")
+    key = cache_key(path, dataset_dir, max_text_bytes, max_pixels) if use_cache and path.is_file() else None
+    if key is not None:
+        for directory in dirs:
+            cached = read_cache(directory / cache_name(path, key), key)
+            if cached is not None and not (on_bad_row == "error" and cached[1].rows_skipped):
+                logger.info("lines and image sizes of %s from the line cache %s", path.name,
+                            directory / cache_name(path, key))
+                log_report(cached[1])
+                return cached
+    table, report = read_line_table(path, dataset_dir, on_bad_row, max_text_bytes)
+    table = complete_sizes(table, max_pixels, scan_workers, progress)
+    if key is None:
+        return table, report
+    written = write_cache(table, report, key, dirs)
+    if written is None:
+        logger.warning("no writable dir for the line cache of %s: the next run reads and scans it again", path.name)
+        return table, report
+    logger.info("line cache written: %s", written)
+    del table
+    pa.default_memory_pool().release_unused()  # the parsed copy; the mapped file replaces it
+    return _open_cached(str(written), str(path)), report
+
+
+def main_first(is_main: bool, wait_for_everyone: Callable[[], None], load: Callable[[], Any]) -> Any:
+    """`load()` on the main process first, then on the others (which then find its cache). An error on the main
+    process still reaches the barrier, so the others are not left waiting: they load, and fail, themselves."""
+    if not is_main:
+        wait_for_everyone()
+        return load()
+    try:
+        result = load()
+    except BaseException:
+        wait_for_everyone()
+        raise
+    wait_for_everyone()
+    return result
+
