@@ -63,7 +63,7 @@ def lineclip_loop(model, cfg, data, steps: int, text_ids, device: str) -> float:
     model.train()
     start = time.perf_counter()
     for step in range(steps):
-        result = train_step(accelerator, model, [data[step % len(data)]], text_ids, gather=False, grad_cache=False)
+        result = train_step(accelerator, model, [data[step % len(data)]], None, gather=False, grad_cache=False)
         non_finite, _ = any_rank(accelerator, not torch.isfinite(result.loss).item(), False)
         accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -92,7 +92,9 @@ def main() -> None:
         width = math.ceil(512 / cfg.preprocess.patch_multiple) * cfg.preprocess.patch_multiple
         data = batches(4, batch, height, width, min(cfg.text.max_length, 128))
         text_ids = torch.arange(4 * batch)
-        data = [{k: v.to(args.device) for k, v in b.items()} for b in data]
+        # The collator's text_ids (each line its own text here), which train_step takes its positives from.
+        data = [{**{k: v.to(args.device) for k, v in b.items()}, "text_ids": text_ids[b["indices"]].to(args.device)}
+                for b in data]
         text_ids = text_ids.to(args.device)
         timings = {"bare": [], "lineclip": []}
         for _ in range(2 if args.quick else 3):  # interleaved rounds: drift hits both sides alike

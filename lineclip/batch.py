@@ -8,6 +8,8 @@ padded to the widest line of its batch, so no padding mask is needed on the visi
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from lineclip.manifest import LineRecord, LineTable, StringColumn
@@ -88,18 +92,30 @@ def byte_encode(
     return torch.from_numpy(input_ids), torch.from_numpy(attention_mask), n_truncated
 
 
-def count_truncated(texts: Iterable[str], max_length: int) -> int:
+def _byte_lengths(texts: Iterable[str] | StringColumn) -> np.ndarray:
+    if isinstance(texts, StringColumn):
+        return texts.byte_lengths()
+    return np.array([len(text.encode("utf-8")) for text in texts], dtype=np.int64)
+
+
+def count_truncated(texts: Iterable[str] | StringColumn, max_length: int) -> int:
     """How many texts would not fit ``max_length`` ids (UTF-8 bytes + </s>) and would be cut."""
-    return sum(len(text.encode("utf-8")) + 1 > max_length for text in texts)
+    return int((_byte_lengths(texts) + 1 > max_length).sum())
 
 
-def text_lengths(texts: Iterable[str], max_length: int) -> np.ndarray:
+def text_lengths(texts: Sequence[str] | StringColumn, max_length: int) -> np.ndarray:
     """Per text, the number of ids ``byte_encode`` gives it (UTF-8 bytes after truncation + </s>, so at most
-    ``max_length``): the ``lengths`` that ``BucketBatchSampler`` groups by."""
+    ``max_length``): the ``lengths`` that ``BucketBatchSampler`` groups by. Only the texts that are cut are
+    looked at one by one (for the character boundary)."""
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1 (room for </s>), got {max_length}")
     budget = max_length - 1
-    return np.array([cut_at_char_boundary(text.encode("utf-8"), budget) + 1 for text in texts], dtype=np.int64)
+    if not isinstance(texts, (StringColumn, Sequence)):
+        texts = list(texts)
+    lengths = _byte_lengths(texts)
+    for i in np.flatnonzero(lengths > budget).tolist():
+        lengths[i] = cut_at_char_boundary(texts[i].encode("utf-8"), budget)
+    return lengths + 1
 
 
 def text_padding_fraction(
@@ -216,34 +232,38 @@ class LineDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
+        # Only the two fields a line needs, not a whole LineRecord (its extras are parsed JSON).
+        image_path, text = self.records.image_paths[index], self.records.texts[index]
         try:
             # Decoded here, inside the try (a truncated JPEG opens fine and only fails once its pixels are
             # read), turned by its EXIF orientation as the header size was. No mode conversion here: the
             # transform owns it (it flattens alpha onto white paper, which a plain convert("RGB") would turn black).
-            image = load_image(record.image_path, self.max_image_pixels)
+            images = self.records.images  # lines read from tar shards (lineclip.shard) carry their bytes there
+            image = images.load(index, self.max_image_pixels) if images is not None else load_image(
+                image_path, self.max_image_pixels)
             if self.visible_share[index] < 1.0:
                 image = image.crop((0, 0, *self._visible(index, image.size)))
         except DECODE_ERRORS as exc:
-            logger.warning("skipping corrupt line image %s: %s", _where(record), exc)
+            logger.warning("skipping corrupt line image %s: %s", _where(self.records[index]), exc)
             return {"index": index, "corrupt": "corrupt_image"}
         try:
             pixel_values = self.transform(image)
         except Exception as exc:
             # Not a data problem we can count and skip: surface it, with the file that triggered it.
-            raise RuntimeError(f"image transform failed on {_where(record)}") from exc
+            raise RuntimeError(f"image transform failed on {_where(self.records[index])}") from exc
         bucket = int(self.buckets[index])
         if pixel_values.shape[-1] != bucket:
-            # The header lied (e.g. the file changed since the dataset was built); a batch of mixed widths
-            # would fail to stack, so this line is treated like a corrupt one.
+            # The size it was bucketed by was wrong (the file changed since its header was read, or the
+            # manifest's width/height do not hold for this line); a batch of mixed widths would fail to stack,
+            # so this line is counted like a corrupt one.
             logger.warning(
                 "line image %s decoded to width %d, expected bucket %d; skipping it",
-                _where(record),
+                _where(self.records[index]),
                 pixel_values.shape[-1],
                 bucket,
             )
             return {"index": index, "corrupt": "corrupt_image"}
-        return {"pixel_values": pixel_values, "text": record.text, "index": index}
+        return {"pixel_values": pixel_values, "text": text, "index": index}
 
 
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -351,7 +371,9 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         return sum(self._batches_in(group.size) for group in self._groups)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def batch_arrays(self) -> list[np.ndarray]:
+        """This epoch's batches as index arrays (what ``__iter__`` yields as lists): a million lines are a few
+        thousand arrays, not a million Python ints."""
         # (seed, epoch) as entropy rather than seed + epoch: seed 0 epoch 1 must not replay seed 1 epoch 0.
         rng = np.random.default_rng([self.seed, self.epoch])
         batches: list[np.ndarray] = []
@@ -361,8 +383,19 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
                 batches.append(order[start : start + self.batch_size])
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        for batch in batches:
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_arrays():
             yield batch.tolist()
+
+
+def text_hash_ids(texts: Sequence[str]) -> torch.Tensor:
+    """[B] int64, one id per distinct text, the same in every process, worker and run (the first 63 bits of its
+    BLAKE2b digest): lines with identical transcriptions are each other's positives, and no table over the whole
+    dataset is needed to say so. Two different texts share an id with probability ~N^2 / 2^64 (1e-5 at 10M)."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+                         >> 1 for text in texts], dtype=torch.long)
 
 
 @dataclass
@@ -384,6 +417,7 @@ class LineCollator:
                 "input_ids": torch.zeros((0, 0), dtype=torch.long),
                 "attention_mask": torch.zeros((0, 0), dtype=torch.long),
                 "indices": torch.zeros((0,), dtype=torch.long),
+                "text_ids": torch.zeros((0,), dtype=torch.long),
                 "n_corrupt": n_corrupt,
                 "corrupt_indices": corrupt_indices,
                 "n_truncated": 0,
@@ -403,23 +437,54 @@ class LineCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
+            "text_ids": text_hash_ids(texts),  # identical transcriptions: positives of each other
             "n_corrupt": n_corrupt,
             "corrupt_indices": corrupt_indices,
             "n_truncated": n_truncated,
         }
 
 
-def group_keys(records: Sequence[LineRecord], field: str) -> np.ndarray:
+def group_keys(records: Sequence[LineRecord] | LineTable, field: str) -> np.ndarray:
     """Per record an int key of its `field` (`page_id`, `doc_id`, or an extra manifest field such as
-    `collection`); -1 where the line has no value. Pages are keyed with their document, since a page id
-    need only be unique within its volume."""
-    def value(record: LineRecord) -> str:
+    `collection`), numbered in order of first appearance; -1 where the line has no value. Pages are keyed with
+    their document, since a page id need only be unique within its volume."""
+    table = records if isinstance(records, LineTable) else LineTable.from_records(records)
+    if field in ("doc_id", "page_id", "line_id"):
+        values = pa.chunked_array(table.columns[field].chunks, pa.string())
         if field == "page_id":
-            return f"{record.doc_id}\x00{record.page_id}" if record.page_id else ""
-        return getattr(record, field) if field in ("doc_id", "line_id", "source") else record.extra.get(field, "")
+            doc = pa.chunked_array(table.columns["doc_id"].chunks, pa.string())
+            values = pc.if_else(pc.equal(values, ""), "", pc.binary_join_element_wise(doc, values, "\x00"))
+    elif field == "source":
+        values = pa.array([table.source(i) for i in range(len(table))], pa.string())
+    else:
+        extras = table.columns["extra"]
+        values = pa.array([json.loads(e).get(field, "") if (e := extras[i]) else "" for i in range(len(extras))],
+                          pa.string())
+    encoded = pc.dictionary_encode(values)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()  # unifies the chunks' dictionaries, keeping first-seen order
+    keys = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    blank = encoded.dictionary.to_pylist().index("") if "" in encoded.dictionary.to_pylist() else -1
+    if blank >= 0:
+        keys = np.where(keys == blank, -1, keys - (keys > blank))
+    return keys
 
-    ids: dict[str, int] = {}
-    return np.array([ids.setdefault(v, len(ids)) if (v := value(r)) else -1 for r in records], dtype=np.int64)
+
+class ShownTexts(Sequence[str]):
+    """The transcriptions as the model is shown them: cut to `limit` bytes (at a character boundary, like
+    byte_encode) when the image is cropped to its text, else whole. Built per item, on demand."""
+
+    def __init__(self, texts: Sequence[str] | StringColumn, limit: int | None = None) -> None:
+        self.texts, self.limit = texts, limit
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        text = self.texts[index]
+        if self.limit is None:
+            return text
+        return text.encode()[: self.limit].decode(errors="ignore")
 
 
 class TrainTexts:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -16,6 +19,7 @@ from lineclip.batch import (
     BucketBatchSampler,
     LineCollator,
     LineDataset,
+    ShownTexts,
     TrainTexts,
     count_truncated,
     group_keys,
@@ -24,16 +28,18 @@ from lineclip.batch import (
 )
 from lineclip.config import ConfigError
 from lineclip.galleries import ValidationPlan, setting_name
-from lineclip.manifest import LineRecord, ManifestError, read_manifest
+from lineclip.manifest import LineRecord, LineTable, ManifestError, ManifestReport
 from lineclip.metrics import text_ids
 from lineclip.preprocess import LineGeometry, LineImageTransform
+from lineclip.sizes import load_line_table, main_first
 
 log = logging.getLogger(__name__)
 
 
-def text_ids_of(records: list[LineRecord]) -> torch.Tensor:
+def text_ids_of(records: Sequence[LineRecord] | LineTable) -> torch.Tensor:
     """One integer per distinct normalised transcription: lines sharing a text are each other's positives."""
-    return torch.as_tensor(text_ids([r.text for r in records]), dtype=torch.long)
+    texts = records.texts if isinstance(records, LineTable) else [r.text for r in records]
+    return torch.as_tensor(text_ids(texts), dtype=torch.long)
 
 
 class ShardedBatches:
@@ -51,10 +57,12 @@ class ShardedBatches:
         self.skip = skip
 
     def __iter__(self):
-        batches = list(self.sampler)
+        # Index arrays, not lists of Python ints: a million-line epoch is a few thousand small arrays.
+        arrays = getattr(self.sampler, "batch_arrays", None)
+        batches = arrays() if arrays is not None else [np.asarray(batch, dtype=np.int64) for batch in self.sampler]
         if self.world_size > 1 and batches:
             batches += batches[: (-len(batches)) % self.world_size]
-        return iter(batches[self.rank :: self.world_size][self.skip :])
+        return (batch.tolist() for batch in batches[self.rank :: self.world_size][self.skip :])
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.world_size)
@@ -75,16 +83,35 @@ def make_loader(dataset: LineDataset, batch_sampler: Any, collate: LineCollator,
     )
 
 
-def load_lines(cfg: DictConfig) -> tuple[list[LineRecord], list[LineRecord], dict[str, Any]]:
-    def read(path: str):
-        return read_manifest(path, cfg.data.dataset_dir, cfg.data.on_bad_row, cfg.data.max_text_bytes)
+def load_lines(cfg: DictConfig, run_dir: str | Path | None = None, is_main: bool = True,
+               wait_for_everyone: Callable[[], None] = lambda: None) -> tuple[LineTable, LineTable, dict[str, Any]]:
+    """The train and val lines as LineTables with their image sizes, and the data report. From the line cache
+    (lineclip.sizes) when it matches, else parsed and scanned by the main process first, then read from its
+    cache by the others (`is_main`, `wait_for_everyone`: the accelerator's)."""
+    pixels = cfg.data.max_image_pixels or 0
 
-    train_records, train_report = read(cfg.data.train_manifest)
-    val_records, report = [], {"train": train_report.to_dict()}
-    if cfg.data.val_manifest:
-        val_records, val_report = read(cfg.data.val_manifest)
-        report["val"] = val_report.to_dict()
-    truncated = count_truncated((r.text for r in train_records), cfg.text.max_length)
+    def read(path: str) -> tuple[LineTable, ManifestReport]:
+        if cfg.data.format == "shards":
+            from lineclip.shard import load_shards
+
+            return load_shards(path, cfg.data.on_bad_row)
+        return load_line_table(path, cfg.data.dataset_dir, cfg.data.on_bad_row, cfg.data.max_text_bytes, pixels,
+                               fallback_dir=run_dir, use_cache=cfg.data.line_cache, cache_dir=cfg.data.line_cache_dir,
+                               scan_workers=cfg.data.scan_workers, progress=is_main)
+
+    def read_all() -> tuple[LineTable, LineTable, dict[str, Any]]:
+        train_source, val_source = cfg.data.train_manifest, cfg.data.val_manifest
+        if cfg.data.format == "shards":  # the shards' index: no manifest parse, no header scan
+            train_source, val_source = cfg.data.train_shards, cfg.data.val_shards
+        train, train_report = read(train_source)
+        val, report = LineTable.empty(), {"train": train_report.to_dict()}
+        if val_source:
+            val, val_report = read(val_source)
+            report["val"] = val_report.to_dict()
+        return train, val, report
+
+    train_records, val_records, report = main_first(is_main, wait_for_everyone, read_all)
+    truncated = count_truncated(train_records.texts, cfg.text.max_length)
     report["train_truncated_texts"] = truncated
     report["train_truncated_share"] = truncated / max(1, len(train_records))
     if truncated:
@@ -106,6 +133,12 @@ def image_problems(dataset: LineDataset, cfg: DictConfig, split: str) -> dict[st
     return counts
 
 
+def add_counts(skipped: dict[str, int], counts: dict[str, int]) -> None:
+    """Add to the per-reason counts (shards arrive with the image problems found when they were written)."""
+    for reason, n in counts.items():
+        skipped[reason] = skipped.get(reason, 0) + n
+
+
 def validation_plan(records: list[LineRecord], cfg: DictConfig) -> ValidationPlan:
     """What validation scores besides the whole gallery (trainer.val_gallery_by, trainer.val_phrases)."""
     low, high = cfg.trainer.val_phrase_syllables
@@ -121,8 +154,8 @@ def validation_plan(records: list[LineRecord], cfg: DictConfig) -> ValidationPla
 class TrainData:
     """Everything the loop and the final export read: the records, the datasets, the sampler and loader."""
 
-    train_records: list[LineRecord]
-    val_records: list[LineRecord]
+    train_records: LineTable
+    val_records: LineTable  # empty without a val manifest
     report: dict[str, Any]  # the data report (data_report.json), filled in further by the loop
     train_set: LineDataset
     val_set: LineDataset | None
@@ -140,7 +173,7 @@ class TrainData:
         return LineDataset(self.train_records, self.eval_transform, max_image_pixels=self.max_image_pixels)
 
 
-def build_data(cfg: DictConfig, train_records: list[LineRecord], val_records: list[LineRecord],
+def build_data(cfg: DictConfig, train_records: LineTable, val_records: LineTable,
                report: dict[str, Any], image_processor: Any, rank: int, world: int) -> TrainData:
     """Datasets (train augmented, val and corpus not), the collator, this epoch's texts, the validation plan
     and the bucketed sampler dealt to this process, from the records `load_lines` read."""
@@ -153,20 +186,19 @@ def build_data(cfg: DictConfig, train_records: list[LineRecord], val_records: li
                                                               augment=cfg.data.augment), crop_to_text_bytes=crop,
                             max_image_pixels=pixels)
     eval_transform = LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std, augment=False)
-    report["train"]["skipped"].update(image_problems(train_set, cfg, "train"))
+    add_counts(report["train"]["skipped"], image_problems(train_set, cfg, "train"))
     val_set = LineDataset(val_records, eval_transform, crop_to_text_bytes=crop,
                           max_image_pixels=pixels) if val_records else None
     if val_set is not None:
-        report["val"]["skipped"].update(image_problems(val_set, cfg, "val"))
+        add_counts(report["val"]["skipped"], image_problems(val_set, cfg, "val"))
     collate = LineCollator(cfg.text.max_length, reading=cfg.loss.reading_weight > 0 or cfg.loss.bag_weight > 0)
     span = cfg.data.text_span
     # With crop_to_text the image shows only the text that fits text.max_length: phrases come from that part.
-    shown = [r.text.encode()[: cfg.text.max_length - 1].decode(errors="ignore") if crop else r.text
-             for r in train_records]
+    shown = ShownTexts(train_records.texts, cfg.text.max_length - 1 if crop else None)
     train_texts = TrainTexts(shown, span.p, span.min_syllables, span.max_syllables, cfg.trainer.seed)
     val_ids = text_ids_of(val_records) if val_records else None
     val_plan = validation_plan(val_records, cfg) if val_records else None
-    lengths = text_lengths((r.text for r in train_records), cfg.text.max_length)
+    lengths = text_lengths(train_records.texts, cfg.text.max_length)
     groups = None
     if cfg.data.group_batches_by:
         groups = group_keys(train_records, cfg.data.group_batches_by)
@@ -180,7 +212,7 @@ def build_data(cfg: DictConfig, train_records: list[LineRecord], val_records: li
     if bucketed.n_dropped:
         log.info("data.min_batch_size=%d: %d lines an epoch fall in bucket tails that small and are left out "
                  "(shuffled: mostly different ones each epoch)", cfg.data.min_batch_size, bucketed.n_dropped)
-    report["text_padding_fraction"] = text_padding_fraction(list(bucketed), lengths)
+    report["text_padding_fraction"] = text_padding_fraction(bucketed.batch_arrays(), lengths)
     log.info("text padding: %.1f%% of the text positions of an epoch", 100 * report["text_padding_fraction"])
     sampler = ShardedBatches(bucketed, rank, world)
     loader = make_loader(train_set, sampler, collate, cfg.data.num_workers, cfg.trainer.seed)

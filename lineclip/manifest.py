@@ -392,11 +392,16 @@ class LineTable(Sequence[LineRecord]):
     """
 
     def __init__(self, table: pa.Table, manifest: str = "", sources: Sequence[str] | None = None,
-                 cache_path: str | None = None) -> None:
+                 cache_path: str | None = None, sizes_checked: bool = False, images: Any = None) -> None:
         self.table = table.select(list(TABLE_SCHEMA.names))
         self.manifest = manifest
         self.sources = sources  # per line, when the lines come from records rather than one manifest
         self.cache_path = cache_path  # the memory-mapped file the table lives in, if any
+        # True when every size is final (read from headers, or manifest sizes checked against them): the line
+        # cache and shards; complete_sizes then only applies the pixel limit.
+        self.sizes_checked = sizes_checked
+        # Where the image bytes are when not at image_path: lineclip.shard.ShardImages for lines read from shards.
+        self.images = images
         self.columns = {name: StringColumn(self.table.column(name)) for name in STRING_COLUMNS}
         self.line_nos = self.table.column("line_no").to_numpy()
         self.sizes = np.stack([self.table.column("width").to_numpy(), self.table.column("height").to_numpy()],
@@ -410,6 +415,10 @@ class LineTable(Sequence[LineRecord]):
                           "width": pa.array(np.full(len(records), -1, np.int32)),
                           "height": pa.array(np.full(len(records), -1, np.int32))}, schema=TABLE_SCHEMA)
         return cls(table, sources=[r.source for r in records])
+
+    @classmethod
+    def empty(cls) -> LineTable:
+        return cls(TABLE_SCHEMA.empty_table())
 
     @property
     def texts(self) -> StringColumn:
@@ -447,20 +456,20 @@ class LineTable(Sequence[LineRecord]):
         sizes = np.asarray(sizes, dtype=np.int32)
         table = self.table.set_column(TABLE_SCHEMA.get_field_index("width"), "width", pa.array(sizes[:, 0]))
         table = table.set_column(TABLE_SCHEMA.get_field_index("height"), "height", pa.array(sizes[:, 1]))
-        return LineTable(table, self.manifest, self.sources)
+        return LineTable(table, self.manifest, self.sources, sizes_checked=True, images=self.images)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Loader workers started by spawn get the table by pickle: a cached table is re-mapped from its file
         # rather than copied into every worker.
-        if self.cache_path is not None and self.sources is None:
+        if self.cache_path is not None and self.sources is None and self.images is None:
             return (_open_cached, (self.cache_path, self.manifest))
-        return (LineTable, (self.table, self.manifest, self.sources))
+        return (LineTable, (self.table, self.manifest, self.sources, None, self.sizes_checked, self.images))
 
 
 def _open_cached(path: str, manifest: str) -> LineTable:
     with pa.memory_map(path) as source:
         table = pa.ipc.open_file(source).read_all()
-    return LineTable(table, manifest, cache_path=path)
+    return LineTable(table, manifest, cache_path=path, sizes_checked=True)
 
 
 def _rows_to_batch(rows: list[_Row], line_nos: list[int]) -> pa.RecordBatch:

@@ -142,8 +142,14 @@ def header_size(item: str | os.PathLike | Image.Image,
 def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """A line image file, decoded and turned by its EXIF orientation: what training, encoding and the search
     page's thumbnails all use, so all three see the same line. Modes are left to the transform."""
-    with open_regular(path) as handle, Image.open(handle) as image:
-        _check_pixels(*image.size, max_pixels, path)
+    with open_regular(path) as handle:
+        return decode_image(handle, max_pixels, path)
+
+
+def decode_image(handle: BinaryIO, max_pixels: int | None, name: str | os.PathLike) -> Image.Image:
+    """`load_image` of an open binary file (a line image inside a tar shard, lineclip.shard); `name` for errors."""
+    with Image.open(handle) as image:
+        _check_pixels(*image.size, max_pixels, name)
         orientation = exif_orientation(image)
         image.load()  # inside the try of the caller: a truncated file opens fine and fails only here
         return image.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else image

@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 SIZE_UNKNOWN, SIZE_UNREADABLE, SIZE_EMPTY, SIZE_TOO_LARGE = -1, -2, -3, -4
 IMAGE_PROBLEMS = {SIZE_UNREADABLE: "unreadable_image", SIZE_EMPTY: "empty_image", SIZE_TOO_LARGE: "too_large_image"}
 CACHE_VERSION = 1
+# Smaller manifests are read and scanned in about a second: no cache file for them (the bundled demo set's dir is
+# inside the package, and a test's tmp dir should not collect caches either).
+CACHE_MIN_ROWS = 10_000
+SIZE_PROBE = 64  # manifest sizes checked against headers before they are trusted
 _SCAN_CHUNK = 512  # paths per task of the process pool: large enough that pickling is noise
 _PROCESS_SCAN_MIN = 20_000  # below this, threads: a process pool's start-up would cost more than it saves
 
@@ -107,15 +111,30 @@ def scan_sizes(paths: Sequence[str], max_pixels: int | None, workers: int | None
 def complete_sizes(table: LineTable, max_pixels: int | None, workers: int | None = None,
                    progress: bool = True) -> LineTable:
     """The table with every unknown size read from its header. Sizes the manifest gave (`width`/`height`) are
-    kept, only checked against the pixel limit; whether they match the file is found when the line is loaded."""
+    used when a probe of up to SIZE_PROBE of them, spread over the manifest, matches the headers exactly (some
+    exports write the size of a resized copy there: then every header is read); a line whose file does not
+    match its size is found when it is loaded and counted as corrupt_image, never fatal."""
     sizes = table.sizes.copy()
+    paths = table.image_paths
+    given = np.flatnonzero(sizes[:, 0] > 0)
+    if given.size and not table.sizes_checked:
+        probe = np.unique(given[np.linspace(0, given.size - 1, min(SIZE_PROBE, given.size)).astype(np.int64)])
+        found = scan_sizes(_Picked(paths, probe), max_pixels, workers, progress=False)
+        wrong = np.flatnonzero((found != sizes[probe]).any(axis=1))
+        if wrong.size:
+            i = int(probe[wrong[0]])
+            logger.warning("%s: the manifest's width/height are not the image sizes (line %s: %dx%d, its header: "
+                           "%dx%d); reading every image header instead", table.manifest or "lines", table.source(i),
+                           *sizes[i], *found[wrong[0]])
+            sizes[given] = SIZE_UNKNOWN
     given = sizes[:, 0] > 0
     if max_pixels:
         sizes[given & (sizes[:, 0].astype(np.int64) * sizes[:, 1] > max_pixels)] = SIZE_TOO_LARGE
     unknown = np.flatnonzero(sizes[:, 0] == SIZE_UNKNOWN)
     if unknown.size:
-        paths = table.image_paths
         sizes[unknown] = scan_sizes(_Picked(paths, unknown), max_pixels, workers, progress)
+    if table.sizes_checked and np.array_equal(sizes, table.sizes):
+        return table  # nothing changed: keep the memory-mapped table as it is
     return table.with_sizes(sizes)
 
 
@@ -199,7 +218,8 @@ def write_cache(table: LineTable, report: ManifestReport, key: dict[str, Any], d
 def load_line_table(manifest: str | Path, dataset_dir: str | None = None, on_bad_row: str = "skip",
                     max_text_bytes: int | None = None, max_pixels: int | None = None,
                     fallback_dir: str | Path | None = None, use_cache: bool = True, cache_dir: str | None = None,
-                    scan_workers: int | None = None, progress: bool = True) -> tuple[LineTable, ManifestReport]:
+                    scan_workers: int | None = None, progress: bool = True,
+                    cache_min_rows: int = CACHE_MIN_ROWS) -> tuple[LineTable, ManifestReport]:
     """A manifest's lines with every image size known: from the line cache when it matches, else parsed and
     scanned, then cached (beside the manifest, else in `cache_dir`, else `fallback_dir`, e.g. the run dir).
     In `on_bad_row="error"` mode a cache that counted bad rows is not enough: the manifest is read again so that
@@ -219,7 +239,7 @@ def load_line_table(manifest: str | Path, dataset_dir: str | None = None, on_bad
                 return cached
     table, report = read_line_table(path, dataset_dir, on_bad_row, max_text_bytes)
     table = complete_sizes(table, max_pixels, scan_workers, progress)
-    if key is None:
+    if key is None or report.rows_total < cache_min_rows:
         return table, report
     written = write_cache(table, report, key, dirs)
     if written is None:

@@ -272,16 +272,18 @@ def _reading_term(out: Embeddings, batch: dict[str, Any], weights: tuple[float, 
     return torch.stack(terms).sum() if terms else None
 
 
-def batch_positives(text_ids: torch.Tensor | TrainTexts, indices: torch.Tensor, gather: bool,
+def batch_positives(texts: TrainTexts | None, batches: list[dict[str, Any]], gather: bool,
                     device: torch.device) -> torch.Tensor:
-    """What the loss takes as positives for the lines `indices` (this process's part of the contrastive batch):
-    their text ids, or with TrainTexts the [N, N] matrix of the whole batch, built from every process's
-    indices (gathered in rank order, the order in which the loss gathers the embeddings)."""
-    if isinstance(text_ids, torch.Tensor):
-        return text_ids[indices].to(device)
+    """What the loss takes as positives for the lines of `batches` (this process's part of the contrastive batch):
+    without TrainTexts the collator's `text_ids` (identical transcriptions are positives); with TrainTexts the
+    [N, N] matrix of the whole batch, built from every process's indices (gathered in rank order, the order in
+    which the loss gathers the embeddings)."""
+    if texts is None:
+        return torch.cat([b["text_ids"] for b in batches]).to(device)
+    indices = torch.cat([b["indices"] for b in batches])
     if gather:
         indices = gather_across_processes(indices.to(device))[0]
-    return text_ids.positives(indices.cpu()).to(device)
+    return texts.positives(indices.cpu()).to(device)
 
 
 def pair_loss(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
@@ -293,7 +295,7 @@ def pair_loss(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor, 
 
 
 def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: list[dict[str, Any]],
-                    text_ids: torch.Tensor | TrainTexts, gather: bool,
+                    train_texts: TrainTexts | None, gather: bool,
                     reading_weights: tuple[float, float] = (0.0, 0.0)) -> StepOutput:
     """One contrastive batch of k micro-batches in the memory of one (gradient caching, Gao et al. 2021):
     embed all k without a graph, take the loss over all k*m pairs and its gradient w.r.t. the embeddings,
@@ -312,7 +314,7 @@ def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: l
     text = torch.cat(texts).requires_grad_(True)
     scale = raw.scale().detach().requires_grad_(True)
     bias = raw.logit_bias.detach().clone().requires_grad_(True) if raw.logit_bias is not None else None
-    positives = batch_positives(text_ids, torch.cat([b["indices"] for b in batches]), gather, device)
+    positives = batch_positives(train_texts, batches, gather, device)
     result = pair_loss(image, text, positives, scale, bias, gather)
     result.loss.backward()
     start, readings = 0, []
@@ -338,19 +340,19 @@ def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: l
 
 
 def train_step(accelerator: Accelerator, model: torch.nn.Module, micro_batches: list[dict[str, Any]],
-               text_ids: torch.Tensor | TrainTexts, gather: bool, grad_cache: bool,
+               train_texts: TrainTexts | None, gather: bool, grad_cache: bool,
                reading_weights: tuple[float, float] = (0.0, 0.0)) -> StepOutput:
     """Forward and backward of one optimizer step (no optimizer call): gradient caching turns the micro-batches
     into one contrastive batch; otherwise their gradients are summed (accumulation: no extra negatives).
-    `text_ids`: per dataset index, the id of its text (identical texts are positives), or a TrainTexts."""
+    `train_texts`: None (positives: the batches' own text_ids), or the TrainTexts that say which are positives."""
     if grad_cache:
-        return grad_cache_step(accelerator, model, micro_batches, text_ids, gather, reading_weights)
+        return grad_cache_step(accelerator, model, micro_batches, train_texts, gather, reading_weights)
     for i, batch in enumerate(micro_batches):
         # All-reduce once, on the last micro-batch.
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
             out = model(**to_device(batch, accelerator.device))
-            positives = batch_positives(text_ids, batch["indices"], gather, accelerator.device)
+            positives = batch_positives(train_texts, [batch], gather, accelerator.device)
             result = pair_loss(out.image, out.text, positives, out.logit_scale, out.logit_bias, gather)
             reading = _reading_term(out, batch, reading_weights)
             total = result.loss if reading is None else result.loss + reading
@@ -408,7 +410,8 @@ def train(cfg: DictConfig) -> TrainResult:
     # ---- setup: run dir, data, model, optimizer and schedule, checkpointer
     accelerator, output_dir, resume_from = setup_run(cfg)
     world = accelerator.num_processes
-    train_records, val_records, data_report = load_lines(cfg)
+    train_records, val_records, data_report = load_lines(cfg, output_dir, accelerator.is_main_process,
+                                                         accelerator.wait_for_everyone)
     model, image_processor, tokenizer = build_model(cfg)
     data = build_data(cfg, train_records, val_records, data_report, image_processor, accelerator.process_index,
                       world)

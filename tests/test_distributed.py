@@ -137,7 +137,7 @@ def test_grad_cache_equals_one_big_batch_with_dropout_on():
     model.zero_grad(set_to_none=True)
 
     torch.manual_seed(123)
-    cached = grad_cache_step(Accelerator(cpu=True), model, batches, ids, gather=False)
+    cached = grad_cache_step(Accelerator(cpu=True), model, batches, None, gather=False)  # the batches' text_ids
     assert cached.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads.keys() == ref_grads.keys() and "logit_scale" in grads
@@ -160,6 +160,6 @@ def test_gradient_accumulation_sums_batches_without_adding_negatives():
         (contrastive_loss(out.image, out.text, ids[b["indices"]], out.logit_scale).loss / 2).backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    train_step(Accelerator(cpu=True), model, batches, ids, gather=False, grad_cache=False)
+    train_step(Accelerator(cpu=True), model, batches, None, gather=False, grad_cache=False)
     for name, g in expected.items():
         torch.testing.assert_close(model.get_parameter(name).grad, g, atol=1e-6, rtol=1e-4, msg=name)

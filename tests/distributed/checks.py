@@ -120,9 +120,10 @@ def check_grads(out_dir: Path, per_rank: int = 4):
     # Gradient caching on top: each rank's B rows as 2 micro-batches of B/2, one contrastive batch of 2B.
     model.zero_grad(set_to_none=True)
     micro = [{"pixel_values": batch["pixel_values"][rows], "input_ids": batch["input_ids"][rows],
-              "attention_mask": batch["attention_mask"][rows], "indices": torch.arange(2 * per_rank)[rows]}
+              "attention_mask": batch["attention_mask"][rows], "indices": torch.arange(2 * per_rank)[rows],
+              "text_ids": ids[rows]}
              for rows in (slice(mine.start, mine.start + per_rank // 2), slice(mine.start + per_rank // 2, mine.stop))]
-    cached = grad_cache_step(accelerator, model, micro, ids, gather=True)
+    cached = grad_cache_step(accelerator, model, micro, None, gather=True)
     cached_loss = accelerator.reduce(cached.loss.detach(), "mean")
     cached_grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()
                     if p.grad is not None}

@@ -1,0 +1,334 @@
+"""`python -m lineclip.shard manifest=M out_dir=D shard_size=N`: a manifest's lines as tar shards, and reading them.
+
+A shard dir holds
+- `shard-000000.tar`, ...: webdataset-style tars (plain POSIX tar, no compression), per line two members with the
+  same key (the line's index in the shard set, `000000042`): the image file's bytes as they were
+  (`000000042.jpg`) and `000000042.json` with `text`, `sample_id`, `doc_id`, `page_id`, `line_id`, `extra`,
+  `width`, `height` (as the model sees the image), `image` and `source` (the original path and manifest row).
+  Any tar reader, webdataset included, can stream them.
+- `index.arrow`: per line the same fields as a LineTable (Arrow IPC, memory-mapped when read) plus where its image
+  bytes are: `shard`, `offset`, `nbytes` (tar data offsets recorded when the shard was written).
+- `shards.json`, written last: the format, the shards with their line counts and byte sizes, and the manifest
+  report (bad rows per reason, and the bad image files found while sharding: unreadable, empty, too large).
+
+Training (`data.format=shards data.train_shards=D`) reads the index, not the tars, so it starts without a manifest
+parse or a header scan, and then reads each line's bytes by offset: random access, so the bucketed sampler, its
+resume position and the bad-sample counting are exactly those of manifest training (same lines in the same order:
+the same batches). webdataset itself streams shards in order with a shuffle buffer; bucketing by width and an exact
+resume position need random access, which the recorded offsets give in a few lines.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import pyarrow as pa
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm.auto import tqdm
+
+from lineclip.cli import UsageError, run_command
+from lineclip.config import conf_dir, register_configs
+from lineclip.manifest import (
+    DEFAULT_MAX_TEXT_BYTES,
+    ON_BAD_ROW_CHOICES,
+    TABLE_SCHEMA,
+    LineTable,
+    ManifestError,
+    ManifestReport,
+)
+from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_image, open_regular
+from lineclip.sizes import IMAGE_PROBLEMS, load_line_table
+
+log = logging.getLogger(__name__)
+
+SHARDS_FILE = "shards.json"
+INDEX_FILE = "index.arrow"
+SHARD_FORMAT = "lineclip-shards"
+SHARD_VERSION = 1
+IMAGE_PROBLEM_REASONS = tuple(IMAGE_PROBLEMS.values())
+INDEX_SCHEMA = pa.schema([*TABLE_SCHEMA, pa.field("shard", pa.int32()), pa.field("offset", pa.int64()),
+                          pa.field("nbytes", pa.int64())])
+
+
+@dataclass
+class ShardConfig:
+    manifest: str | None = None  # required: the JSONL line manifest to shard
+    out_dir: str | None = None  # required: the shard dir to write (must not exist, unless overwrite)
+    dataset_dir: str | None = None  # relative image paths resolve against it (as in training)
+    # Lines per tar. 10,000 lines of ~115 KB are ~1 GB shards: large enough that an object store serves them at
+    # full speed, small enough that a few shards spread over the loader workers.
+    shard_size: int = 10_000
+    on_bad_row: str = "skip"  # skip (and count) bad rows and image files | error: stop at the first
+    max_text_bytes: int | None = DEFAULT_MAX_TEXT_BYTES
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images are counted (too_large_image), not written
+    scan_workers: int | None = None  # processes reading image headers; null: all CPUs
+    overwrite: bool = False  # replace out_dir if it is a shard dir
+    progress: bool = True
+
+
+def _image_suffix(path: str) -> str:
+    # The member's extension says what the bytes are (webdataset decodes by it); keys must hold no dot.
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return suffix if suffix.isalnum() else "img"
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0  # mtime 0: the same manifest gives the same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(manifest: str | Path, out_dir: str | Path, shard_size: int = 10_000, dataset_dir: str | None = None,
+                 on_bad_row: str = "skip", max_text_bytes: int | None = DEFAULT_MAX_TEXT_BYTES,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, scan_workers: int | None = None,
+                 overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write the shard dir (into a staging dir renamed into place at the end) and return its summary."""
+    if shard_size < 1:
+        raise UsageError(f"shard_size must be >= 1, got {shard_size}")
+    if on_bad_row not in ON_BAD_ROW_CHOICES:
+        raise UsageError(f"on_bad_row={on_bad_row!r} is not one of {', '.join(ON_BAD_ROW_CHOICES)}")
+    out = Path(os.path.abspath(os.path.expanduser(str(out_dir))))
+    if out.exists():
+        if not overwrite:
+            raise UsageError(f"out_dir={out} already exists (overwrite=true replaces a shard dir)")
+        if not (out / SHARDS_FILE).is_file():
+            raise UsageError(f"out_dir={out} is not a shard dir (no {SHARDS_FILE}): not replacing it")
+    table, report = load_line_table(manifest, dataset_dir, on_bad_row, max_text_bytes, max_pixels or 0,
+                                    scan_workers=scan_workers, progress=progress)
+    for reason in IMAGE_PROBLEM_REASONS:
+        report.skipped.setdefault(reason, 0)
+
+    def bad_image(index: int, reason: str) -> None:
+        if on_bad_row == "error":
+            raise ManifestError(f"{table.source(index)}: {reason} ({table.image_paths[index]})")
+        report.skipped[reason] += 1
+        report.rows_used -= 1
+        report.first_bad.setdefault(reason, table.source(index))
+
+    staging = out.parent / f".staging_{out.name}_{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        kept: list[int] = []
+        locations: list[tuple[int, int, int]] = []
+        shards: list[dict[str, Any]] = []
+        tar: tarfile.TarFile | None = None
+        names: list[str] = []
+        bar = tqdm(total=len(table), desc="shards", unit="line", disable=not progress)
+
+        def close_shard() -> None:
+            assert tar is not None
+            tar.close()
+            path = staging / shards[-1]["name"]
+            # The data offsets as the tar itself records them (headers only are read): exact for any name length.
+            with tarfile.open(path) as written:
+                offsets = {m.name: (m.offset_data, m.size) for m in written.getmembers()}
+            locations.extend((len(shards) - 1, *offsets[name]) for name in names)
+            shards[-1].update(n_lines=len(names), bytes=path.stat().st_size)
+
+        for index in range(len(table)):
+            bar.update(1)
+            width, height = (int(v) for v in table.sizes[index])
+            if width < 0:
+                bad_image(index, IMAGE_PROBLEMS[width])
+                continue
+            path = table.image_paths[index]
+            try:
+                with open_regular(path) as handle:
+                    data = handle.read()
+            except OSError:
+                bad_image(index, "unreadable_image")
+                continue
+            if tar is None or len(names) == shard_size:
+                if tar is not None:
+                    close_shard()
+                shards.append({"name": f"shard-{len(shards):06d}.tar"})
+                tar = tarfile.open(staging / shards[-1]["name"], "w", format=tarfile.USTAR_FORMAT)
+                names = []
+            record = table[index]
+            key = f"{len(kept):09d}"
+            names.append(f"{key}.{_image_suffix(path)}")
+            _member(tar, names[-1], data)
+            meta = {"text": record.text, "sample_id": record.sample_id, "doc_id": record.doc_id,
+                    "page_id": record.page_id, "line_id": record.line_id, "extra": dict(record.extra),
+                    "width": width, "height": height, "image": path, "source": record.source}
+            _member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+            kept.append(index)
+        if tar is not None:
+            close_shard()
+        bar.close()
+        if not kept:
+            raise ManifestError(f"manifest {report.manifest} has no usable line to shard: {report.summary()}")
+        rows = table.table.take(pa.array(kept, pa.int64()))
+        where = np.array(locations, dtype=np.int64).reshape(-1, 3)
+        index_table = pa.Table.from_arrays(
+            [*rows.columns, pa.array(where[:, 0].astype(np.int32)), pa.array(where[:, 1]), pa.array(where[:, 2])],
+            schema=INDEX_SCHEMA)
+        with pa.OSFile(str(staging / INDEX_FILE), "wb") as sink, pa.ipc.new_file(sink, INDEX_SCHEMA) as writer:
+            writer.write_table(index_table, max_chunksize=1 << 16)
+        summary = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "manifest": report.manifest,
+                   "n_lines": len(kept), "shard_size": shard_size, "shards": shards, "report": report.to_dict()}
+        (staging / SHARDS_FILE).write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+        if out.exists():
+            shutil.rmtree(out)  # overwrite=true, and it is a shard dir (checked above)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("%s: %d lines in %d shards (%s)", out, len(kept), len(shards), report.summary())
+    return summary
+
+
+class ShardImages:
+    """The image bytes of shard lines, read by offset (`os.pread` on one descriptor per shard and process)."""
+
+    def __init__(self, shard_paths: Sequence[str], locations: np.ndarray) -> None:
+        self.shard_paths = list(shard_paths)
+        self.locations = locations  # [N, 3] int64: shard, offset, nbytes
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def read(self, index: int) -> bytes:
+        shard, offset, nbytes = (int(v) for v in self.locations[index])
+        if self._pid != os.getpid():  # a forked loader worker: its own descriptors
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            with open_regular(self.shard_paths[shard]) as handle:
+                fd = os.dup(handle.fileno())
+            self._fds[shard] = fd
+        data = os.pread(fd, nbytes, offset)
+        if len(data) != nbytes:
+            raise OSError(f"{self.shard_paths[shard]}: {len(data)} of {nbytes} bytes at offset {offset} (truncated)")
+        return data
+
+    def load(self, index: int, max_pixels: int | None) -> Image.Image:
+        """The line image decoded as lineclip.preprocess.load_image decodes a file (EXIF orientation, pixel limit)."""
+        shard, offset, _ = (int(v) for v in self.locations[index])
+        return decode_image(io.BytesIO(self.read(index)), max_pixels, f"{self.shard_paths[shard]}@{offset}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"shard_paths": self.shard_paths, "locations": self.locations}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["shard_paths"], state["locations"])
+
+
+class _ShardSources(Sequence[str]):
+    """`manifest:line` of each line of several shard dirs, built on demand."""
+
+    def __init__(self, manifests: list[str], part: np.ndarray, line_nos: np.ndarray) -> None:
+        self.manifests, self.part, self.line_nos = manifests, part, line_nos
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        return f"{self.manifests[int(self.part[index])]}:{int(self.line_nos[index])}"
+
+
+def shard_dirs(spec: str) -> list[Path]:
+    """The shard dirs a `data.*_shards` value names: a shard dir, its shards.json, or a glob of either."""
+    matches = sorted(glob.glob(os.path.expanduser(spec))) if glob.has_magic(spec) else [os.path.expanduser(spec)]
+    dirs = [Path(m).parent if Path(m).name == SHARDS_FILE else Path(m) for m in matches]
+    dirs = [d for d in dirs if (d / SHARDS_FILE).is_file()]
+    if not dirs:
+        raise ManifestError(f"{spec}: no shard dir (a dir with {SHARDS_FILE}, written by lineclip.shard)")
+    return list(dict.fromkeys(dirs))
+
+
+def _read_summary(directory: Path) -> dict[str, Any]:
+    try:
+        summary = json.loads((directory / SHARDS_FILE).read_text())
+        if summary.get("format") != SHARD_FORMAT or summary.get("version") != SHARD_VERSION:
+            raise ValueError(f"not a {SHARD_FORMAT} v{SHARD_VERSION} summary")
+        for shard in summary["shards"]:
+            path = directory / shard["name"]
+            if Path(shard["name"]).name != shard["name"] or not path.is_file():
+                raise ValueError(f"shard {shard['name']} is missing")
+            if path.stat().st_size != shard["bytes"]:
+                raise ValueError(f"shard {shard['name']} has {path.stat().st_size} bytes, not {shard['bytes']}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ManifestError(f"{directory / SHARDS_FILE}: {exc}") from None
+    return summary
+
+
+def load_shards(spec: str, on_bad_row: str = "skip") -> tuple[LineTable, ManifestReport]:
+    """The lines of the shard dirs `spec` names, as a LineTable whose images are read from the tars, with the
+    report of what was skipped when they were written (summed over the dirs)."""
+    tables, locations, manifests, parts, paths = [], [], [], [], []
+    report = ManifestReport(manifest=spec)
+    report.skipped.update(dict.fromkeys(IMAGE_PROBLEM_REASONS, 0))
+    for part, directory in enumerate(shard_dirs(spec)):
+        summary = _read_summary(directory)
+        try:
+            table = pa.ipc.open_file(pa.memory_map(str(directory / INDEX_FILE))).read_all()
+            if not table.schema.remove_metadata().equals(INDEX_SCHEMA) or len(table) != summary["n_lines"]:
+                raise ValueError("its columns or line count do not match shards.json")
+            where = np.stack([table.column(c).to_numpy().astype(np.int64) for c in ("shard", "offset", "nbytes")], 1)
+            if len(where) and (where[:, 0].min() < 0 or where[:, 0].max() >= len(summary["shards"])):
+                raise ValueError("a line points at no shard")
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise ManifestError(f"{directory / INDEX_FILE}: {exc}") from None
+        where[:, 0] += len(paths)
+        paths += [str(directory / shard["name"]) for shard in summary["shards"]]
+        tables.append(table.select(TABLE_SCHEMA.names))
+        locations.append(where)
+        manifests.append(summary["manifest"])
+        parts.append(np.full(len(table), part, dtype=np.int32))
+        written = summary["report"]
+        report.rows_total += written["rows_total"]
+        report.rows_used += len(table)
+        for reason, count in written["skipped"].items():
+            report.skipped[reason] = report.skipped.get(reason, 0) + count
+        for reason, where_bad in written["first_bad"].items():
+            report.first_bad.setdefault(reason, where_bad)
+    if on_bad_row == "error" and report.rows_skipped:
+        raise ManifestError(f"{spec}: these shards were written skipping {report.rows_skipped} bad rows or images "
+                            f"({report.summary()}); data.on_bad_row=error wants none")
+    table = pa.concat_tables(tables)
+    line_nos = table.column("line_no").to_numpy()
+    sources = _ShardSources(manifests, np.concatenate(parts), line_nos) if len(manifests) > 1 else None
+    lines = LineTable(table, manifests[0], sources, sizes_checked=True,
+                      images=ShardImages(paths, np.concatenate(locations)))
+    log.info("%s: %d lines in %d shards", spec, len(lines), len(paths))
+    return lines, report
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    if not cfg.manifest:
+        raise UsageError("manifest=... is required (the JSONL line manifest to shard)")
+    if not cfg.out_dir:
+        raise UsageError("out_dir=... is required (the shard dir to write)")
+    summary = write_shards(cfg.manifest, cfg.out_dir, cfg.shard_size, cfg.dataset_dir, cfg.on_bad_row,
+                           cfg.max_text_bytes, cfg.max_image_pixels, cfg.scan_workers, cfg.overwrite, cfg.progress)
+    skipped = {k: v for k, v in summary["report"]["skipped"].items() if v}
+    print(f"{cfg.out_dir}: {summary['n_lines']} lines in {len(summary['shards'])} shards"
+          + (f"; skipped: {', '.join(f'{k}={v}' for k, v in skipped.items())}" if skipped else ""))
+    return summary
+
+
+register_configs()
+ConfigStore.instance().store(name="shard_schema", node=ShardConfig)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="shard")
+def main(cfg: DictConfig) -> None:
+    run_command(build, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Lines as columns (LineTable), the image-size scan and the line cache: the same lines, sizes, buckets and
+counts as reading records one by one, without a per-line Python object, and a cache that is used only when it
+matches."""
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lineclip.batch import (
+    LineCollator,
+    LineDataset,
+    ShownTexts,
+    count_truncated,
+    cut_at_char_boundary,
+    group_keys,
+    text_hash_ids,
+    text_lengths,
+)
+from lineclip.config import asset_dir
+from lineclip.manifest import LineRecord, LineTable, read_line_table, read_manifest
+from lineclip.metrics import text_ids
+from lineclip.preprocess import LineGeometry, LineImageTransform, header_size
+from lineclip.sizes import (
+    SIZE_EMPTY,
+    SIZE_TOO_LARGE,
+    SIZE_UNREADABLE,
+    cache_name,
+    complete_sizes,
+    load_line_table,
+    main_first,
+    scan_sizes,
+)
+
+DEMO = asset_dir("demo")
+DEMO_TRAIN = DEMO / "train" / "meta" / "lines.jsonl"
+
+
+def demo_rows() -> list[dict]:
+    return [json.loads(line) for line in DEMO_TRAIN.read_text().splitlines()]
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path
+
+
+def absolute_demo_rows(n: int, drop_sizes: bool = True) -> list[dict]:
+    rows = []
+    for i, row in enumerate(demo_rows()[:n]):
+        row = {**row, "line_path": str(DEMO / row["line_path"])}
+        if drop_sizes:  # without them, every size comes from a header
+            row.pop("width"), row.pop("height")
+        rows.append({**row, "id": f"r{i}"})
+    return rows
+
+
+def test_table_rows_are_the_records_read_one_by_one(tmp_path):
+    table, report = read_line_table(DEMO_TRAIN)
+    records, report2 = read_manifest(DEMO_TRAIN)
+    assert report.to_dict() == report2.to_dict() and len(table) == len(records) == 160
+    assert list(table) == records and table[-1] == records[-1]
+    assert all(isinstance(r, LineRecord) for r in records)
+    assert [table.texts[i] for i in range(len(table))] == [r.text for r in records]
+    assert table.texts.byte_lengths().tolist() == [len(r.text.encode()) for r in records]
+    # the round trip through records keeps every field, the source included
+    again = LineTable.from_records(records)
+    assert list(again) == records
+
+
+def test_table_chunks_index_like_one_list(tmp_path, monkeypatch):
+    import lineclip.manifest as manifest
+
+    monkeypatch.setattr(manifest, "_CHUNK_ROWS", 7)  # 160 rows in 23 Arrow chunks
+    table, _ = read_line_table(DEMO_TRAIN)
+    assert len(table.texts.chunks) == 23
+    assert list(table) == read_manifest(DEMO_TRAIN)[0]
+    with pytest.raises(IndexError):
+        table.texts[160]
+
+
+def test_vectorised_text_lengths_and_counts_match_per_text_reference():
+    table, _ = read_line_table(DEMO_TRAIN)
+    texts = [table.texts[i] for i in range(len(table))]
+    for max_length in (1, 64, 100, 129, 512):
+        reference = [cut_at_char_boundary(t.encode(), max_length - 1) + 1 for t in texts]
+        assert text_lengths(table.texts, max_length).tolist() == reference == text_lengths(texts, max_length).tolist()
+        assert count_truncated(table.texts, max_length) == sum(len(t.encode()) + 1 > max_length for t in texts)
+    shown = ShownTexts(table.texts, 99)
+    assert [shown[i] for i in range(3)] == [t.encode()[:99].decode(errors="ignore") for t in texts[:3]]
+
+
+def test_group_keys_of_a_table_equal_those_of_records():
+    table, _ = read_line_table(DEMO_TRAIN)
+    records = list(table)
+    for field in ("page_id", "doc_id", "collection", "line_id", "nope"):
+        expected: dict[str, int] = {}
+        values = [(f"{r.doc_id}\x00{r.page_id}" if r.page_id else "") if field == "page_id"
+                  else getattr(r, field) if field in ("doc_id", "line_id") else r.extra.get(field, "")
+                  for r in records]
+        reference = [expected.setdefault(v, len(expected)) if v else -1 for v in values]
+        assert group_keys(table, field).tolist() == reference == group_keys(records, field).tolist()
+    assert group_keys(table, "collection").max() == 1  # the demo's two collections
+
+
+def test_parallel_scan_equals_serial_and_codes_bad_files(tmp_path):
+    good = sorted(str(p) for p in (DEMO / "train" / "lines").iterdir())[:5]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    paths = good + [str(tmp_path / "empty.jpg"), str(tmp_path / "junk.jpg"), str(tmp_path / "gone.jpg")]
+    serial = scan_sizes(paths, None, workers=1, progress=False)
+    assert serial[:5].tolist() == [list(header_size(p)) for p in good]
+    assert serial[5:].tolist() == [[SIZE_EMPTY] * 2, [SIZE_UNREADABLE] * 2, [SIZE_UNREADABLE] * 2]
+    many = paths * 2600  # past the process-pool threshold (20,000)
+    parallel = scan_sizes(many, None, workers=2, progress=False)
+    assert np.array_equal(parallel, np.tile(serial, (2600, 1)))
+    limited = scan_sizes(good[:1], 100, workers=1, progress=False)
+    assert limited.tolist() == [[SIZE_TOO_LARGE] * 2]
+
+
+def test_manifest_sizes_are_used_when_they_match_and_ignored_when_not(tmp_path, caplog, monkeypatch):
+    import lineclip.sizes as sizes
+
+    monkeypatch.setattr(sizes, "SIZE_PROBE", 2)  # lines 0 and 19 are probed
+    rows = absolute_demo_rows(20)
+    true_sizes = [header_size(r["line_path"]) for r in rows]
+    for row, (w, h) in zip(rows, true_sizes, strict=True):
+        row["width"], row["height"] = w, h
+    right = write_manifest(tmp_path / "right.jsonl", rows)
+    table, _ = read_line_table(right)
+    assert table.sizes.tolist() == [list(s) for s in true_sizes]  # taken from the manifest, no header read
+    assert complete_sizes(table, None, progress=False).sizes.tolist() == [list(s) for s in true_sizes]
+    # one file whose manifest size is wrong, not probed: it is found when loaded and counted as corrupt
+    transform = LineImageTransform("bdrc", LineGeometry())
+    rows[3]["width"] = true_sizes[3][0] // 5  # a narrower bucket than the file gives
+    dataset = LineDataset(read_line_table(write_manifest(tmp_path / "one_wrong.jsonl", rows))[0], transform)
+    assert dataset[3] == {"index": 3, "corrupt": "corrupt_image"} and "pixel_values" in dataset[2]
+    # an export that wrote the size of a resized copy (tests/usage_support crops the files and keeps the demo's
+    # width/height): the probe finds it and every header is read
+    halved = [{**row, "width": w // 2, "height": h // 2} for row, (w, h) in zip(rows, true_sizes, strict=True)]
+    table = complete_sizes(read_line_table(write_manifest(tmp_path / "resized.jsonl", halved))[0], None,
+                           progress=False)
+    assert table.sizes.tolist() == [list(s) for s in true_sizes]
+    assert "not the image sizes" in caplog.text
+
+
+def test_dataset_from_table_equals_dataset_from_records(tmp_path):
+    table, _ = read_line_table(DEMO_TRAIN)
+    transform = LineImageTransform("bdrc", LineGeometry())
+    from_table = LineDataset(table, transform, crop_to_text_bytes=100)
+    from_records = LineDataset(list(table), transform, crop_to_text_bytes=100)
+    assert np.array_equal(from_table.buckets, from_records.buckets)
+    assert np.array_equal(from_table.visible_share, from_records.visible_share)
+    assert (from_table.visible_share < 1).any()
+    # the bucket computed per distinct size is the transform's own, line by line
+    for i in range(0, 160, 17):
+        w, h = from_table._visible(i, header_size(table.image_paths[i]))
+        assert from_table.buckets[i] == transform.bucket_of(w, h)
+    item = from_table[5]
+    assert item["text"] == table[5].text and item["pixel_values"].shape[-1] == from_table.buckets[5]
+
+
+def test_collator_text_ids_match_identical_transcriptions():
+    texts = ["ཀ་ཁ", "ག་ང", "ཀ་ཁ", "ཅ"]
+    ids = text_hash_ids(texts)
+    assert ids.dtype == torch.long and (ids >= 0).all()
+    reference = torch.as_tensor(text_ids(texts))
+    assert torch.equal(ids[:, None] == ids[None, :], reference[:, None] == reference[None, :])
+    items = [{"pixel_values": torch.zeros(3, 4, 4), "text": t, "index": i} for i, t in enumerate(texts)]
+    batch = LineCollator(32)(items)
+    assert torch.equal(batch["text_ids"], ids)
+    assert LineCollator(32)([{"index": 0, "corrupt": "corrupt_image"}])["text_ids"].shape == (0,)
+
+
+def big_manifest(tmp_path: Path, n: int = 10_000, **extra) -> Path:
+    rows = absolute_demo_rows(160)
+    return write_manifest(tmp_path / "data" / "lines.jsonl",
+                          [{**rows[i % 160], "id": f"r{i}", "text": f"{rows[i % 160]['text']} {i}", **extra}
+                           for i in range(n)])
+
+
+def test_line_cache_is_written_then_used_then_rebuilt_when_the_manifest_changes(tmp_path, monkeypatch):
+    import lineclip.sizes as sizes
+
+    manifest = big_manifest(tmp_path, 200)
+    first, report = load_line_table(manifest, scan_workers=1, progress=False, cache_min_rows=100)
+    cached = [p for p in manifest.parent.iterdir() if p.name.endswith(".arrow")]
+    assert len(cached) == 1 and cached[0].name.startswith(".lines.jsonl.lineclip-")
+    assert first.cache_path == str(cached[0])
+    # the second load reads neither the manifest nor a header
+    monkeypatch.setattr(sizes, "read_line_table", lambda *a, **k: pytest.fail("parsed again"))
+    monkeypatch.setattr(sizes, "scan_sizes", lambda *a, **k: pytest.fail("scanned again"))
+    second, report2 = load_line_table(manifest, scan_workers=1, progress=False, cache_min_rows=100)
+    assert list(second) == list(first) and np.array_equal(second.sizes, first.sizes)
+    assert report2.to_dict() == report.to_dict()
+    # a spawn-started worker gets the table by pickle: re-mapped from the cache file, the same lines
+    assert list(pickle.loads(pickle.dumps(second))) == list(first)
+    monkeypatch.undo()
+    # an edited manifest (one more row) makes the cache stale: rebuilt, same file name, new content
+    with manifest.open("a") as handle:
+        handle.write("{broken\n")
+    third, report3 = load_line_table(manifest, scan_workers=1, progress=False, cache_min_rows=100)
+    assert len(third) == 200 and report3.skipped["invalid_json"] == 1 and report3.rows_total == 201
+    assert [p.name for p in manifest.parent.iterdir() if p.name.endswith(".arrow")] == [cached[0].name]
+    # in error mode, a cache that counted bad rows is not enough: the row is named
+    from lineclip.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match=r"lines.jsonl:201: invalid_json"):
+        load_line_table(manifest, on_bad_row="error", progress=False, cache_min_rows=100)
+
+
+def test_line_cache_depends_on_settings_and_survives_garbage(tmp_path):
+    manifest = big_manifest(tmp_path, 150)
+    load_line_table(manifest, max_pixels=40_000_000, progress=False, cache_min_rows=100)
+    tiny_limit, _ = load_line_table(manifest, max_pixels=100, progress=False, cache_min_rows=100)
+    assert (tiny_limit.sizes == SIZE_TOO_LARGE).all()  # another key: its own cache, not the first one's sizes
+    caches = sorted(p for p in manifest.parent.iterdir() if p.name.endswith(".arrow"))
+    assert len(caches) == 2
+    for cache in caches:
+        cache.write_bytes(b"garbage")
+    again, _ = load_line_table(manifest, max_pixels=40_000_000, progress=False, cache_min_rows=100)
+    assert len(again) == 150 and (again.sizes > 0).all()
+    # small manifests get no cache file at all (the default threshold)
+    small = write_manifest(tmp_path / "small" / "lines.jsonl", absolute_demo_rows(10))
+    load_line_table(small, progress=False)
+    assert [p.name for p in small.parent.iterdir()] == ["lines.jsonl"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only dirs")
+def test_line_cache_falls_back_to_the_run_dir_when_the_manifest_dir_is_read_only(tmp_path):
+    manifest = big_manifest(tmp_path, 120)
+    manifest.parent.chmod(0o555)
+    try:
+        table, _ = load_line_table(manifest, fallback_dir=tmp_path / "run", progress=False, cache_min_rows=100)
+    finally:
+        manifest.parent.chmod(0o755)
+    assert table.cache_path is not None and Path(table.cache_path).parent == tmp_path / "run" / "line_cache"
+
+
+def test_line_cache_falls_back_to_the_run_dir_when_writing_beside_the_manifest_fails(tmp_path, monkeypatch):
+    # Root ignores permissions, so the read-only dir is simulated where the cache is written.
+    import lineclip.sizes as sizes
+
+    manifest = big_manifest(tmp_path, 120)
+    real_mkstemp = sizes.tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if Path(dir) == manifest.parent:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(sizes.tempfile, "mkstemp", mkstemp)
+    table, _ = load_line_table(manifest, fallback_dir=tmp_path / "run", progress=False, cache_min_rows=100)
+    assert Path(table.cache_path).parent == tmp_path / "run" / "line_cache"
+    assert Path(table.cache_path).name == cache_name(manifest, json.loads(
+        __import__("pyarrow").ipc.open_file(table.cache_path).schema.metadata[b"lineclip"])["key"])
+    monkeypatch.undo()
+    again, _ = load_line_table(manifest, fallback_dir=tmp_path / "run", progress=False, cache_min_rows=100)
+    assert again.cache_path == table.cache_path  # found there next time
+
+
+def test_main_first_loads_on_the_main_process_before_the_others_and_never_strands_them():
+    calls = []
+    assert main_first(True, lambda: calls.append("barrier"), lambda: calls.append("load") or 1) == 1
+    assert calls == ["load", "barrier"]
+    calls.clear()
+    main_first(False, lambda: calls.append("barrier"), lambda: calls.append("load"))
+    assert calls == ["barrier", "load"]
+    calls.clear()
+
+    def fail():
+        raise ValueError("bad manifest")
+
+    with pytest.raises(ValueError):
+        main_first(True, lambda: calls.append("barrier"), fail)
+    assert calls == ["barrier"]  # the others were released, and fail on their own
