@@ -60,3 +60,10 @@ def bench_gpu(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "experiments/bench_gpu.py", *(session.posargs or ["--tiny", "--batches", "4"]),
                 env={"PYTHONPATH": "."})
+
+
+@nox.session
+def bench_scale(session: nox.Session) -> None:
+    """Start-up time (cold: parse + header scan; warm: the line cache) and peak RSS/USS per line of lineclip.train
+    on a generated manifest (`-- --rows 1000000`; `--quick`: 20,000 rows)."""
+    _bench(session, "bench_scale.py")

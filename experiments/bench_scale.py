@@ -1,0 +1,194 @@
+"""Benchmark: start-up time and memory per line of `lineclip.train` on a large generated manifest.
+
+A manifest of N rows is generated from the bundled demo lines (160 images; every row a distinct text: the demo
+transcription plus its row number), either pointing at the 160 demo files themselves (`--images repeated`, the
+setup of issue 16's baseline: 1M rows took 134 s to two steps) or at N distinct hard links to them
+(`--images distinct`: every row its own file, as in a real dataset, still all in the page cache).
+Then, each as its own `python -m lineclip.train` process (tiny towers, `data.num_workers=2`, val off,
+`trainer.max_steps=2`, no export):
+
+- parse: `read_line_table` alone, in this process (rows/s of the manifest parse and validation);
+- cold: no line cache: parse + header scan + the cache written, then two steps;
+- warm: the same command again, with the cache.
+
+For each run: wall time to the start of the loop (`start-up`, the trainer's "N train lines" log line), to the
+end of the first step (`first step`: the first row of metrics.jsonl, `trainer.log_every_steps=1`) and to the
+end of the process; and the peak RSS and USS of the main process and of each data-loader worker, sampled every
+0.2 s (USS every ~1 s: reading smaps costs). RSS counts shared pages (a forked worker's inherited pages, the
+mapped cache file) in every process that maps them; USS only the pages a process holds alone. Per line: the peak
+divided by N, raw and above the same command's peak on a 1,000-row manifest (the fixed cost of Python, torch,
+the tiny towers).
+
+    python experiments/bench_scale.py [--quick] [--rows 1000000] [--images repeated|distinct] [--skip-cold]
+
+The last line printed is one JSON object with the figures. `--quick`: 20,000 rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from lineclip.config import asset_dir
+from lineclip.manifest import read_line_table
+
+BASELINE_ROWS = 1_000
+ISSUE_COLD_S = 134.0  # issue 16: 1M rows, repeated demo images, two steps, this box, before the line cache
+
+
+def generate(path: Path, n: int, images: str, image_dir: Path) -> None:
+    demo = asset_dir("demo")
+    rows = [json.loads(line) for line in (demo / "train" / "meta" / "lines.jsonl").read_text().splitlines()]
+    files = [str(demo / row["line_path"]) for row in rows]
+    if images == "distinct":
+        image_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for i in range(n):
+            row = dict(rows[i % len(rows)])
+            if images == "distinct":
+                target = image_dir / f"{i // 10000:04d}" / f"{i}.jpg"
+                if i % 10000 == 0:
+                    target.parent.mkdir(exist_ok=True)
+                if not target.exists():
+                    os.link(files[i % len(rows)], target)
+                row["line_path"] = str(target)
+            else:
+                row["line_path"] = files[i % len(rows)]
+            row["id"] = f"line{i}"
+            row["text"] = f"{row['text']} {i}"
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def clear_cache(manifest: Path) -> None:
+    for cache in manifest.parent.glob(f".{manifest.name}.lineclip-*.arrow"):
+        cache.unlink()
+
+
+class TreeMonitor:
+    """Peak RSS (every 0.2 s) and USS (every ~1 s) of a process and each of its descendants, by pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.rss: dict[int, int] = {}
+        self.uss: dict[int, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        tick = 0
+        while not self.stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                return
+            for proc in procs:
+                try:
+                    self.rss[proc.pid] = max(self.rss.get(proc.pid, 0), proc.memory_info().rss)
+                    if tick % 5 == 0:
+                        self.uss[proc.pid] = max(self.uss.get(proc.pid, 0), proc.memory_full_info().uss)
+                except psutil.Error:
+                    pass
+            tick += 1
+            time.sleep(0.2)
+
+    def peaks(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join()
+        main = self.root.pid
+        workers = [pid for pid in self.rss if pid != main]
+        return {"main_rss": self.rss.get(main, 0), "main_uss": self.uss.get(main, 0),
+                "worker_rss": max((self.rss[p] for p in workers), default=0),
+                "worker_uss": max((self.uss.get(p, 0) for p in workers), default=0), "n_workers": len(workers)}
+
+
+def train_run(manifest: Path, run_dir: Path, workers: int) -> dict[str, float]:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "lineclip.train", "data=openpecha", f"data.dataset_dir={manifest.parent}",
+           f"data.train_manifest={manifest}", "data.val_manifest=null", "trainer.max_steps=2",
+           "trainer.export_embeddings=false", f"data.num_workers={workers}", "trainer.log_every_steps=1",
+           "trainer.progress_bar=false", "logger=none", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    monitor = TreeMonitor(proc.pid)
+    startup = first_step = None
+    log, metrics = run_dir / "train.log", run_dir / "metrics.jsonl"
+    while proc.poll() is None:
+        now = time.perf_counter() - start
+        if startup is None and log.exists() and " train lines, " in log.read_text(errors="ignore"):
+            startup = now
+        if first_step is None and metrics.exists() and metrics.stat().st_size > 0:
+            first_step = now
+        time.sleep(0.05)
+    total = time.perf_counter() - start
+    peaks = monitor.peaks()
+    if proc.returncode != 0:
+        raise SystemExit(f"train failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    return {"startup_s": startup or total, "first_step_s": first_step or total, "total_s": total, **peaks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--images", choices=("repeated", "distinct"), default="repeated")
+    parser.add_argument("--workers", type=int, default=2, help="data.num_workers")
+    parser.add_argument("--workdir", default="/tmp/lineclip_bench_scale")
+    parser.add_argument("--skip-cold", action="store_true", help="only the warm start (the cache must exist)")
+    args = parser.parse_args()
+    n = 20_000 if args.quick else args.rows
+    work = Path(args.workdir)
+    manifest = work / f"{args.images}_{n}" / "lines.jsonl"
+    baseline_manifest = work / f"{args.images}_{BASELINE_ROWS}" / "lines.jsonl"
+    for path, rows in ((manifest, n), (baseline_manifest, BASELINE_ROWS)):
+        if not path.exists():
+            t = time.perf_counter()
+            generate(path, rows, args.images, path.parent / "images")
+            print(f"generated {rows} rows in {time.perf_counter() - t:.1f} s: {path}", flush=True)
+
+    t = time.perf_counter()
+    table, report = read_line_table(manifest, manifest.parent)
+    parse_s = time.perf_counter() - t
+    assert report.rows_used == n, report.summary()
+    del table
+    print(f"parse: {n} rows in {parse_s:.1f} s ({n / parse_s:,.0f} rows/s)", flush=True)
+
+    results: dict[str, object] = {"bench": "scale", "rows": n, "images": args.images, "num_workers": args.workers,
+                                  "cpus": len(os.sched_getaffinity(0)), "parse_s": round(parse_s, 2),
+                                  "parse_rows_per_s": round(n / parse_s)}
+    train_run(baseline_manifest, work / "run_baseline", args.workers)  # cache-less (< 10k rows): the fixed cost
+    base = train_run(baseline_manifest, work / "run_baseline", args.workers)
+    runs = {}
+    if not args.skip_cold:
+        clear_cache(manifest)
+        runs["cold"] = train_run(manifest, work / "run_cold", args.workers)
+    runs["warm"] = train_run(manifest, work / "run_warm", args.workers)
+    for name, run in runs.items():
+        row = {key: round(run[key], 1) for key in ("startup_s", "first_step_s", "total_s")}
+        for kind in ("main_rss", "main_uss", "worker_rss", "worker_uss"):
+            row[f"{kind}_mb"] = round(run[kind] / 2**20)
+            row[f"{kind}_b_per_line"] = round(run[kind] / n)
+            row[f"{kind}_b_per_line_above_baseline"] = round((run[kind] - base[kind]) / n)
+        row["n_workers_seen"] = run["n_workers"]
+        results[name] = row
+        print(f"{name}: {row}", flush=True)
+    results["baseline_1000_rows"] = {k: round(v / 2**20) if k.endswith(("rss", "uss")) else round(v, 1)
+                                     for k, v in base.items()}
+    if "cold" in runs:
+        results["cold_speedup_vs_issue_134s"] = round(ISSUE_COLD_S / runs["cold"]["total_s"], 2)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
