@@ -13,11 +13,12 @@ Then, each as its own `python -m lineclip.train` process (tiny towers, `data.num
 
 For each run: wall time to the start of the loop (`start-up`, the trainer's "N train lines" log line), to the
 end of the first step (`first step`: the first row of metrics.jsonl, `trainer.log_every_steps=1`) and to the
-end of the process; and the peak RSS and USS of the main process and of each data-loader worker, sampled every
-0.2 s (USS every ~1 s: reading smaps costs). RSS counts shared pages (a forked worker's inherited pages, the
-mapped cache file) in every process that maps them; USS only the pages a process holds alone. Per line: the peak
-divided by N, raw and above the same command's peak on a 1,000-row manifest (the fixed cost of Python, torch,
-the tiny towers).
+end of the process; and the peak memory of the main process and of its children (the data-loader workers; in
+the cold run also the parse and scan pool), sampled every 0.2 s from /proc: VmRSS, and its two parts RssAnon
+(private memory, copy-on-write copies included: what a process really costs) and RssFile (mapped file pages: the
+memory-mapped line cache and the libraries; page cache, shared by every process that maps the file, reclaimable).
+Per line: the peak divided by N, raw and above the same command's peak on a 1,000-row manifest (the fixed cost of
+Python, torch, the tiny towers).
 
     python experiments/bench_scale.py [--quick] [--rows 1000000] [--images repeated|distinct] [--skip-cold]
 
@@ -74,19 +75,31 @@ def clear_cache(manifest: Path) -> None:
         cache.unlink()
 
 
+def _status(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon (private memory: what a process really costs, COW copies included) and RssFile (mapped file
+    pages: the line cache, libraries; page cache that every process mapping the file shares), in bytes."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
 class TreeMonitor:
-    """Peak RSS (every 0.2 s) and USS (every ~1 s) of a process and each of its descendants, by pid."""
+    """Peak VmRSS, RssAnon and RssFile (every 0.2 s) of a process and each of its descendants, by pid."""
+
+    KINDS = ("VmRSS", "RssAnon", "RssFile")
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
-        self.rss: dict[int, int] = {}
-        self.uss: dict[int, int] = {}
+        self.peak: dict[int, dict[str, int]] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
     def run(self) -> None:
-        tick = 0
         while not self.stop.is_set():
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
@@ -94,22 +107,24 @@ class TreeMonitor:
                 return
             for proc in procs:
                 try:
-                    self.rss[proc.pid] = max(self.rss.get(proc.pid, 0), proc.memory_info().rss)
-                    if tick % 5 == 0:
-                        self.uss[proc.pid] = max(self.uss.get(proc.pid, 0), proc.memory_full_info().uss)
-                except psutil.Error:
-                    pass
-            tick += 1
+                    now = _status(proc.pid)
+                except (OSError, ValueError):
+                    continue
+                peak = self.peak.setdefault(proc.pid, dict.fromkeys(self.KINDS, 0))
+                for kind in self.KINDS:
+                    peak[kind] = max(peak[kind], now.get(kind, 0))
             time.sleep(0.2)
 
     def peaks(self) -> dict[str, float]:
         self.stop.set()
         self.thread.join()
         main = self.root.pid
-        workers = [pid for pid in self.rss if pid != main]
-        return {"main_rss": self.rss.get(main, 0), "main_uss": self.uss.get(main, 0),
-                "worker_rss": max((self.rss[p] for p in workers), default=0),
-                "worker_uss": max((self.uss.get(p, 0) for p in workers), default=0), "n_workers": len(workers)}
+        others = [pid for pid in self.peak if pid != main]
+        out: dict[str, float] = {"n_children": len(others)}
+        for kind in self.KINDS:
+            out[f"main_{kind}"] = self.peak.get(main, {}).get(kind, 0)
+            out[f"child_{kind}"] = max((self.peak[p][kind] for p in others), default=0)
+        return out
 
 
 def train_run(manifest: Path, run_dir: Path, workers: int) -> dict[str, float]:
@@ -176,15 +191,16 @@ def main() -> None:
     runs["warm"] = train_run(manifest, work / "run_warm", args.workers)
     for name, run in runs.items():
         row = {key: round(run[key], 1) for key in ("startup_s", "first_step_s", "total_s")}
-        for kind in ("main_rss", "main_uss", "worker_rss", "worker_uss"):
-            row[f"{kind}_mb"] = round(run[kind] / 2**20)
-            row[f"{kind}_b_per_line"] = round(run[kind] / n)
-            row[f"{kind}_b_per_line_above_baseline"] = round((run[kind] - base[kind]) / n)
-        row["n_workers_seen"] = run["n_workers"]
+        for who in ("main", "child"):
+            for kind in TreeMonitor.KINDS:
+                key = f"{who}_{kind}"
+                row[f"{key}_mb"] = round(run[key] / 2**20)
+                row[f"{key}_b_per_line"] = round(run[key] / n)
+                row[f"{key}_b_per_line_above_baseline"] = round((run[key] - base[key]) / n)
+        row["n_children"] = run["n_children"]
         results[name] = row
         print(f"{name}: {row}", flush=True)
-    results["baseline_1000_rows"] = {k: round(v / 2**20) if k.endswith(("rss", "uss")) else round(v, 1)
-                                     for k, v in base.items()}
+    results["baseline_1000_rows_mb"] = {k: round(v / 2**20) for k, v in base.items() if k.startswith(("main", "child"))}
     if "cold" in runs:
         results["cold_speedup_vs_issue_134s"] = round(ISSUE_COLD_S / runs["cold"]["total_s"], 2)
     print(json.dumps(results))

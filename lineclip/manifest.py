@@ -479,18 +479,143 @@ def _rows_to_batch(rows: list[_Row], line_nos: list[int]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=TABLE_SCHEMA)
 
 
+@dataclass
+class _Parsed:
+    """What parsing a run of manifest lines found: usable rows as Arrow batches, bad rows per reason, the line of
+    each reason's first bad row (in order of first appearance), and the usable rows' ids (for duplicates)."""
+
+    batches: list[pa.RecordBatch] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_ROW_REASONS, 0))
+    first_bad: dict[str, int] = field(default_factory=dict)
+    rows_total: int = 0
+    rows_used: int = 0
+
+
+def _parse_lines(lines: Iterator[bytes], first_line_no: int, manifest: Path, candidate_dirs: list[str],
+                 max_text_bytes: int | None, on_bad_row: str) -> _Parsed:
+    parsed = _Parsed()
+    rows: list[_Row] = []
+    line_nos: list[int] = []
+    seen_ids: dict[str, int] = {}  # id -> line number; one dict entry per line while reading
+    stem = manifest.stem
+    for line_no, raw in enumerate(lines, start=first_line_no):
+        if not raw.strip():
+            continue
+        parsed.rows_total += 1
+        try:
+            row = _parse_row(raw, line_no, stem, candidate_dirs, max_text_bytes)
+            # Ids are claimed by usable rows only, so a bad first occurrence does not shadow a good one.
+            first = seen_ids.get(row[0])
+            if first is not None:
+                raise _BadRow("duplicate_id", f"id {row[0]!r} already used at {manifest}:{first}")
+        except _BadRow as bad:
+            if on_bad_row == "error":
+                raise ManifestError(f"{manifest}:{line_no}: {bad.reason} ({bad.detail})") from None
+            parsed.skipped[bad.reason] += 1
+            parsed.first_bad.setdefault(bad.reason, line_no)
+            continue
+        seen_ids[row[0]] = line_no
+        rows.append(row)
+        line_nos.append(line_no)
+        parsed.rows_used += 1
+        if len(rows) == _CHUNK_ROWS:
+            parsed.batches.append(_rows_to_batch(rows, line_nos))
+            rows, line_nos = [], []
+    if rows:
+        parsed.batches.append(_rows_to_batch(rows, line_nos))
+    return parsed
+
+
+def _parse_range(manifest: Path, start: int, end: int, first_line_no: int, candidate_dirs: list[str],
+                 max_text_bytes: int | None) -> _Parsed:
+    """`_parse_lines` over the bytes [start, end) of the manifest (whole lines), in a pool process."""
+    with manifest.open("rb") as handle:
+        handle.seek(start)
+        data = handle.read(end - start)
+    pieces = data.split(b"\n")
+    if pieces and pieces[-1] == b"":
+        pieces.pop()  # the text after the range's last newline: not a line
+    return _parse_lines(iter(pieces), first_line_no, manifest, candidate_dirs, max_text_bytes, "skip")
+
+
+def _line_ranges(manifest: Path, parts: int) -> list[tuple[int, int, int]]:
+    """(start, end, first line number) of `parts` runs of whole lines of the file."""
+    size = manifest.stat().st_size
+    bounds = [0]
+    with manifest.open("rb") as handle:
+        for k in range(1, parts):
+            handle.seek(max(bounds[-1], size * k // parts))
+            handle.readline()  # to the end of the line this byte is in
+            bounds.append(min(size, handle.tell()))
+        bounds.append(size)
+        ranges, line_no = [], 1
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            if end > start:
+                ranges.append((start, end, line_no))
+                handle.seek(start)
+                line_no += handle.read(end - start).count(b"\n")
+    return ranges
+
+
+def _parse_parallel(manifest: Path, candidate_dirs: list[str], max_text_bytes: int | None,
+                    workers: int) -> _Parsed:
+    """The manifest parsed in line ranges by a process pool, merged into what one pass would give: the ranges in
+    file order, and ids used by an earlier range counted as duplicates, where one pass would have found them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ranges = _line_ranges(manifest, workers * 4)
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        parts = list(pool.map(_parse_range, *zip(*[(manifest, s, e, n, candidate_dirs, max_text_bytes)
+                                                   for s, e, n in ranges], strict=True)))
+    merged = _Parsed()
+    first_lines: dict[str, int] = {}
+    for part in parts:
+        merged.batches += part.batches
+        merged.rows_total += part.rows_total
+        merged.rows_used += part.rows_used
+        for reason, count in part.skipped.items():
+            merged.skipped[reason] += count
+        for reason, line in part.first_bad.items():
+            first_lines.setdefault(reason, line)
+    if merged.batches:
+        table = pa.Table.from_batches(merged.batches, TABLE_SCHEMA)
+        ids = pc.dictionary_encode(table.column("sample_id")).combine_chunks().indices.to_numpy(zero_copy_only=False)
+        _, first = np.unique(ids, return_index=True)
+        keep = np.zeros(len(ids), dtype=bool)
+        keep[first] = True
+        if not keep.all():
+            lines = table.column("line_no").to_numpy()
+            merged.skipped["duplicate_id"] += int((~keep).sum())
+            merged.rows_used -= int((~keep).sum())
+            first_dup = int(lines[~keep].min())
+            first_lines["duplicate_id"] = min(first_lines.get("duplicate_id", first_dup), first_dup)
+            merged.batches = table.filter(pa.array(keep)).to_batches()
+    merged.first_bad = dict(sorted(first_lines.items(), key=lambda item: item[1]))  # as one pass meets them
+    return merged
+
+
+# Manifests this large are parsed by a process pool (when workers > 1 and bad rows are skipped, not errors).
+PARALLEL_PARSE_MIN_BYTES = 64 << 20
+
+
 def read_line_table(
     path: str | Path,
     dataset_dir: str | Path | None = None,
     on_bad_row: str = "skip",
     max_text_bytes: int | None = DEFAULT_MAX_TEXT_BYTES,
+    workers: int = 1,
 ) -> tuple[LineTable, ManifestReport]:
     """Read a JSONL line manifest into a LineTable plus a report of what was skipped and why.
 
     ``on_bad_row="skip"`` counts each bad row under its reason and goes on; ``"error"`` raises
     ManifestError at the first bad row with ``path:line_no: reason (detail)``. A missing file, or a
     manifest with no usable row, raises ManifestError in either mode. Image sizes are those of the manifest's
-    `width`/`height` where it has them, else -1 (lineclip.sizes reads the headers).
+    `width`/`height` where it has them, else -1 (lineclip.sizes reads the headers). With `workers` > 1, a
+    manifest of PARALLEL_PARSE_MIN_BYTES or more is parsed by that many processes (skip mode: the same table
+    and report as one pass; error mode always reads in one pass, to stop at the first bad row).
     """
     if on_bad_row not in ON_BAD_ROW_CHOICES:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}")
@@ -500,49 +625,22 @@ def read_line_table(
         raise ManifestError(f"manifest {manifest} {what}")
 
     candidate_dirs = _candidate_dirs(manifest, _opt_path(dataset_dir))
-    report = ManifestReport(manifest=str(manifest))
-    batches: list[pa.RecordBatch] = []
-    rows: list[_Row] = []
-    line_nos: list[int] = []
-    seen_ids: dict[str, int] = {}  # id -> line number; ids are strings, one dict entry per line while reading
-    stem = manifest.stem
-    # Binary mode, one line at a time: a non-UTF-8 line must cost that row only, not the whole file.
-    with manifest.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            report.rows_total += 1
-            try:
-                row = _parse_row(raw, line_no, stem, candidate_dirs, max_text_bytes)
-                # Ids are claimed by usable rows only, so a bad first occurrence does not shadow a good one.
-                first = seen_ids.get(row[0])
-                if first is not None:
-                    raise _BadRow("duplicate_id", f"id {row[0]!r} already used at {manifest}:{first}")
-            except _BadRow as bad:
-                source = f"{manifest}:{line_no}"
-                if on_bad_row == "error":
-                    raise ManifestError(f"{source}: {bad.reason} ({bad.detail})") from None
-                report.skipped[bad.reason] += 1
-                report.first_bad.setdefault(bad.reason, source)
-                continue
-            seen_ids[row[0]] = line_no
-            rows.append(row)
-            line_nos.append(line_no)
-            report.rows_used += 1
-            if len(rows) == _CHUNK_ROWS:
-                batches.append(_rows_to_batch(rows, line_nos))
-                rows, line_nos = [], []
-    del seen_ids
-    if rows or not batches:
-        batches.append(_rows_to_batch(rows, line_nos))
-
+    if workers > 1 and on_bad_row == "skip" and manifest.stat().st_size >= PARALLEL_PARSE_MIN_BYTES:
+        parsed = _parse_parallel(manifest, candidate_dirs, max_text_bytes, workers)
+    else:
+        # Binary mode, one line at a time: a non-UTF-8 line must cost that row only, not the whole file.
+        with manifest.open("rb") as handle:
+            parsed = _parse_lines(handle, 1, manifest, candidate_dirs, max_text_bytes, on_bad_row)
+    report = ManifestReport(manifest=str(manifest), rows_total=parsed.rows_total, rows_used=parsed.rows_used,
+                            skipped=parsed.skipped,
+                            first_bad={reason: f"{manifest}:{line}" for reason, line in parsed.first_bad.items()})
     if not report.rows_used:
         where = "; ".join(f"first {reason} at {loc}" for reason, loc in report.first_bad.items())
         raise ManifestError(
             f"manifest {manifest} has no usable rows: {report.summary()}" + (f" ({where})" if where else "")
         )
     log_report(report)
-    return LineTable(pa.Table.from_batches(batches, TABLE_SCHEMA), str(manifest)), report
+    return LineTable(pa.Table.from_batches(parsed.batches, TABLE_SCHEMA), str(manifest)), report
 
 
 def log_report(report: ManifestReport) -> None:

@@ -255,7 +255,8 @@ def load_line_table(manifest: str | Path, dataset_dir: str | None = None, on_bad
                             directory / cache_name(path, key))
                 log_report(cached[1])
                 return cached
-    table, report = read_line_table(path, dataset_dir, on_bad_row, max_text_bytes)
+    workers = usable_cpus() if scan_workers is None else scan_workers
+    table, report = read_line_table(path, dataset_dir, on_bad_row, max_text_bytes, workers)
     table = complete_sizes(table, max_pixels, scan_workers, progress)
     if key is None or report.rows_total < cache_min_rows:
         return table, report

@@ -84,6 +84,31 @@ def test_table_chunks_index_like_one_list(tmp_path, monkeypatch):
         table.texts[160]
 
 
+def test_parallel_parse_gives_the_one_pass_table_and_report(tmp_path, monkeypatch):
+    import lineclip.manifest as manifest_module
+
+    rows = absolute_demo_rows(160)
+    lines = [json.dumps({**rows[i % 160], "id": f"r{i}"}, ensure_ascii=False) for i in range(400)]
+    lines[7] = "{broken"
+    lines[50] = json.dumps({**rows[3], "id": "r3"})  # a duplicate of line 4, in another range
+    lines[51] = "[1, 2]"
+    lines[120] = json.dumps({"id": "x", "text": "ཀ"})
+    lines[121] = ""
+    lines[300] = json.dumps({**rows[0], "id": "r299"})  # duplicates the row after it (r299 is line 300)
+    lines[301] = json.dumps({**rows[1], "id": "r299", "text": "\ud800"}, ensure_ascii=True).replace("\\\\", "\\")
+    lines[399] = json.dumps({**rows[5], "line_path": "gone.jpg", "id": "last"})
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n\xff\xfe\n")
+    serial_table, serial = read_line_table(path)
+    monkeypatch.setattr(manifest_module, "PARALLEL_PARSE_MIN_BYTES", 0)
+    parallel_table, parallel = read_line_table(path, workers=3)  # 12 ranges of ~34 lines
+    assert parallel.to_dict() == serial.to_dict()
+    assert list(parallel.first_bad) == list(serial.first_bad)  # the order one pass meets them in
+    assert serial.skipped["duplicate_id"] == 2 and serial.skipped["invalid_utf8"] == 1
+    assert serial.skipped["invalid_unicode"] == 1 and serial.skipped["image_not_found"] == 1
+    assert list(parallel_table) == list(serial_table)
+
+
 def test_vectorised_text_lengths_and_counts_match_per_text_reference():
     table, _ = read_line_table(DEMO_TRAIN)
     texts = [table.texts[i] for i in range(len(table))]
