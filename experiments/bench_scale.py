@@ -8,7 +8,8 @@ Then, each as its own `python -m lineclip.train` process (tiny towers, `data.num
 `trainer.max_steps=2`, no export):
 
 - parse: `read_line_table` alone, in this process (rows/s of the manifest parse and validation);
-- cold: no line cache: parse + header scan + the cache written, then two steps;
+- cold: no line cache: parse + header scan (each distinct file once; none with `--manifest-sizes`, where the
+  rows keep the demo's true width/height) + the cache written, then two steps;
 - warm: the same command again, with the cache.
 
 For each run: wall time to the start of the loop (`start-up`, the trainer's "N train lines" log line), to the
@@ -46,7 +47,7 @@ BASELINE_ROWS = 1_000
 ISSUE_COLD_S = 134.0  # issue 16: 1M rows, repeated demo images, two steps, this box, before the line cache
 
 
-def generate(path: Path, n: int, images: str, image_dir: Path) -> None:
+def generate(path: Path, n: int, images: str, image_dir: Path, sizes: bool) -> None:
     demo = asset_dir("demo")
     rows = [json.loads(line) for line in (demo / "train" / "meta" / "lines.jsonl").read_text().splitlines()]
     files = [str(demo / row["line_path"]) for row in rows]
@@ -65,6 +66,8 @@ def generate(path: Path, n: int, images: str, image_dir: Path) -> None:
                 row["line_path"] = str(target)
             else:
                 row["line_path"] = files[i % len(rows)]
+            if not sizes:  # the demo rows carry their true width/height: without them every header is read
+                row.pop("width", None), row.pop("height", None)
             row["id"] = f"line{i}"
             row["text"] = f"{row['text']} {i}"
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -127,12 +130,12 @@ class TreeMonitor:
         return out
 
 
-def train_run(manifest: Path, run_dir: Path, workers: int) -> dict[str, float]:
+def train_run(manifest: Path, run_dir: Path, workers: int, *overrides: str) -> dict[str, float]:
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "lineclip.train", "data=openpecha", f"data.dataset_dir={manifest.parent}",
            f"data.train_manifest={manifest}", "data.val_manifest=null", "trainer.max_steps=2",
            "trainer.export_embeddings=false", f"data.num_workers={workers}", "trainer.log_every_steps=1",
-           "trainer.progress_bar=false", "logger=none", f"hydra.run.dir={run_dir}"]
+           "trainer.progress_bar=false", "logger=none", f"hydra.run.dir={run_dir}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -159,35 +162,44 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--images", choices=("repeated", "distinct"), default="repeated")
     parser.add_argument("--workers", type=int, default=2, help="data.num_workers")
+    parser.add_argument("--manifest-sizes", action="store_true",
+                        help="keep the demo rows' width/height (true sizes: no header scan); default: drop them")
     parser.add_argument("--workdir", default="/tmp/lineclip_bench_scale")
     parser.add_argument("--skip-cold", action="store_true", help="only the warm start (the cache must exist)")
+    parser.add_argument("--scan-workers", type=int, default=None,
+                        help="data.scan_workers of the cold run (1: a one-pass parse, one copy of the lines)")
+    parser.add_argument("--skip-parse", action="store_true", help="no in-process parse timing (saves its memory)")
     args = parser.parse_args()
     n = 20_000 if args.quick else args.rows
     work = Path(args.workdir)
-    manifest = work / f"{args.images}_{n}" / "lines.jsonl"
-    baseline_manifest = work / f"{args.images}_{BASELINE_ROWS}" / "lines.jsonl"
+    kind = f"{args.images}{'_sized' if args.manifest_sizes else ''}"
+    manifest = work / f"{kind}_{n}" / "lines.jsonl"
+    baseline_manifest = work / f"{kind}_{BASELINE_ROWS}" / "lines.jsonl"
     for path, rows in ((manifest, n), (baseline_manifest, BASELINE_ROWS)):
         if not path.exists():
             t = time.perf_counter()
-            generate(path, rows, args.images, path.parent / "images")
+            generate(path, rows, args.images, work / f"images_{args.images}", args.manifest_sizes)
             print(f"generated {rows} rows in {time.perf_counter() - t:.1f} s: {path}", flush=True)
 
-    t = time.perf_counter()
-    table, report = read_line_table(manifest, manifest.parent)
-    parse_s = time.perf_counter() - t
-    assert report.rows_used == n, report.summary()
-    del table
-    print(f"parse: {n} rows in {parse_s:.1f} s ({n / parse_s:,.0f} rows/s)", flush=True)
-
-    results: dict[str, object] = {"bench": "scale", "rows": n, "images": args.images, "num_workers": args.workers,
-                                  "cpus": len(os.sched_getaffinity(0)), "parse_s": round(parse_s, 2),
-                                  "parse_rows_per_s": round(n / parse_s)}
+    results: dict[str, object] = {"bench": "scale", "rows": n, "images": args.images,
+                                  "manifest_sizes": args.manifest_sizes, "num_workers": args.workers,
+                                  "cpus": len(os.sched_getaffinity(0))}
+    if not args.skip_parse:
+        for workers in (1, 2):  # one pass, and the process pool (manifests of 64 MB or more)
+            t = time.perf_counter()
+            table, report = read_line_table(manifest, manifest.parent, workers=workers)
+            parse_s = time.perf_counter() - t
+            assert report.rows_used == n, report.summary()
+            del table
+            print(f"parse, {workers} process(es): {n} rows in {parse_s:.1f} s ({n / parse_s:,.0f} rows/s)", flush=True)
+            results[f"parse_{workers}proc_s"] = round(parse_s, 2)
     train_run(baseline_manifest, work / "run_baseline", args.workers)  # cache-less (< 10k rows): the fixed cost
     base = train_run(baseline_manifest, work / "run_baseline", args.workers)
     runs = {}
     if not args.skip_cold:
         clear_cache(manifest)
-        runs["cold"] = train_run(manifest, work / "run_cold", args.workers)
+        extra = [f"data.scan_workers={args.scan_workers}"] if args.scan_workers else []
+        runs["cold"] = train_run(manifest, work / "run_cold", args.workers, *extra)
     runs["warm"] = train_run(manifest, work / "run_warm", args.workers)
     for name, run in runs.items():
         row = {key: round(run[key], 1) for key in ("startup_s", "first_step_s", "total_s")}
