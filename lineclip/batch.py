@@ -110,7 +110,9 @@ def text_lengths(texts: Sequence[str] | StringColumn, max_length: int) -> np.nda
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1 (room for </s>), got {max_length}")
     budget = max_length - 1
-    if not isinstance(texts, (StringColumn, Sequence)):
+    if isinstance(texts, StringColumn):
+        return texts.cut_lengths(budget) + 1
+    if not isinstance(texts, Sequence):
         texts = list(texts)
     lengths = _byte_lengths(texts)
     for i in np.flatnonzero(lengths > budget).tolist():
@@ -127,15 +129,17 @@ def text_padding_fraction(
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
     length_array = np.asarray(lengths, dtype=np.int64)
-    padded = total = 0
-    for batch in batches:
-        if len(batch) == 0:
-            continue
-        batch_lengths = length_array[np.asarray(batch, dtype=np.int64)]
-        width = round_up(int(batch_lengths.max()), pad_to_multiple)
-        total += width * batch_lengths.size
-        padded += width * batch_lengths.size - int(batch_lengths.sum())
-    return padded / total if total else 0.0
+    arrays = [np.asarray(batch, dtype=np.int64) for batch in batches]
+    arrays = [batch for batch in arrays if batch.size]
+    if not arrays:
+        return 0.0
+    # All batches at once (a million-line epoch is tens of thousands of batches): per batch its longest text.
+    sizes = np.array([batch.size for batch in arrays])
+    batch_lengths = length_array[np.concatenate(arrays)]
+    longest = np.maximum.reduceat(batch_lengths, np.cumsum(sizes) - sizes)
+    widths = -(-longest // pad_to_multiple) * pad_to_multiple
+    total = int((widths * sizes).sum())
+    return (total - int(batch_lengths.sum())) / total if total else 0.0
 
 
 def _where(record: LineRecord) -> str:
@@ -218,9 +222,10 @@ class LineDataset(torch.utils.data.Dataset):
         if usable.size == 0:
             return buckets
         widths = np.maximum(1, np.ceil(sizes[usable, 0] * self.visible_share[usable]))
-        visible = np.stack([widths.astype(np.int64), sizes[usable, 1].astype(np.int64)], axis=1)
-        distinct, inverse = np.unique(visible, axis=0, return_inverse=True)
-        per_size = np.array([self.transform.bucket_of(int(w), int(h)) for w, h in distinct], dtype=np.int64)
+        keys = (widths.astype(np.int64) << 32) | sizes[usable, 1].astype(np.int64)  # one int per (width, height)
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        per_size = np.array([self.transform.bucket_of(int(k >> 32), int(k & 0xFFFFFFFF)) for k in distinct],
+                            dtype=np.int64)
         buckets[usable] = per_size[inverse.reshape(-1)]
         return buckets
 

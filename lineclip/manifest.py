@@ -376,6 +376,30 @@ class StringColumn(Sequence[str]):
         chunk = int(np.searchsorted(self.starts, index, side="right")) - 1
         return self.chunks[chunk][index - int(self.starts[chunk])].as_py()
 
+    def cut_lengths(self, budget: int) -> np.ndarray:
+        """Per item its UTF-8 length cut to at most `budget` bytes at a character boundary (what
+        batch.cut_at_char_boundary gives), read from the offsets and at most 3 bytes per cut item."""
+        out = []
+        for chunk in self.chunks:
+            chunk = pa.array(chunk, pa.string())  # a slice keeps its buffers; offsets are then relative
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+            data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8) if chunk.buffers()[2] is not None else \
+                np.zeros(0, np.uint8)
+            lengths = np.diff(offsets).astype(np.int64)
+            cut = np.minimum(lengths, budget)
+            over = np.flatnonzero(lengths > budget)
+            # data[start + end] is the first byte dropped; while it is a continuation byte (10xxxxxx), back up.
+            end = np.full(over.size, budget, dtype=np.int64)
+            moving = np.ones(over.size, dtype=bool)
+            for _ in range(3):  # valid UTF-8: at most 3 continuation bytes in a row
+                moving &= end > 0
+                at = offsets[over].astype(np.int64) + end
+                moving &= (data[np.where(moving, at, 0)] & 0xC0) == 0x80
+                end -= moving
+            cut[over] = end
+            out.append(cut)
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
     def byte_lengths(self) -> np.ndarray:
         """Per item its UTF-8 length, from the offsets alone (no string is built)."""
         return np.concatenate([pc.binary_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)

@@ -223,6 +223,9 @@ def write_cache(table: LineTable, report: ManifestReport, key: dict[str, Any], d
             os.close(fd)
             with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 writer.write_table(table.table.replace_schema_metadata(None), max_chunksize=1 << 16)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # readable like the manifest (mkstemp's 0600 would hide it from others)
             os.replace(tmp, directory / name)
             return directory / name
         except OSError as exc:

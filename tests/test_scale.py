@@ -80,6 +80,9 @@ def test_table_chunks_index_like_one_list(tmp_path, monkeypatch):
     table, _ = read_line_table(DEMO_TRAIN)
     assert len(table.texts.chunks) == 23
     assert list(table) == read_manifest(DEMO_TRAIN)[0]
+    texts = [table.texts[i] for i in range(len(table))]
+    for max_length in (2, 100, 300):
+        assert text_lengths(table.texts, max_length).tolist() == text_lengths(texts, max_length).tolist()
     with pytest.raises(IndexError):
         table.texts[160]
 

@@ -61,6 +61,7 @@ def test_shards_hold_every_usable_line_once_and_read_back_as_the_manifest(tiny_d
                                                  "000000001.json"]
     for k, record in enumerate(usable):
         (image_name, image_bytes), (meta_name, meta_bytes) = members[2 * k], members[2 * k + 1]
+        assert (image_name, meta_name) == (f"{k:09d}.jpg", f"{k:09d}.json")
         assert image_bytes == Path(record.image_path).read_bytes()
         meta = json.loads(meta_bytes)
         assert (meta["text"], meta["sample_id"], meta["source"]) == (record.text, record.sample_id, record.source)
@@ -139,8 +140,9 @@ def final_state(run: Path) -> dict:
 def test_training_from_shards_is_training_from_the_manifest_and_resumes(tiny_dataset, tmp_path, monkeypatch):
     """The same lines in the same order give the same batches: the run from shards ends with the manifest run's
     weights and validation; a SIGTERM mid-epoch, then resume, ends there too."""
-    from lineclip import trainer
     from test_resume import sigterm_during_step
+
+    from lineclip import trainer
 
     for split in ("train", "eval"):
         write_shards(tiny_dataset / split / "meta" / "lines.jsonl", tmp_path / "shards" / split, shard_size=5,
