@@ -185,3 +185,12 @@ def test_shard_images_read_by_offset_survive_pickling(tiny_dataset, tmp_path):
         assert copy.images.read(i) == Path(lines[i].image_path).read_bytes() == lines.images.read(i)
         with Image.open(io.BytesIO(copy.images.read(i))) as image:
             assert list(image.size) == lines.sizes[i].tolist()
+
+
+def test_data_format_shards_needs_train_shards():
+    from lineclip.config import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match="data.format=shards needs data.train_shards"):
+        check_config(compose_cfg("data.format=shards"))
+    with pytest.raises(Exception, match="format"):
+        check_config(compose_cfg("data.format=webdataset"))
