@@ -1,14 +1,17 @@
 """Typed schema of the Hydra config tree and the semantic checks run before any model is built.
 
-The YAML files under `conf/` carry the values; the dataclasses here carry the types. `conf/train.yaml`
+The dataclasses here carry the types and every default, once; the YAML files under `conf/` only choose (a
+group's option) and override (presets); `python -m lineclip.train --cfg job` shows the result. `conf/train.yaml`
 extends `train_schema`, so a misspelt key or a value of the wrong type fails at composition with Hydra's
 own error, and `check_config` catches what types cannot (lr > 0, a known pipeline, a readable manifest).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -104,7 +107,8 @@ class PreprocessConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    """AdamW (the only optimizer: conf/optim/adamw.yaml names it) with a linear warmup, then `schedule`."""
+
     lr: float = 5e-5
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -192,6 +196,20 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("lineclip_asset", lambda name: str(asset_dir(name)))
 
 
+def compose(config_name: str = "train", overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """A command's config (train, evaluate, index, search, synth) composed from the config tree with overrides, as
+    its command line does, through Hydra's compose API: what tests, benchmarks and experiments use."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    if config_name != "train":
+        importlib.import_module(f"lineclip.{config_name}")  # stores the command's schema
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides),
+                             return_hydra_config=return_hydra_config)
+
+
 def conf_dir() -> Path:
     """The config tree: `conf/` of a source checkout, or the copy shipped inside an installed wheel."""
     checkout = Path(__file__).resolve().parent.parent / "conf"
@@ -210,8 +228,6 @@ class ConfigError(ValueError):
 _CHOICES = {
     "trainer.mixed_precision": ("no", "fp16", "bf16"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "optim.name": ("adamw",),
-    "data.on_bad_row": ("skip", "error"),
     "loss.name": ("infonce", "siglip"),
     "logger.name": ("wandb", "none"),
     "model.attn_implementation": (None, "sdpa", "eager", "flash_attention_2"),
@@ -265,9 +281,11 @@ def _check_numbers(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, before any model is built, with a one-line reason naming the field."""
+    from lineclip.manifest import ON_BAD_ROW_CHOICES
     from lineclip.preprocess import PIPELINES  # here, not at import: it pulls in torch (seconds per CLI start)
 
-    for key, allowed in {"preprocess.pipeline": PIPELINES, **_CHOICES}.items():
+    choices = {"preprocess.pipeline": PIPELINES, "data.on_bad_row": ON_BAD_ROW_CHOICES, **_CHOICES}
+    for key, allowed in choices.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
     positive = ["optim.lr", "loss.logit_scale_lr_multiplier", "data.batch_size", "preprocess.target_height",

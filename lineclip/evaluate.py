@@ -77,6 +77,7 @@ class EvaluateConfig(ModelArgs):
     manifest: str | None = None
     dataset_dir: str | None = None  # also tried for relative image paths, as in training
     on_bad_row: str = "skip"  # skip (and count) | error
+    num_workers: int = 4  # processes decoding and binarising line images (the bottleneck on a GPU)
     text_batch_size: int = 64
     eval: EvalOptions = field(default_factory=EvalOptions)
 

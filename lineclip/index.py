@@ -36,7 +36,8 @@ class IndexOptions(IndexParams):
 class IndexConfig(ModelArgs):
     manifest: str | None = None
     dataset_dir: str | None = None
-    on_bad_row: str = "skip"
+    on_bad_row: str = "skip"  # skip (and count) | error
+    num_workers: int = 4  # processes decoding and binarising line images (the bottleneck on a GPU)
     text_batch_size: int = 64
     index: IndexOptions = field(default_factory=IndexOptions)
 

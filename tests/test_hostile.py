@@ -79,14 +79,10 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def compose(config_name: str, overrides: list[str]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from lineclip.config import conf_dir
+    from lineclip.config import compose as compose_config
 
     extra = [] if config_name == "train" else ["progress=false"]
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=[*overrides, *extra])
+    return compose_config(config_name, [*overrides, *extra])
 
 
 def replay(command: str, overrides: list[str]) -> tuple[int, list[str]]:
