@@ -50,10 +50,13 @@ def top_matches(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[t
 
 def line_thumbnail(path: str, height: int = THUMBNAIL_HEIGHT, max_width: int = THUMBNAIL_MAX_WIDTH) -> Image.Image:
     """A line image file as a person sees it (read as training reads it: EXIF orientation, high bit depths
-    scaled, alpha on white), scaled to `height` (narrower if wider than `max_width`). Decode errors propagate."""
-    from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, _rgb_array, load_image
+    scaled, alpha on white), scaled to `height` (narrower if wider than `max_width`); grey ("L") when the file is
+    grey, as binarised scans are (a third of the bytes for W&B to decode), else RGB. Decode errors propagate."""
+    from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, _gray_array, _rgb_array, load_image
 
-    image = Image.fromarray(_rgb_array(load_image(path, DEFAULT_MAX_IMAGE_PIXELS)))
+    image = load_image(path, DEFAULT_MAX_IMAGE_PIXELS)
+    grey = image.mode in ("1", "L", "LA", "F") or image.mode.startswith("I")
+    image = Image.fromarray(_gray_array(image) if grey else _rgb_array(image))
     scale = min(height / image.height, max_width / image.width)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)

@@ -144,9 +144,10 @@ def test_line_thumbnail_keeps_the_aspect_and_caps_the_width(tmp_path):
     Image.new("L", (2000, 100), 200).save(tmp_path / "wide.png")
     Image.new("RGBA", (300, 60), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     wide = panels.line_thumbnail(str(tmp_path / "wide.png"), height=48, max_width=500)
-    assert wide.size == (500, 25) and wide.mode == "RGB"
+    assert wide.size == (500, 25) and wide.mode == "L"  # a grey scan stays grey
     clear = panels.line_thumbnail(str(tmp_path / "clear.png"), height=48)
-    assert clear.size == (240, 48) and clear.getpixel((10, 10)) == (255, 255, 255)  # alpha on white paper
+    assert clear.size == (240, 48) and clear.mode == "RGB"
+    assert clear.getpixel((10, 10)) == (255, 255, 255)  # alpha on white paper
 
 
 def test_model_artifact_names_entries_without_the_prefix(tmp_path):
