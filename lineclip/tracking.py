@@ -187,6 +187,9 @@ class RunPanels:
 
         self.panels, self.cfg, self.output_dir, self.data = panels, cfg, output_dir, data
         self.tracker = accelerator.get_tracker("wandb")
+        if getattr(self.tracker.tracker, "disabled", False):  # logger.mode=disabled: W&B drops all of it
+            self.enabled = False
+            return
         self.inputs_logged = resuming or cfg.logger.input_grid_lines == 0  # once per W&B run
         readable = [i for i in range(len(data.val_records))
                     if data.val_set is not None and i not in data.val_set.image_problems]
