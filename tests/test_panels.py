@@ -282,3 +282,17 @@ def test_offline_run_writes_every_panel_under_its_run_dir(panel_run, tiny_datase
     assert {name.split("/")[0] for name in final} == {*BUNDLE_ENTRIES, "faiss_embeddings.npy",
                                                       "faiss_embeddings_meta.parquet", "data_report.json"}
     assert all(local == str(panel_run / name) for name, local in final.items())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("logger.val_table_top_k=0", "logger.val_table_top_k must be > 0"),
+    ("logger.val_table_queries=-1", "logger.val_table_queries must be >= 0"),
+    ("logger.input_grid_lines=-2", "logger.input_grid_lines must be >= 0"),
+])
+def test_panel_settings_are_checked(compose_cfg, override, message):
+    from lineclip.config import ConfigError, check_config
+
+    cfg = compose_cfg(override)
+    assert cfg.logger.log_model is False and cfg.logger.log_checkpoints is False  # artifacts: off by default
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
