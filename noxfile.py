@@ -53,6 +53,12 @@ def bench_train(session: nox.Session) -> None:
 
 
 @nox.session
+def bench_panels(session: nox.Session) -> None:
+    """What the W&B panels (retrieval table, rank histograms) cost a validation, side by side with it."""
+    _bench(session, "bench_panels.py")
+
+
+@nox.session
 def bench_gpu(session: nox.Session) -> None:
     """Samples/s and MFU of DINOv2-base + ByT5-small on one GPU, with and without each speed option.
     On a CPU it runs the same code path with tiny towers (`--tiny`)."""

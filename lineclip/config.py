@@ -174,6 +174,16 @@ class LoggerConfig:
     group: str | None = None  # defaults to the multirun sweep dir's name
     mode: str | None = None  # online | offline | disabled; None: online with credentials, else offline
     tags: list[str] = field(default_factory=list)
+    # W&B panels beyond scalars (lineclip.panels; none is built with logger=none). At each validation the table
+    # val/retrieval: this many val text queries (one seeded set, the same in every validation and every run of a
+    # sweep, so runs compare row by row; 0: no table) with their top-k retrieved line images, scores and hits.
+    val_table_queries: int = 16
+    val_table_top_k: int = 5
+    val_table_seed: int = 0  # not trainer.seed: runs with different seeds still show the same queries
+    rank_histograms: bool = True  # val/{t2i,i2t}_rank and _log10_rank: where the correct line ranks
+    input_grid_lines: int = 16  # train/inputs, once: lines of the first batch as the towers get them; 0: none
+    log_model: bool = False  # the final bundle as a W&B model artifact, training_config.json as its metadata
+    log_checkpoints: bool = False  # each checkpoint's bundle too (copied: rotation may delete it before upload)
 
 
 @dataclass
@@ -275,6 +285,9 @@ def _check_numbers(cfg: DictConfig) -> None:
         raise ConfigError(f"preprocess.width_buckets must be positive, got {list(cfg.preprocess.width_buckets)}")
     if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
         raise ConfigError(f"data.max_image_pixels must be > 0 or null, got {cfg.data.max_image_pixels}")
+    for key in ("logger.val_table_queries", "logger.input_grid_lines"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
     if cfg.trainer.overwrite and cfg.trainer.resume:
         raise ConfigError("trainer.resume and trainer.overwrite=true contradict each other: give one")
 
@@ -292,7 +305,7 @@ def check_config(cfg: DictConfig) -> None:
                 "preprocess.max_width",
                 "preprocess.patch_multiple", "text.max_length", "model.projection_dim",
                 "trainer.gradient_accumulation_steps", "trainer.checkpoint_every_steps", "loss.temperature",
-                "data.min_batch_size"]
+                "data.min_batch_size", "logger.val_table_top_k"]
     for key in positive:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")

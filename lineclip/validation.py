@@ -7,6 +7,7 @@ ValidationPlan, within-group and phrase-query metrics (lineclip.galleries).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from omegaconf import DictConfig
 from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset, byte_encode
 from lineclip.data import make_loader
 from lineclip.galleries import ValidationPlan
-from lineclip.metrics import retrieval_metrics
+from lineclip.metrics import ranks_metrics, retrieval_ranks
 
 
 @dataclass
@@ -93,13 +94,18 @@ def embed_texts(accelerator: Accelerator, model: torch.nn.Module, texts: list[st
     return out
 
 
-def validate(accelerator, model, dataset, collate, text_ids, cfg,
-             plan: ValidationPlan | None = None) -> dict[str, float]:
+def validate(accelerator, model, dataset, collate, text_ids, cfg, plan: ValidationPlan | None = None,
+             on_ranked: Callable[[EmbeddedLines, dict[str, torch.Tensor]], None] | None = None) -> dict[str, float]:
     """Whole-gallery Recall@K/MRR (`val_t2i_r1`, ...) and, with a plan, within-group (`val_page_t2i_r1`, ...)
     and phrase-query (`val_phrase_t2i_r1`, ...) metrics. The plan's reference levels (`plan.levels()`, for the
-    lines actually embedded) are computed on the first call and kept in `plan.embedded_levels`."""
+    lines actually embedded) are computed on the first call and kept in `plan.embedded_levels`.
+    `on_ranked(embedded, ranks)`: called on every process with the embedded lines and the whole-gallery ranks
+    (`metrics.retrieval_ranks`) the metrics came from (the W&B panels, lineclip.panels)."""
     emb = embed_dataset(accelerator, model, dataset, collate, eval_batch_size(cfg), cfg.data.num_workers)
-    metrics = retrieval_metrics(emb.image, emb.text, text_ids[emb.indices])
+    ranks = retrieval_ranks(emb.image, emb.text, text_ids[emb.indices])
+    metrics = ranks_metrics(ranks)
+    if on_ranked is not None:
+        on_ranked(emb, ranks)
     if plan is not None:
         lines = plan.restrict(emb.indices.numpy())
         phrase_emb = embed_texts(accelerator, model, lines.phrases, cfg) if lines.phrases else None

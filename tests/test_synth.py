@@ -174,3 +174,12 @@ def test_cli(tmp_path: Path) -> None:
                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "overwrite=true" in bad.stdout + bad.stderr
     assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_progress_bar_shows_lines_done_and_the_rate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    generate(SynthConfig(out_dir=str(tmp_path / "bar"), n_lines=4, chunk_size=2, workers=1, eval_fraction=0.0,
+                         progress=True))  # type: ignore[arg-type]
+    bar = capsys.readouterr().err
+    assert "synth: 100%" in bar and "4/4" in bar and "line/s" in bar  # e.g. `4/4 [00:00<00:00, 9.8line/s]`
+    _run(tmp_path / "quiet", n_lines=2, workers=1, eval_fraction=0.0)  # progress=False: no bar at all
+    assert "synth" not in capsys.readouterr().err
