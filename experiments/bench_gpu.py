@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--n-batches", type=int, default=2, help="distinct batches (shapes) cycled through")
     parser.add_argument("--budget-s", type=float, default=540, help="no variant starts after this many seconds")
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    parser.add_argument("--only", default="", help="variant names separated by ';' (default: all)")
     args = parser.parse_args()
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
@@ -218,7 +218,7 @@ def main() -> None:
     flops = model_flops(compose_cfg([*base, "model.attn_implementation=eager"]), data, accelerator)
     variants = [v for v in VARIANTS if not (args.no_compile and v.compiled)]
     if args.only:
-        variants = [v for v in variants if v.name in args.only.split(",")]
+        variants = [v for v in variants if v.name in args.only.split(";")]
     rows = []
     took = {False: 30.0, True: 150.0}  # seconds a variant is expected to take (eager, compiled): the longest seen
     for variant in variants:
@@ -235,7 +235,7 @@ def main() -> None:
             work = sum(flops[i] for i in timing["batches"])
             row.update({"samples_per_s": round(args.batch * args.steps / timing["elapsed_s"], 1),
                         "step_ms": round(1000 * step_s, 1), "peak_gib": timing["peak_gib"],
-                        "tflops_per_step": round(work / args.steps / 1e12, 2), "warmup_s": timing["warmup_s"]})
+                        "tflops_per_step": round(work / args.steps / 1e12, 4), "warmup_s": timing["warmup_s"]})
             if peak:
                 row["mfu"] = round(work / timing["elapsed_s"] / peak, 3)
                 row["meets_targets"] = bool(row["peak_gib"] <= TARGET_PEAK_GIB and row["mfu"] >= TARGET_MFU)
