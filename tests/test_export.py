@@ -123,3 +123,20 @@ def test_embed_batches_restores_the_training_mode_and_reports_corrupt_pixels(tin
         model.eval()
     assert sum(len(b.failed) for b in out) == 1 and [b.failed for b in out if b.failed] == [[0]]
     assert np.concatenate([b.indices for b in out]).tolist() == [1]
+
+
+def test_text_embeddings_stream_into_a_given_array_with_duplicates_embedded_once(tiny, tmp_path):
+    model, _, transform = tiny
+    encoder = LineEncoder(model, transform, 64, {}, device="cpu")
+    texts = ["ཀུན་རིག", "བཀྲ་ཤིས་བདེ་ལེགས", "ཀུན་རིག", "abc", "  ཀུན་རིག ", "ཡེ་ཤེས"]  # 0, 2, 4 are one normalised text
+    in_memory = encoder.encode_texts(texts, batch_size=2)
+    out = np.lib.format.open_memmap(tmp_path / "t.npy", mode="w+", dtype=np.float32, shape=(len(texts), encoder.dim))
+    assert encoder.encode_texts(texts, batch_size=2, out=out) is out
+    out.flush()
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), in_memory)
+    np.testing.assert_array_equal(in_memory[0], in_memory[2])
+    np.testing.assert_array_equal(in_memory[0], in_memory[4])
+    one_by_one = np.concatenate([encoder.encode_texts([t]) for t in texts])
+    np.testing.assert_allclose(in_memory, one_by_one, atol=1e-6)
+    with pytest.raises(ValueError, match="out has shape"):
+        encoder.encode_texts(texts, out=np.zeros((2, encoder.dim), np.float32))
