@@ -146,7 +146,7 @@ def embed_batches(
     num_workers: int, device: torch.device, with_text: bool = False,
     autocast: Callable[[], AbstractContextManager] = nullcontext, progress: str | None = None,
 ) -> Iterator[EmbeddedBatch]:
-    """THE image-embedding path: validation, the training run's corpus export, and `LineEncoder` (evaluate,
+    """The one image-embedding path: validation, the training run's corpus export, and `LineEncoder` (evaluate,
     index, search) all embed line images here, so a line's embedding is the same function of its file in all of
     them. `dataset` yields what `LineDataset` yields (a path is read exactly as training reads it); one bucket a
     batch, so a line's tensor never depends on its batch mates. `model` is the unwrapped DualEncoder, put in
@@ -157,7 +157,7 @@ def embed_batches(
     loader = make_loader(dataset, batches, collate, workers)
     was_training = model.training
     model.eval()
-    # disable=None: tqdm shows the bar only on a terminal, like the training bar's logs stay clean in files.
+    # disable=None: tqdm draws the bar only when stderr is a terminal, so logs written to files stay clean.
     bar = tqdm(total=sum(len(b) for b in batches), desc=progress, unit="line", disable=None if progress else True)
     try:
         for batch in loader:
