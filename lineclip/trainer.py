@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 import lineclip
-from lineclip import bundle
+from lineclip import artifacts, bundle
 from lineclip.batch import TrainTexts
 from lineclip.bundle import BundleError, check_bundle, resolve_bundle
 from lineclip.checkpoint import Checkpointer, TrainingDiverged, claim_run_dir, resolve_resume
@@ -49,7 +49,7 @@ from lineclip.towers import (
     build_tokenizer,
 )
 from lineclip.tracking import RunPanels, Throughput, finish_tracking, log_metrics, start_metrics_file, start_tracking
-from lineclip.validation import embed_dataset, eval_batch_size, validate
+from lineclip.validation import eval_batch_size, export_corpus, validate
 
 log = logging.getLogger(__name__)
 
@@ -545,13 +545,14 @@ def train(cfg: DictConfig) -> TrainResult:
     if state.corrupt_indices:
         log.warning("skipped %d corrupt line images while training", len(state.corrupt_indices))
     if not interrupted:
-        emb = None
-        if cfg.trainer.export_embeddings:
-            emb = embed_dataset(accelerator, model, data.corpus(), data.collate, eval_batch_size(cfg),
-                                cfg.data.num_workers, with_text=False)
-            data_report["export_skipped_images"] = len(train_records) - len(emb.indices)
-        kept = [train_records[i] for i in emb.indices.tolist()] if emb is not None else []
-        checkpointer.save_final(emb.image.numpy() if emb is not None else None, kept)
+        corpus = None
+        if cfg.trainer.export_embeddings:  # each process writes its rows; the main process merges them
+            corpus = export_corpus(accelerator, model, data.corpus(), data.collate, eval_batch_size(cfg),
+                                   cfg.data.num_workers, output_dir / artifacts.CORPUS_EXPORT,
+                                   progress=cfg.trainer.progress_bar)
+            if corpus is not None:
+                data_report["export_skipped_images"] = len(train_records) - len(corpus.indices)
+        checkpointer.save_final(corpus, train_records)
         panels.log_bundle("", state.step)
     panels.close()
     finish_tracking(accelerator)

@@ -57,6 +57,20 @@ def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path):
             assert rep[f"siglip_{mode}_max_abs_diff"] < 1e-5 * max(1.0, rep["siglip_grad_max_abs"])
 
 
+def test_two_processes_export_a_corpus_in_parts_without_gathering(tmp_path):
+    torchrun(str(CHECKS), "export", str(tmp_path))
+    rank0, rank1 = reports(tmp_path, "export")
+    assert rank0["gathers_in_export"] == rank1["gathers_in_export"] == 0  # no process ever holds all rows
+    assert rank0["returned"] and not rank1["returned"]  # the merged corpus is the main process's
+    assert rank0["n_buckets"] == 2
+    # every readable line once (the broken one, 6, left out), in dataset order, as each line embeds alone
+    assert rank0["indices"] == rank0["expected_indices"] == [i for i in range(13) if i != 6]
+    assert rank0["shape"][0] == 12
+    assert rank0["max_abs_diff_vs_alone"] < 1e-5
+    assert rank0["equal_to_gathered"]  # what validation's gathered embedding gives, to the bit
+    assert rank0["files_left"] == ["faiss_embeddings.npy"]  # the parts are merged and gone
+
+
 @pytest.mark.slow
 def test_two_process_training_run(tmp_path):
     batch, eval_batch, warmup, every = 8, 7, 3, 4

@@ -605,7 +605,7 @@ def test_a_full_disk_under_index_and_evaluate_is_one_line(trained, tmp_path, mon
 
     run, data = trained
     if command == "index":
-        monkeypatch.setattr(lineclip.corpus.np, "save", no_space)
+        monkeypatch.setattr(lineclip.corpus.EmbeddingPart, "append", no_space)  # the first rows written
         args = [f"manifest={data['eval']}", f"index.output={tmp_path / 'out' / 'idx'}"]
     else:
         monkeypatch.setattr(lineclip.cli.Path, "write_text", no_space)
