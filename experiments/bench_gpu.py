@@ -43,11 +43,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset
-from lineclip.config import conf_dir, register_configs
+from lineclip.config import compose
 from lineclip.manifest import read_manifest
 from lineclip.preprocess import LineGeometry, LineImageTransform
 from lineclip.trainer import build_model, build_optimization, train_step
@@ -96,11 +95,6 @@ def sizes(tiny: bool) -> list[str]:
             *(f"text.config.{k}={v}" for k, v in BYT5_SMALL_ENCODER.items())]
 
 
-def compose_cfg(overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
 
 def line_batches(batch_size: int, max_length: int, n_batches: int) -> list[dict]:
     """Up to `n_batches` full batches of demo lines (one width bucket each), collated once."""
@@ -148,7 +142,7 @@ def model_flops(cfg, data: list[dict], accelerator: Accelerator) -> list[int]:
 
 def run_variant(variant: Variant, base: list[str], data: list[dict], accelerator: Accelerator, steps: int,
                 warmup: int) -> dict:
-    cfg = compose_cfg([*base, *variant.overrides])
+    cfg = compose("train", [*base, *variant.overrides])
     torch.manual_seed(0)
     model, _, _ = build_model(cfg)
     for tower in variant.checkpoint_towers:
@@ -215,7 +209,7 @@ def main() -> None:
             f"trainer.mixed_precision={'bf16' if cuda else 'no'}", "logger=none"]
     data = line_batches(args.batch, 512, args.n_batches)
     data = [{k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in data]
-    flops = model_flops(compose_cfg([*base, "model.attn_implementation=eager"]), data, accelerator)
+    flops = model_flops(compose("train", [*base, "model.attn_implementation=eager"]), data, accelerator)
     variants = [v for v in VARIANTS if not (args.no_compile and v.compiled)]
     if args.only:
         variants = [v for v in variants if v.name in args.only.split(";")]

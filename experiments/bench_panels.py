@@ -29,10 +29,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 from accelerate import Accelerator  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from lineclip.checkpoint import Checkpointer  # noqa: E402
-from lineclip.config import conf_dir, register_configs  # noqa: E402
+from lineclip.config import compose  # noqa: E402
 from lineclip.data import build_data, load_lines  # noqa: E402
 from lineclip.tracking import RunPanels, finish_tracking, start_tracking  # noqa: E402
 from lineclip.trainer import build_model  # noqa: E402
@@ -40,11 +39,6 @@ from lineclip.validation import validate  # noqa: E402
 
 CONFIGS = {"tiny": [], "small": ["experiment=cpu_small", "data.num_workers=0"]}
 
-
-def compose_cfg(overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def widen(records: list, n: int) -> list:
@@ -57,7 +51,7 @@ def widen(records: list, n: int) -> list:
 
 
 def measure(config: str, val_lines: int, rounds: int, out_dir: Path) -> dict:
-    cfg = compose_cfg([*CONFIGS[config], "logger=wandb", "data.num_workers=0", f"output_dir={out_dir}"])
+    cfg = compose("train", [*CONFIGS[config], "logger=wandb", "data.num_workers=0", f"output_dir={out_dir}"])
     accelerator = Accelerator(log_with="wandb")
     train_records, val_records, report = load_lines(cfg)
     val_records = widen(train_records + val_records, val_lines) if val_lines > len(val_records) else val_records

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from hydra import compose, initialize_config_dir
 
 from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset
-from lineclip.config import asset_dir, conf_dir, register_configs
+from lineclip.config import asset_dir, compose
 from lineclip.data import text_ids_of
 from lineclip.loss import contrastive_loss
 from lineclip.manifest import read_manifest
@@ -133,9 +132,7 @@ def _micro_batches(n_micro=3, per=4):
 
 
 def test_grad_cache_equals_one_big_batch_with_dropout_on():
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        register_configs()
-        cfg = compose(config_name="train", overrides=["+text.config.dropout_rate=0.3"])
+    cfg = compose("train", ["+text.config.dropout_rate=0.3"])
     torch.manual_seed(0)
     model, _, _ = build_model(cfg)
     model.train()
@@ -162,8 +159,7 @@ def test_grad_cache_equals_one_big_batch_with_dropout_on():
 def test_gradient_accumulation_sums_batches_without_adding_negatives():
     from lineclip.trainer import train_step
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train")
+    cfg = compose("train")
     torch.manual_seed(0)
     model, _, _ = build_model(cfg)
     model.eval()

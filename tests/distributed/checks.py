@@ -13,23 +13,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 
 from lineclip.batch import LineCollator, LineDataset
-from lineclip.config import asset_dir, conf_dir, register_configs
+from lineclip.config import asset_dir, compose
 from lineclip.data import text_ids_of
 from lineclip.loss import contrastive_loss, sigmoid_loss
 from lineclip.manifest import read_manifest
 from lineclip.metrics import retrieval_metrics
 from lineclip.preprocess import LineGeometry, LineImageTransform
 from lineclip.trainer import build_model, grad_cache_step, train
-
-register_configs()
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def flat_params(model):
@@ -63,7 +55,7 @@ def single_process_val_metrics(model, cfg):
 
 
 def check_train(out_dir: Path, overrides):
-    cfg = compose_cfg([f"output_dir={out_dir / 'run'}", *overrides])
+    cfg = compose("train", [f"output_dir={out_dir / 'run'}", *overrides])
     result = train(cfg)
     params = flat_params(result.model)
     report = {
@@ -87,7 +79,7 @@ def check_grads(out_dir: Path, per_rank: int = 4):
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(cpu=True)
-    cfg = compose_cfg(["data.num_workers=0"])
+    cfg = compose("train", ["data.num_workers=0"])
     demo = asset_dir("demo")
     records, _ = read_manifest(demo / "train" / "meta" / "lines.jsonl", demo)
     dataset = LineDataset(records, LineImageTransform("bdrc", LineGeometry()))
@@ -151,7 +143,7 @@ def check_siglip_phrase_grads(accelerator, batch, lines, per_rank):
     from lineclip.batch import TrainTexts
     from lineclip.trainer import train_step
 
-    cfg = compose_cfg(["data.num_workers=0", "loss=siglip"])
+    cfg = compose("train", ["data.num_workers=0", "loss=siglip"])
     n = 2 * per_rank
     lines = list(lines)
     lines[1] = f"{lines[1]} {lines[n - 1]}"
@@ -211,7 +203,7 @@ def check_export(out_dir: Path, n_lines: int = 13, batch: int = 3):
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     set_seed(0)
-    model, _, _ = build_model(compose_cfg(["data.num_workers=0"]))
+    model, _, _ = build_model(compose("train", ["data.num_workers=0"]))
     model.eval()
     demo = asset_dir("demo")
     records, _ = read_manifest(demo / "eval" / "meta" / "lines.jsonl", demo)
