@@ -87,11 +87,13 @@ def _hit(corpus: Corpus, rank: int, score: float, row: int, rows: list[int] | No
                str(meta["doc_id"]), str(meta["page_id"]), str(meta["line_id"]), rows or [int(row)])
 
 
-def lines_for_embedding(corpus: Corpus, query: np.ndarray, top_k: int) -> list[Hit]:
-    """The corpus lines whose image embeddings score best against one query embedding (text or image)."""
+def lines_for_embedding(corpus: Corpus, query: np.ndarray, top_k: int, skip: int = 0) -> list[Hit]:
+    """The corpus lines whose image embeddings score best against one query embedding (text or image): ranks
+    `skip + 1` to `top_k` (a page of results reads the meta of its own rows only)."""
     scores, rows = corpus.search_images(query[None, :], top_k)
     # Approximate indexes return -1 when fewer than top_k candidates were visited.
-    return [_hit(corpus, i + 1, s, r) for i, (s, r) in enumerate(zip(scores[0], rows[0], strict=True)) if r >= 0]
+    return [_hit(corpus, i + 1, s, r) for i, (s, r) in enumerate(zip(scores[0], rows[0], strict=True))
+            if r >= 0 and i >= skip]
 
 
 def texts_for_embedding(corpus: Corpus, encoder: LineEncoder, query: np.ndarray, top_k: int,

@@ -213,10 +213,10 @@ class LineSearch:
         last = min(self.cfg.max_results, len(self.corpus))
         if (query.page - 1) * size >= max(last, 1):
             raise PageError(400, f"page {query.page} is past the last result (at most {last} are shown)", query)
-        wanted = min(query.page * size, last)
+        wanted, skip = min(query.page * size, last), (query.page - 1) * size
         with self._lock:
-            hits = lines_for_embedding(self.corpus, embedding, wanted)
-        return Results(query, hits[(query.page - 1) * size:], has_next=wanted < last and len(hits) == wanted)
+            hits = lines_for_embedding(self.corpus, embedding, wanted, skip)
+        return Results(query, hits, has_next=wanted < last and len(hits) == wanted - skip)
 
     # ---------------------------------------------------------------------------------------------- images
 
