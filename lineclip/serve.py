@@ -248,11 +248,11 @@ header p { color: #666; margin-top: -.6em; font-size: .9em; }
 form { margin: .6em 0; display: flex; gap: .6em; align-items: center; flex-wrap: wrap; }
 input[type=search] { flex: 1; min-width: 20em; font-size: 1.3em; padding: .25em .4em; }
 .bo, input[type=search] { font-family: "Noto Serif Tibetan (lineclip)", "Noto Serif Tibetan", "Jomolhari", serif; }
-.bo { font-size: 1.35em; line-height: 1.7; }
+.bo { font-size: 1.35em; line-height: 1.7; padding-bottom: .3em; }
 button { font-size: 1em; padding: .35em .9em; }
 table { border-collapse: collapse; width: 100%; margin: 1em 0; }
 th, td { border-bottom: 1px solid #ddd; padding: .4em .6em; text-align: left; vertical-align: top; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; width: 4em; }
 td img { display: block; max-width: 100%; border: 1px solid #eee; }
 mark { background: #ffe066; padding: 0 .05em; }
 .meta { color: #777; font-size: .82em; }
@@ -295,8 +295,9 @@ def _results_html(results: Results) -> str:
     if results.has_next:
         nav.append(f'<a rel="next" href="{e(query.link(query.page + 1))}">next →</a>')
     body = "\n".join(rows) or '<tr><td colspan="3">(no results)</td></tr>'
-    return (f'<nav>{"".join(nav)}</nav>\n<table id="results">\n<tr><th>rank</th><th>score</th><th>line</th></tr>\n'
-            f"{body}\n</table>\n<nav>{''.join(nav[1:])}</nav>")
+    head = '<tr><th class="num">rank</th><th class="num">score</th><th>line</th></tr>'
+    return (f'<nav>{"".join(nav)}</nav>\n<table id="results">\n{head}\n{body}\n</table>\n'
+            f"<nav>{''.join(nav[1:])}</nav>")
 
 
 def render_page(label: str, query: Query | None = None, results: Results | None = None,
