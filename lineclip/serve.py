@@ -483,10 +483,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail now, in one line, if (host, port) cannot be bound, rather than after loading the model (uvicorn
+    would then log the error and exit 3). Bound as uvicorn binds it, then released."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise UsageError(f"cannot serve on host={host} port={port}: {exc.strerror or exc}") from None
+
+
 def serve(cfg: DictConfig) -> None:
     """The command: check, load model and corpus once, then serve until interrupted."""
     check_serve_args(cfg)
     require_web_stack()
+    check_port(cfg.host, cfg.port)
     import uvicorn
 
     engine = LineSearch.load(cfg)
@@ -494,8 +509,7 @@ def serve(cfg: DictConfig) -> None:
     if not is_loopback(cfg.host):
         log.warning("host=%s: anyone who can reach this machine's port %d can search %s and see its line images",
                     cfg.host, cfg.port, engine.corpus.directory)
-    log.info("serving %s at http://%s:%d/ (Ctrl-C stops)", engine.label,
-             f"[{cfg.host}]" if ":" in cfg.host else cfg.host, cfg.port)
+    log.info("loaded %s; starting the page (uvicorn prints its address; Ctrl-C stops)", engine.label)
     # log_config=None: uvicorn's loggers go through the command's own console logging (one format).
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, log_level="info", server_header=False)
 

@@ -225,6 +225,12 @@ def test_defaults_bind_loopback_and_bad_options_stop(tmp_path):
         status, messages = run_capturing_errors(serve, compose_config("serve", [f"run_dir={tmp_path}", *overrides]
                                                                        if overrides else []))
         assert status == 2 and len(messages) == 1 and reason in messages[0], messages
+    with socket.socket() as taken:  # a port in use stops before the model is loaded (run_dir is no run here)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, messages = run_capturing_errors(serve, compose_config("serve", [f"run_dir={tmp_path}", f"port={port}"]))
+    assert status == 2 and messages == [f"cannot serve on host=127.0.0.1 port={port}: Address already in use"]
 
 
 # ------------------------------------------------------------------------------------------ in a browser
