@@ -75,7 +75,7 @@ class PageError(Exception):
 
 
 class UploadTooLarge(Exception):
-    """The request body passed serve.max_upload_bytes while it was being read."""
+    """The request body passed max_upload_bytes while it was being read."""
 
 
 def is_tibetan(char: str) -> bool:
@@ -142,7 +142,7 @@ class LineSearch:
             raise PageError(400, f"script={script!r} is not one of {', '.join(SCRIPTS)}", Query())
         if len(typed) > self.cfg.max_query_chars:
             raise PageError(400, f"the query has {len(typed)} characters; the limit is {self.cfg.max_query_chars} "
-                                 "(serve.max_query_chars)", query)
+                                 "(max_query_chars)", query)
         if script == "wylie":
             text, warnings = tibetan_from_wylie(typed)
             if warnings:
@@ -178,9 +178,10 @@ class LineSearch:
         from lineclip.preprocess import DECODE_ERRORS, load_image
 
         key = hashlib.sha256(data).hexdigest()
-        if key in self._uploads:
-            self._uploads.move_to_end(key)
-            return key
+        with self._lock:
+            if key in self._uploads:
+                self._uploads.move_to_end(key)
+                return key
         # load_image reads regular files (the same checks, pixel limit and EXIF turn as every line): a temp file.
         with tempfile.TemporaryDirectory(prefix="lineclip_upload_") as tmp:
             path = Path(tmp) / "line"
@@ -193,16 +194,18 @@ class LineSearch:
             thumb = line_picture(path, (self.cfg.thumb_width, self.cfg.thumb_height))
         with self._lock:
             embedding = self.encoder.encode_images([image])[0]
-        self._uploads[key] = (embedding, thumb)
-        while len(self._uploads) > self.cfg.upload_cache:
-            self._uploads.popitem(last=False)
+            self._uploads[key] = (embedding, thumb)
+            while len(self._uploads) > self.cfg.upload_cache:
+                self._uploads.popitem(last=False)
         return key
 
     def upload(self, key: str) -> tuple[np.ndarray, bytes | None]:
-        if key not in self._uploads:
+        with self._lock:
+            held = self._uploads.get(key)
+        if held is None:
             raise PageError(404, "this uploaded line is no longer held by the server (it keeps the last "
                                  f"{self.cfg.upload_cache}): upload it again")
-        return self._uploads[key]
+        return held
 
     def upload_results(self, query: Query) -> Results:
         assert query.upload is not None
@@ -381,7 +384,7 @@ def build_app(engine: LineSearch) -> Any:
 
     async def image_search(request: Request) -> Response:
         limit = cfg.max_upload_bytes
-        too_large = PageError(413, f"the upload is larger than {limit:,} bytes (serve.max_upload_bytes)")
+        too_large = PageError(413, f"the upload is larger than {limit:,} bytes (max_upload_bytes)")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             raise too_large

@@ -187,7 +187,7 @@ def test_bad_input_gets_the_page_a_message_and_a_4xx(client):
         (post(b"\xff\xd8\xff\xe0 truncated"), 400, "cannot be read as an image"),
         (post(b""), 400, "line.jpg is empty"),
         (post(b"", name=""), 400, "choose a line image file"),
-        (post(b"x" * 200_001), 413, "larger than 200,000 bytes (serve.max_upload_bytes)"),
+        (post(b"x" * 200_001), 413, "larger than 200,000 bytes (max_upload_bytes)"),
         (client.post("/image", content=(b"x" * 50_000 for _ in range(5)),  # chunked: no Content-Length
                      headers={"content-type": "multipart/form-data; boundary=b"}), 413, "larger than 200,000"),
         (client.post("/image", content=b"--b\r\nbroken", headers={"content-type": "multipart/form-data; boundary=b"}),
