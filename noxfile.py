@@ -73,3 +73,11 @@ def bench_gpu(session: nox.Session) -> None:
     session.run("python", "experiments/bench_gpu.py",
                 *(session.posargs or ["--tiny", "--no-compile", "--batch", "4", "--steps", "2"]),
                 env={"PYTHONPATH": "."})
+
+
+@nox.session
+def bench_serve(session: nox.Session) -> None:
+    """lineclip.serve's answer time for a text query on a 100k-line corpus (--quick: 20k), vs model + index alone."""
+    session.install(CPU_TORCH)
+    session.install("-e", ".[serve]")
+    session.run("python", "experiments/bench_serve.py", *(session.posargs or ["--quick"]))

@@ -20,6 +20,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from lineclip.cli import ModelArgs
+
 
 @dataclass
 class ModelConfig:
@@ -197,6 +199,30 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     output_dir: str | None = None  # defaults to Hydra's run dir
+
+
+@dataclass
+class ServeConfig(ModelArgs):
+    """`python -m lineclip.serve`: a local search page over a run's corpus (lineclip.serve)."""
+
+    corpus: str | None = None  # a lineclip.index dir; default: the run's training corpus
+    # Loopback only by default: the page shows the corpus's line images to whoever can reach the port.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    page_size: int = 10  # result rows per page
+    # Paging stops at this rank: each page is a fresh top-(page x page_size) search, and a reader rarely looks
+    # past a few hundred lines.
+    max_results: int = 200
+    # Uploads above this are refused (413) before any decoding; real line images are 10-200 kB.
+    max_upload_bytes: int = 8_000_000
+    # Longer queries are refused (400) before encoding; the model reads only text_max_length bytes anyway.
+    max_query_chars: int = 2000
+    thumb_height: int = 64  # px; result lines are shown at most this tall (the link opens the full image)
+    thumb_width: int = 1200
+    # Uploaded lines' embeddings kept (by content hash) so that their result pages can be paged.
+    upload_cache: int = 32
+    nprobe: int | None = None  # ivf corpora: clusters visited (default: as built)
+    ef_search: int | None = None  # hnsw corpora
 
 
 def register_configs() -> None:

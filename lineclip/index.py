@@ -13,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from lineclip.artifacts import check_output_path
-from lineclip.cli import ModelArgs, UsageError, check_manifest_args, check_model_args, run_command
-from lineclip.config import conf_dir, register_configs
+from lineclip.cli import ModelArgs, UsageError, check_manifest_args, check_model_args, hydra_command, run_command
+from lineclip.config import register_configs
 from lineclip.corpus import INDEX_KINDS, IndexParams
 from lineclip.manifest import manifest_label
 
@@ -80,7 +79,7 @@ register_configs()
 ConfigStore.instance().store(name="index_schema", node=IndexConfig)
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="index")
+@hydra_command("index")
 def main(cfg: DictConfig) -> None:
     run_command(build, cfg)
 

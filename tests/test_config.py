@@ -196,7 +196,7 @@ def _compose_without(experiment: str, dotted: str) -> dict:
         return OmegaConf.to_container(cfg)
 
 
-@pytest.mark.parametrize("command", ["evaluate", "index", "search", "synth"])
+@pytest.mark.parametrize("command", ["evaluate", "index", "search", "synth", "serve"])
 def test_a_command_yaml_holds_no_defaults(command):
     """evaluate/index/search/synth: the schema in the command's module holds every default; the YAML only the
     schema's name, Hydra's settings and the logging override."""
