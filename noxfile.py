@@ -53,17 +53,38 @@ def bench_train(session: nox.Session) -> None:
 
 
 @nox.session
+def bench_panels(session: nox.Session) -> None:
+    """What the W&B panels (retrieval table, rank histograms) cost a validation, side by side with it."""
+    _bench(session, "bench_panels.py")
+
+
+@nox.session
+def bench_export(session: nox.Session) -> None:
+    """Peak memory per process of the corpus export: the old gather on every rank vs per-process parts."""
+    _bench(session, "bench_export.py")
+
+
+@nox.session
 def bench_gpu(session: nox.Session) -> None:
-    """Samples/s and MFU of DINOv2-base + ByT5-small on one GPU, with and without each speed option.
-    On a CPU it runs the same code path with tiny towers (`--tiny`)."""
+    """Peak memory and MFU of DINOv2-base + ByT5-small at batch 64 on one GPU, the trainer's own step with each
+    memory saver side by side. On a CPU it runs the same code path with tiny towers (`--tiny`)."""
     session.install(CPU_TORCH)  # the pin takes the CUDA build from PyPI on a GPU machine
     session.install("-e", ".")
-    session.run("python", "experiments/bench_gpu.py", *(session.posargs or ["--tiny", "--batches", "4"]),
+    session.run("python", "experiments/bench_gpu.py",
+                *(session.posargs or ["--tiny", "--no-compile", "--batch", "4", "--steps", "2"]),
                 env={"PYTHONPATH": "."})
 
 
 @nox.session
+def bench_serve(session: nox.Session) -> None:
+    """lineclip.serve's answer time for a text query on a 100k-line corpus (--quick: 20k), vs model + index alone."""
+    session.install(CPU_TORCH)
+    session.install("-e", ".[serve]")
+    session.run("python", "experiments/bench_serve.py", *(session.posargs or ["--quick"]))
+
+
+@nox.session
 def bench_scale(session: nox.Session) -> None:
-    """Start-up time (cold: parse + header scan; warm: the line cache) and peak RSS/USS per line of lineclip.train
+    """Start-up time (cold: parse + header scan; warm: the line cache) and peak RSS per line of lineclip.train
     on a generated manifest (`-- --rows 1000000`; `--quick`: 20,000 rows)."""
     _bench(session, "bench_scale.py")

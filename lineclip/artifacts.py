@@ -29,6 +29,8 @@ EMBEDDINGS = "faiss_embeddings.npy"
 EMBEDDINGS_META = "faiss_embeddings_meta.parquet"
 META_COLUMNS = ("sample_id", "doc_id", "page_id", "line_id", "text", "image_path")
 DATA_REPORT = "data_report.json"
+# The training run's corpus export at work: each process's part, then the merged file (lineclip.validation).
+CORPUS_EXPORT = ".staging_corpus"
 # What else lineclip.train (and Hydra, W&B) keep in a run dir besides bundles.
 RUN_FILES = (EMBEDDINGS, EMBEDDINGS_META, DATA_REPORT, "train.log", "wandb_run_id", ".hydra", "wandb")
 # A lineclip.index corpus dir's own files (lineclip.corpus).
@@ -110,15 +112,22 @@ def corpus_meta(records: Sequence[LineRecord]) -> pd.DataFrame:
     }, columns=list(META_COLUMNS))
 
 
-def save_corpus_embeddings(output_dir: str | Path, embeddings: np.ndarray, records: Sequence[LineRecord]) -> None:
-    """`faiss_embeddings.npy` (float32 [N, D], L2-normalised) and its meta parquet, rows in the same order."""
-    if len(embeddings) != len(records):
-        raise ValueError(f"{len(embeddings)} embeddings for {len(records)} records")
+def save_corpus_embeddings(output_dir: str | Path, embeddings: np.ndarray | Path,
+                           records: Sequence[LineRecord]) -> None:
+    """`faiss_embeddings.npy` (float32 [N, D], L2-normalised) and its meta parquet, rows in the same order.
+    `embeddings`: the rows, or an `.npy` file of them already written (the corpus export's merged file, on the same
+    file system), which is moved into place rather than read."""
     output_dir = Path(output_dir)
+    n_rows = len(np.load(embeddings, mmap_mode="r")) if isinstance(embeddings, Path) else len(embeddings)
+    if n_rows != len(records):
+        raise ValueError(f"{n_rows} embeddings for {len(records)} records")
     meta = corpus_meta(records)
     tmp_npy, tmp_meta = output_dir / f".{EMBEDDINGS}.tmp", output_dir / f".{EMBEDDINGS_META}.tmp"
-    with open(tmp_npy, "wb") as f:
-        np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
+    if isinstance(embeddings, Path):
+        os.replace(embeddings, tmp_npy)
+    else:
+        with open(tmp_npy, "wb") as f:
+            np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
     meta.to_parquet(tmp_meta, index=False)
     tmp_npy.rename(output_dir / EMBEDDINGS)
     tmp_meta.rename(output_dir / EMBEDDINGS_META)

@@ -21,7 +21,7 @@ import shutil
 import signal
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from lineclip.bundle import (
 )
 from lineclip.files import as_write_error, first_line, remove_staging
 from lineclip.tracking import METRICS_FILE, RUN_ID_FILE
+
+if TYPE_CHECKING:
+    from lineclip.validation import CorpusExport
 
 log = logging.getLogger(__name__)
 
@@ -418,18 +421,20 @@ class Checkpointer:
             raise error from exc
         accelerator.wait_for_everyone()
 
-    def save_final(self, corpus_image: np.ndarray | None, corpus_records: list[Any]) -> None:
-        """Main process: the corpus embeddings (when exported), the data report and the final bundle, staged
-        together and renamed in config-last: all or nothing. Then every process waits for it."""
+    def save_final(self, corpus: CorpusExport | None, records: list[Any]) -> None:
+        """Main process: the corpus embeddings (when exported: `corpus`, rows for those of `records` it lists), the
+        data report and the final bundle, staged together and renamed in config-last: all or nothing. Then every
+        process waits for it."""
         accelerator, output_dir, state = self.accelerator, self.output_dir, self.state
         if accelerator.is_main_process:
             staging = staging_dir(output_dir, "", reset=True)
             extra, corpus_info = [artifacts.DATA_REPORT], None
             try:
-                if corpus_image is not None:
-                    artifacts.save_corpus_embeddings(staging, corpus_image, corpus_records)
+                if corpus is not None:
+                    kept = [records[i] for i in corpus.indices.tolist()]
+                    artifacts.save_corpus_embeddings(staging, corpus.embeddings, kept)
                     extra += [artifacts.EMBEDDINGS, artifacts.EMBEDDINGS_META]
-                    corpus_info = {"n_lines": len(corpus_records)}
+                    corpus_info = {"n_lines": len(kept)}
                 (staging / artifacts.DATA_REPORT).write_text(json.dumps(
                     {**self.data_report, "corrupt_images_skipped": len(state.corrupt_indices),
                      "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
@@ -439,6 +444,9 @@ class Checkpointer:
                 if error is None:
                     raise
                 raise error from exc
+            finally:
+                if corpus is not None:
+                    remove_staging(corpus.directory)
             save_bundle(output_dir, "", accelerator.unwrap_model(self.model), self.image_processor,
                                   self.tokenizer, self.training_config(), extra_entries=tuple(extra),
                                   corpus=corpus_info)

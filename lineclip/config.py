@@ -1,14 +1,17 @@
 """Typed schema of the Hydra config tree and the semantic checks run before any model is built.
 
-The YAML files under `conf/` carry the values; the dataclasses here carry the types. `conf/train.yaml`
+The dataclasses here carry the types and every default, once; the YAML files under `conf/` only choose (a
+group's option) and override (presets); `python -m lineclip.train --cfg job` shows the result. `conf/train.yaml`
 extends `train_schema`, so a misspelt key or a value of the wrong type fails at composition with Hydra's
 own error, and `check_config` catches what types cannot (lr > 0, a known pipeline, a readable manifest).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,6 +19,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from lineclip.cli import ModelArgs
 
 
 @dataclass
@@ -117,7 +122,8 @@ class PreprocessConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    """AdamW (the only optimizer: conf/optim/adamw.yaml names it) with a linear warmup, then `schedule`."""
+
     lr: float = 5e-5
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -183,6 +189,16 @@ class LoggerConfig:
     group: str | None = None  # defaults to the multirun sweep dir's name
     mode: str | None = None  # online | offline | disabled; None: online with credentials, else offline
     tags: list[str] = field(default_factory=list)
+    # W&B panels beyond scalars (lineclip.panels; none is built with logger=none). At each validation the table
+    # val/retrieval: this many val text queries (one seeded set, the same in every validation and every run of a
+    # sweep, so runs compare row by row; 0: no table) with their top-k retrieved line images, scores and hits.
+    val_table_queries: int = 16
+    val_table_top_k: int = 5
+    val_table_seed: int = 0  # not trainer.seed: runs with different seeds still show the same queries
+    rank_histograms: bool = True  # val/{t2i,i2t}_rank and _log10_rank: where the correct line ranks
+    input_grid_lines: int = 16  # train/inputs, once: lines of the first batch as the towers get them; 0: none
+    log_model: bool = False  # the final bundle as a W&B model artifact, training_config.json as its metadata
+    log_checkpoints: bool = False  # each checkpoint's bundle too (copied: rotation may delete it before upload)
 
 
 @dataclass
@@ -198,11 +214,49 @@ class TrainConfig:
     output_dir: str | None = None  # defaults to Hydra's run dir
 
 
+@dataclass
+class ServeConfig(ModelArgs):
+    """`python -m lineclip.serve`: a local search page over a run's corpus (lineclip.serve)."""
+
+    corpus: str | None = None  # a lineclip.index dir; default: the run's training corpus
+    # Loopback only by default: the page shows the corpus's line images to whoever can reach the port.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    page_size: int = 10  # result rows per page
+    # Paging stops at this rank: each page is a fresh top-(page x page_size) search, and a reader rarely looks
+    # past a few hundred lines.
+    max_results: int = 200
+    # Uploads above this are refused (413) before any decoding; real line images are 10-200 kB.
+    max_upload_bytes: int = 8_000_000
+    # Longer queries are refused (400) before encoding; the model reads only text_max_length bytes anyway.
+    max_query_chars: int = 2000
+    thumb_height: int = 64  # px; result lines are shown at most this tall (the link opens the full image)
+    thumb_width: int = 1200
+    # Uploaded lines' embeddings kept (by content hash) so that their result pages can be paged.
+    upload_cache: int = 32
+    nprobe: int | None = None  # ivf corpora: clusters visited (default: as built)
+    ef_search: int | None = None  # hnsw corpora
+
+
 def register_configs() -> None:
     """Store the schemas and the `${lineclip_asset:NAME}` resolver (the package's bundled data dirs)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("lineclip_asset"):
         OmegaConf.register_new_resolver("lineclip_asset", lambda name: str(asset_dir(name)))
+
+
+def compose(config_name: str = "train", overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """A command's config (train, evaluate, index, search, synth) composed from the config tree with overrides, as
+    its command line does, through Hydra's compose API: what tests, benchmarks and experiments use."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    if config_name != "train":
+        importlib.import_module(f"lineclip.{config_name}")  # stores the command's schema
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides),
+                             return_hydra_config=return_hydra_config)
 
 
 def conf_dir() -> Path:
@@ -223,8 +277,6 @@ class ConfigError(ValueError):
 _CHOICES = {
     "trainer.mixed_precision": ("no", "fp16", "bf16"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "optim.name": ("adamw",),
-    "data.on_bad_row": ("skip", "error"),
     "data.format": ("manifest", "shards"),
     "loss.name": ("infonce", "siglip"),
     "logger.name": ("wandb", "none"),
@@ -273,22 +325,27 @@ def _check_numbers(cfg: DictConfig) -> None:
         raise ConfigError(f"preprocess.width_buckets must be positive, got {list(cfg.preprocess.width_buckets)}")
     if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
         raise ConfigError(f"data.max_image_pixels must be > 0 or null, got {cfg.data.max_image_pixels}")
+    for key in ("logger.val_table_queries", "logger.input_grid_lines"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
     if cfg.trainer.overwrite and cfg.trainer.resume:
         raise ConfigError("trainer.resume and trainer.overwrite=true contradict each other: give one")
 
 
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, before any model is built, with a one-line reason naming the field."""
+    from lineclip.manifest import ON_BAD_ROW_CHOICES
     from lineclip.preprocess import PIPELINES  # here, not at import: it pulls in torch (seconds per CLI start)
 
-    for key, allowed in {"preprocess.pipeline": PIPELINES, **_CHOICES}.items():
+    choices = {"preprocess.pipeline": PIPELINES, "data.on_bad_row": ON_BAD_ROW_CHOICES, **_CHOICES}
+    for key, allowed in choices.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
     positive = ["optim.lr", "loss.logit_scale_lr_multiplier", "data.batch_size", "preprocess.target_height",
                 "preprocess.max_width",
                 "preprocess.patch_multiple", "text.max_length", "model.projection_dim",
                 "trainer.gradient_accumulation_steps", "trainer.checkpoint_every_steps", "loss.temperature",
-                "data.min_batch_size"]
+                "data.min_batch_size", "logger.val_table_top_k"]
     for key in positive:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")

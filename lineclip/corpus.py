@@ -269,6 +269,75 @@ class Corpus:
         return [(float(scores[u]), str(uniques[u]), np.flatnonzero(codes == u).tolist()) for u in top]
 
 
+class EmbeddingPart:
+    """One process's rows of a corpus being embedded, appended to raw files as they are made (float32 rows and
+    their int64 dataset indices), so memory is one batch whatever the corpus size. `merge_parts` assembles the
+    parts of all processes into the corpus file. A context manager: the files are closed (and complete) on exit."""
+
+    def __init__(self, directory: Path, rank: int, dim: int) -> None:
+        self.rows_path, self.indices_path = _part_paths(directory, rank)
+        self.dim, self.n_rows = dim, 0
+        self._rows = open(self.rows_path, "wb")  # noqa: SIM115 - closed in close(), the context manager's exit
+        self._indices = open(self.indices_path, "wb")  # noqa: SIM115
+
+    def append(self, indices: np.ndarray, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.shape != (len(indices), self.dim):
+            raise ValueError(f"{rows.shape} rows for {len(indices)} indices of dim {self.dim}")
+        self._rows.write(rows.data)
+        self._indices.write(np.ascontiguousarray(indices, dtype=np.int64).data)
+        self.n_rows += len(indices)
+
+    def close(self) -> None:
+        self._rows.close()
+        self._indices.close()
+
+    def __enter__(self) -> EmbeddingPart:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _part_paths(directory: Path, rank: int) -> tuple[Path, Path]:
+    return directory / f"part_{rank:05d}.f32", directory / f"part_{rank:05d}.indices.i64"
+
+
+def merge_parts(directory: Path, world: int, dim: int, output: Path, chunk_rows: int = 65536) -> np.ndarray:
+    """The parts of `world` processes (`EmbeddingPart`s in `directory`) as one float32 [N, D] `.npy` at `output`,
+    rows in ascending dataset index, written through a memmap `chunk_rows` at a time (memory: 8 bytes a line for
+    the indices, not the rows). Returns those indices. The part files are removed once merged."""
+    parts = []
+    for rank in range(world):
+        rows_path, indices_path = _part_paths(directory, rank)
+        indices = np.fromfile(indices_path, dtype=np.int64)
+        if rows_path.stat().st_size != len(indices) * dim * 4:
+            raise RuntimeError(f"{rows_path} holds {rows_path.stat().st_size} bytes for {len(indices)} rows of "
+                               f"dim {dim} (an incomplete part)")
+        parts.append((rows_path, indices_path, indices))
+    order = np.sort(np.concatenate([indices for _, _, indices in parts]))
+    if len(order) > 1 and not (np.diff(order) > 0).all():
+        raise RuntimeError("a line was embedded by two processes (the batches were not dealt disjointly)")
+    if len(order) == 0:  # a zero-byte file cannot be memory-mapped
+        np.save(output, np.empty((0, dim), np.float32))
+    else:
+        merged = np.lib.format.open_memmap(output, mode="w+", dtype=np.float32, shape=(len(order), dim))
+        for rows_path, _, indices in parts:
+            if len(indices) == 0:
+                continue
+            rows = np.memmap(rows_path, dtype=np.float32, mode="r", shape=(len(indices), dim))
+            positions = np.searchsorted(order, indices)
+            for start in range(0, len(indices), chunk_rows):
+                merged[positions[start : start + chunk_rows]] = rows[start : start + chunk_rows]
+            del rows
+        merged.flush()
+        del merged
+    for rows_path, indices_path, _ in parts:
+        rows_path.unlink()
+        indices_path.unlink()
+    return order
+
+
 def write_corpus(
     output: str | Path,
     encoder: LineEncoder,
@@ -282,7 +351,9 @@ def write_corpus(
     overwrite: bool = False,
     extra_info: dict[str, Any] | None = None,
 ) -> Path:
-    """Embed `records` and write a corpus dir at `output` (all at once: staged, then renamed into place)."""
+    """Embed `records` and write a corpus dir at `output` (all at once: staged, then renamed into place). The
+    embeddings stream to the staged files as they are made: memory does not grow with the corpus (bar FAISS's
+    own copy for `ivf`/`hnsw`)."""
     import faiss
 
     import lineclip
@@ -294,33 +365,49 @@ def write_corpus(
         raise CorpusError(f"{output} already exists (index.overwrite=true replaces it)")
     artifacts.check_output_path(output, "output", replace_corpus=True)
     started = time.perf_counter()
-    image, kept = encoder.encode_image_files([r.image_path for r in records], batch_size, num_workers, progress)
-    if len(kept) == 0:
-        raise CorpusError(f"none of the {len(records)} line images could be read")
-    used = [records[i] for i in kept]
-    texts = encoder.encode_texts([r.text for r in used], text_batch_size, progress) if with_texts else None
-    index = build_index(image, params) if params.kind != "flat" else None
-
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.{os.getpid()}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        np.save(staging / artifacts.EMBEDDINGS, np.ascontiguousarray(image, dtype=np.float32))
+        # Rows go to disk as they are made (one batch in memory), then into the corpus file in input order.
+        paths = [r.image_path for r in records]
+        failed: list[int] = []
+        with EmbeddingPart(staging, 0, encoder.dim) as part:
+            for batch in encoder.image_batches(paths, batch_size, num_workers, progress):
+                part.append(batch.indices, batch.image)
+                failed += batch.failed
+        encoder.log_skipped(paths, failed)
+        kept = merge_parts(staging, 1, encoder.dim, staging / artifacts.EMBEDDINGS)
+        if len(kept) == 0:
+            raise CorpusError(f"none of the {len(records)} line images could be read")
+        used = [records[i] for i in kept]
+        image = np.load(staging / artifacts.EMBEDDINGS, mmap_mode="r")
+        if with_texts:
+            texts = np.lib.format.open_memmap(staging / TEXT_EMBEDDINGS, mode="w+", dtype=np.float32,
+                                              shape=(len(used), encoder.dim))
+            encoder.encode_texts([r.text for r in used], text_batch_size, progress, out=texts)
+            texts.flush()
+            del texts
+        index = build_index(image, params) if params.kind != "flat" else None
         artifacts.corpus_meta(used).to_parquet(staging / artifacts.EMBEDDINGS_META, index=False)
-        if texts is not None:
-            np.save(staging / TEXT_EMBEDDINGS, texts)
         if index is not None:
             faiss.write_index(index, str(staging / INDEX_FILE))
+        used_params = {k: getattr(params, k) for k in IndexParams.__dataclass_fields__}
+        if params.kind == "ivf":
+            ivf = faiss.extract_index_ivf(index)
+            used_params.update(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe))  # what was used, not asked
+        dim = int(image.shape[1])
+        del image, index  # the memmap and FAISS's copy: nothing of the staged files stays open or held
         info = {
             "name": output.name,
             "kind": params.kind,
-            "params": {k: getattr(params, k) for k in IndexParams.__dataclass_fields__},
+            "params": used_params,
             "n_lines": len(used),
             "n_rows": len(records),
             "images_unreadable": len(records) - len(used),
-            "dim": int(image.shape[1]),
-            "text_embeddings": texts is not None,
+            "dim": dim,
+            "text_embeddings": with_texts,
             "bundle": encoder.bundle.label if encoder.bundle else None,
             "fingerprint": encoder.fingerprint(),
             "seconds": round(time.perf_counter() - started, 3),
@@ -328,9 +415,6 @@ def write_corpus(
             "lineclip_version": lineclip.__version__,
             **(extra_info or {}),
         }
-        if params.kind == "ivf":
-            ivf = faiss.extract_index_ivf(index)
-            info["params"].update(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe))  # what was used, not asked
         (staging / CORPUS_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
         if output.exists():  # overwrite: move the old one aside first, so a failure keeps one complete corpus
             old = output.parent / f".{output.name}.{os.getpid()}.old"

@@ -8,8 +8,12 @@
 Everything that decides what the model sees comes from the bundle itself: preprocessing pipeline, geometry
 and ``text_max_length`` from its ``training_config.json``, mean/std from the backbone's
 ``preprocessor_config.json``. Images go through the eval ``LineImageTransform`` (no augmentation) and texts
-through ``normalize_text`` + ``lineclip.batch.byte_encode``, exactly as in training, so an embedding made
-here equals the one made during validation or export.
+through ``normalize_text`` + ``lineclip.batch.byte_encode``, exactly as in training.
+
+``embed_batches`` is the one image-embedding path: validation and the training run's corpus export
+(lineclip.validation) and ``LineEncoder`` (evaluate, index, search) all run it over a ``LineDataset``, so an
+embedding made here equals the one made during validation or export by construction, not by a copy kept in
+step.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, closing, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lineclip.batch import BucketBatchSampler, byte_encode, count_truncated
+from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset, byte_encode, count_truncated
 from lineclip.bundle import (
     BACKBONE,
     CONFIG,
@@ -38,8 +43,9 @@ from lineclip.bundle import (
     model_fingerprint,
     resolve_bundle,
 )
+from lineclip.data import make_loader
 from lineclip.files import first_line, usable_cpus
-from lineclip.manifest import normalize_text
+from lineclip.manifest import LineRecord, normalize_text
 from lineclip.preprocess import (
     DECODE_ERRORS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -47,7 +53,6 @@ from lineclip.preprocess import (
     IMAGENET_STD,
     LineGeometry,
     LineImageTransform,
-    header_size,
     load_image,
 )
 from lineclip.towers import DualEncoder
@@ -117,44 +122,90 @@ def check_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def _header_size(item: ImageInput, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int] | str:
-    """(width, height) as the model sees it (EXIF orientation applied, as in training), or why the image cannot be
-    used (no such file, not a regular file, more pixels than the limit, a broken header)."""
-    size = header_size(item, max_pixels)
-    if isinstance(size, FileNotFoundError):
-        return "no such file"
-    return first_line(size) if isinstance(size, BaseException) else size
+@dataclass
+class EmbeddedBatch:
+    """One batch's embeddings, rows in the order of `indices` (dataset indices; for `LineEncoder`, input
+    positions). `failed`: the lines of this batch that could not be used (their pixels failed to decode, or, in
+    the encoder's first yield, their headers), never embedded."""
+
+    indices: np.ndarray  # int64 [b]
+    image: np.ndarray  # float32 [b, D], L2-normalised
+    text: np.ndarray | None  # float32 [b, D] when asked for
+    failed: list[int]
 
 
-class _Images(torch.utils.data.Dataset):
-    """Paths or PIL images -> (tensor or None, index, error). Never raises on a bad file. A PIL image is used as
-    given; a path is read as training reads it (lineclip.preprocess.load_image)."""
+def line_batches(buckets: np.ndarray, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The lines to embed as single-bucket batches (never padded with repeats), dealt round-robin to `world`
+    processes: this process's share. Bucket -1 (an unreadable header) is never embedded."""
+    return list(BucketBatchSampler(buckets, batch_size, shuffle=False))[rank::world]
 
-    def __init__(self, items: Sequence[ImageInput], transform: LineImageTransform,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
-        self.items, self.transform, self.max_pixels = items, transform, max_pixels
+
+@torch.inference_mode()  # on a generator function torch enters the mode around each step, not while suspended
+def embed_batches(
+    model: DualEncoder, dataset: torch.utils.data.Dataset, batches: Sequence[list[int]], collate: LineCollator,
+    num_workers: int, device: torch.device, with_text: bool = False,
+    autocast: Callable[[], AbstractContextManager] = nullcontext, progress: str | None = None,
+) -> Iterator[EmbeddedBatch]:
+    """The one image-embedding path: validation, the training run's corpus export, and `LineEncoder` (evaluate,
+    index, search) all embed line images here, so a line's embedding is the same function of its file in all of
+    them. `dataset` yields what `LineDataset` yields (a path is read exactly as training reads it); one bucket a
+    batch, so a line's tensor never depends on its batch mates. `model` is the unwrapped DualEncoder, put in
+    eval mode for the duration (restored when the generator is closed). `progress`: a bar with this title and
+    a rate (lines/s), shown when stderr is a terminal."""
+    # More loader processes than cores or than batches only costs their start-up.
+    workers = max(0, min(num_workers, usable_cpus(), len(batches)))
+    loader = make_loader(dataset, batches, collate, workers)
+    was_training = model.training
+    model.eval()
+    # disable=None: tqdm draws the bar only when stderr is a terminal, so logs written to files stay clean.
+    bar = tqdm(total=sum(len(b) for b in batches), desc=progress, unit="line", disable=None if progress else True)
+    try:
+        for batch in loader:
+            indices = batch["indices"].numpy().astype(np.int64, copy=False)
+            image = text = None
+            if len(indices):
+                with autocast():
+                    image = model.encode_image(batch["pixel_values"].to(device, non_blocking=True))
+                    if with_text:
+                        text = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            dim = model.image_head.output_dim
+            bar.update(len(indices) + len(batch["corrupt_indices"]))
+            yield EmbeddedBatch(
+                indices,
+                image.float().cpu().numpy() if image is not None else np.empty((0, dim), np.float32),
+                (text.float().cpu().numpy() if text is not None else np.empty((0, dim), np.float32))
+                if with_text else None,
+                list(batch["corrupt_indices"]),
+            )
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+class _DecodedLines(torch.utils.data.Dataset):
+    """Images the caller already decoded (a search query's PIL image): the items `LineDataset` yields for a file,
+    from the same transform, without a file to read."""
+
+    def __init__(self, images: Sequence[Image.Image], transform: LineImageTransform) -> None:
+        self.images, self.transform = images, transform
+        self.buckets = np.array([transform.bucket_of(*image.size) for image in images], dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
-        item = self.items[index]
-        if isinstance(item, Image.Image):
-            return self.transform(item), index, ""
-        try:
-            image = load_image(item, self.max_pixels)  # a truncated file opens fine and fails only on load
-        except DECODE_ERRORS as exc:
-            return None, index, first_line(exc)
-        return self.transform(image), index, ""
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"pixel_values": self.transform(self.images[index]), "text": "", "index": index}
 
 
-def _collate(items: list[tuple[torch.Tensor | None, int, str]]) -> dict[str, Any]:
-    good = [item for item in items if item[0] is not None]
-    return {
-        "pixel_values": torch.stack([item[0] for item in good]) if good else None,
-        "indices": [item[1] for item in good],
-        "failed": [(item[1], item[2]) for item in items if item[0] is None],
-    }
+def _why_unreadable(path: ImageInput, max_pixels: int | None, kind: str) -> str:
+    """The reason a line image was refused, for an error message (one file: cheap to read again)."""
+    try:
+        load_image(path, max_pixels)
+    except FileNotFoundError:
+        return "no such file"
+    except DECODE_ERRORS as exc:
+        return first_line(exc)
+    return kind.replace("_", " ")
 
 
 class LineEncoder:
@@ -215,96 +266,116 @@ class LineEncoder:
     ) -> np.ndarray:
         """[N, D] float32 L2-normalised embeddings, rows in input order. Raises ImageReadError (naming the file)
         if any image cannot be read."""
-        embeddings, kept, failed = self._encode_images(images, batch_size, num_workers, progress, stop_early=True)
-        if failed:
-            index, reason = failed[0]
-            raise ImageReadError(f"cannot read line image {images[index]}: {reason}")
-        return embeddings
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        with closing(self.image_batches(images, batch_size, num_workers, progress)) as batches:
+            for batch in batches:
+                if batch.failed:
+                    index = batch.failed[0]
+                    reason = _why_unreadable(images[index], self.max_image_pixels, "unreadable_image")
+                    raise ImageReadError(f"cannot read line image {images[index]}: {reason}")
+                out[batch.indices] = batch.image
+        return out
 
     def encode_image_files(
         self, paths: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0, progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Like ``encode_images`` but skipping (and logging) unreadable files, as training does: returns the
         embeddings of the readable ones and their input indices (ascending)."""
-        embeddings, kept, failed = self._encode_images(paths, batch_size, num_workers, progress, stop_early=False)
-        if failed:
-            index, reason = failed[0]
-            log.warning("skipped %d unreadable line images of %d (first: %s: %s)", len(failed), len(paths),
-                        paths[index], reason)
-        return embeddings, kept
+        out = np.zeros((len(paths), self.dim), dtype=np.float32)
+        done = np.zeros(len(paths), dtype=bool)
+        failed: list[int] = []
+        for batch in self.image_batches(paths, batch_size, num_workers, progress):
+            out[batch.indices] = batch.image
+            done[batch.indices] = True
+            failed += batch.failed
+        self.log_skipped(paths, failed)
+        kept = np.flatnonzero(done)
+        return (out if len(kept) == len(paths) else out[kept]), kept
 
-    def _encode_images(
-        self, items: Sequence[ImageInput], batch_size: int, num_workers: int, progress: bool, stop_early: bool
-    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    def log_skipped(self, paths: Sequence[ImageInput], failed: Sequence[int]) -> None:
+        """One warning for the line images left out of an embedding (`failed`: input positions), with the first
+        one's reason."""
+        if failed:
+            first = min(failed)
+            log.warning("skipped %d unreadable line images of %d (first: %s: %s)", len(failed), len(paths),
+                        paths[first], _why_unreadable(paths[first], self.max_image_pixels, "unreadable_image"))
+
+    def image_batches(
+        self, items: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0, progress: bool = False
+    ) -> Iterator[EmbeddedBatch]:
+        """The embeddings of `items` batch by batch as they are made (``EmbeddedBatch.indices``: input positions),
+        through ``embed_batches``, the path validation and the training run's corpus export take: a path is read by
+        ``LineDataset`` exactly as in training. The first batch lists the images whose headers cannot be used
+        (``failed``), before any is decoded. A consumer that streams the rows to disk holds one batch at a time."""
         if isinstance(items, (str, os.PathLike, Image.Image)):
             raise TypeError("encode_images takes a sequence of paths or PIL images, not a single one")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n = len(items)
-        # Header reads are I/O bound (slow on network file systems); threads overlap them.
-        if n > 256:
-            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                sizes = list(pool.map(lambda item: _header_size(item, self.max_image_pixels), items))
-        else:
-            sizes = [_header_size(item, self.max_image_pixels) for item in items]
-        failed = [(i, size) for i, size in enumerate(sizes) if isinstance(size, str)]
-        if failed and stop_early:
-            return np.empty((0, self.dim), np.float32), np.empty(0, np.int64), failed
-        buckets = np.array([-1 if isinstance(s, str) else self.transform.bucket_of(*s) for s in sizes], dtype=np.int64)
-        # One bucket per batch: no padding beyond a line's own bucket, so its embedding ignores its batch mates.
-        sampler = BucketBatchSampler(buckets, batch_size, shuffle=False)
-        # More worker processes than cores or than batches only costs their start-up.
-        workers = max(0, min(num_workers, usable_cpus(), len(sampler)))
-        loader = torch.utils.data.DataLoader(_Images(items, self.transform, self.max_image_pixels),
-                                             batch_sampler=sampler,
-                                             collate_fn=_collate, num_workers=workers)
-        out = np.zeros((n, self.dim), dtype=np.float32)
-        done = np.zeros(n, dtype=bool)
-        with torch.inference_mode(), tqdm(total=n - len(failed), desc="images", unit="line",
-                                          disable=not progress) as bar:
-            for batch in loader:
-                failed.extend(batch["failed"])
-                if batch["failed"] and stop_early:
-                    break
-                if batch["pixel_values"] is not None:
-                    emb = self.model.encode_image(batch["pixel_values"].to(self.device, non_blocking=True))
-                    out[batch["indices"]] = emb.float().cpu().numpy()
-                    done[batch["indices"]] = True
-                bar.update(len(batch["indices"]) + len(batch["failed"]))
-        failed.sort()
-        kept = np.flatnonzero(done)
-        return (out if len(kept) == n else out[kept]), kept, failed
+        files = [i for i, item in enumerate(items) if not isinstance(item, Image.Image)]
+        decoded = [i for i, item in enumerate(items) if isinstance(item, Image.Image)]
+        collate = LineCollator(self.text_max_length)  # the texts are empty: only the images are embedded
+        dim = self.dim
+        if files:
+            # Header reads (threads, for network file systems) and decoding as in training; the sample id is the
+            # input position, the text is not needed.
+            lines = LineDataset([LineRecord(str(i), os.fspath(items[i]), "") for i in files], self.transform,
+                                max_image_pixels=self.max_image_pixels)
+            position = np.asarray(files, dtype=np.int64)
+            yield EmbeddedBatch(np.empty(0, np.int64), np.empty((0, dim), np.float32), None,
+                                position[lines.unreadable_indices].tolist())
+            for batch in embed_batches(self.model, lines, line_batches(lines.buckets, batch_size), collate,
+                                       num_workers, self.device, progress="images" if progress else None):
+                yield EmbeddedBatch(position[batch.indices], batch.image, None, position[batch.failed].tolist())
+        if decoded:  # already in memory: no loader processes
+            images = _DecodedLines([items[i] for i in decoded], self.transform)
+            position = np.asarray(decoded, dtype=np.int64)
+            for batch in embed_batches(self.model, images, line_batches(images.buckets, batch_size), collate, 0,
+                                       self.device):
+                yield EmbeddedBatch(position[batch.indices], batch.image, None, position[batch.failed].tolist())
 
     # -------------------------------------------------------------------------------------------- texts
 
     def encode_texts(
-        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False, warn_truncated: bool = True
+        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False, warn_truncated: bool = True,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """[N, D] float32 L2-normalised embeddings, rows in input order. Texts are normalised as in training;
-        one longer than ``text_max_length`` bytes (UTF-8 + </s>) is cut at a character boundary, with a warning."""
+        one longer than ``text_max_length`` bytes (UTF-8 + </s>) is cut at a character boundary, with a warning.
+        `out`: an [N, D] float32 array (e.g. a memmap of the corpus file) to write the rows into, so that a big
+        corpus is never held in memory; returned."""
         if isinstance(texts, str):
             raise TypeError("encode_texts takes a sequence of strings, not a single string")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if out is None:
+            out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        elif out.shape != (len(texts), self.dim):
+            raise ValueError(f"out has shape {out.shape}, want {(len(texts), self.dim)}")
         normalized = [normalize_text(t) for t in texts]
         truncated = count_truncated(normalized, self.text_max_length)
         if truncated and warn_truncated:
             log.warning("%d of %d texts exceed text_max_length=%d bytes (UTF-8 + </s>) and are truncated, as in "
                         "training", truncated, len(normalized), self.text_max_length)
+        if not normalized:
+            return out
         # Identical texts are embedded once (and so score identically); longest first groups similar lengths
         # into a batch (less padding) and surfaces an out-of-memory batch at once.
         unique, inverse = np.unique(np.array(normalized, dtype=object), return_inverse=True)
+        inverse = inverse.reshape(-1)
+        rows_by_text = np.argsort(inverse, kind="stable")  # the rows carrying unique text u, u by u
+        counts = np.bincount(inverse, minlength=len(unique))
+        starts = np.cumsum(counts) - counts
         order = sorted(range(len(unique)), key=lambda i: -len(unique[i].encode("utf-8")))
-        out = np.zeros((len(unique), self.dim), dtype=np.float32)
         with torch.inference_mode(), tqdm(total=len(unique), desc="texts", unit="text",
-                                          disable=not progress) as bar:
+                                          disable=None if progress else True) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 ids, mask, _ = byte_encode([unique[i] for i in chunk], self.text_max_length)
-                emb = self.model.encode_text(ids.to(self.device), mask.to(self.device))
-                out[chunk] = emb.float().cpu().numpy()
+                emb = self.model.encode_text(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
+                rows = np.concatenate([rows_by_text[starts[u] : starts[u] + counts[u]] for u in chunk])
+                out[rows] = np.repeat(emb, counts[chunk], axis=0)
                 bar.update(len(chunk))
-        return out[inverse.reshape(-1)] if len(normalized) else np.empty((0, self.dim), np.float32)
+        return out
 
 
 def load_encoder(path: str | Path, device: str | torch.device | None = None) -> LineEncoder:

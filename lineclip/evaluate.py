@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import hydra
 import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -44,10 +43,11 @@ from lineclip.cli import (
     UsageError,
     check_manifest_args,
     check_model_args,
+    hydra_command,
     run_command,
     write_text_atomic,
 )
-from lineclip.config import conf_dir, register_configs
+from lineclip.config import register_configs
 from lineclip.manifest import manifest_label
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class EvaluateConfig(ModelArgs):
     manifest: str | None = None
     dataset_dir: str | None = None  # also tried for relative image paths, as in training
     on_bad_row: str = "skip"  # skip (and count) | error
+    num_workers: int = 4  # processes decoding and binarising line images (the bottleneck on a GPU)
     text_batch_size: int = 64
     eval: EvalOptions = field(default_factory=EvalOptions)
 
@@ -371,7 +372,7 @@ register_configs()  # the `${lineclip_asset:...}` resolver, usable in evaluate o
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="evaluate")
+@hydra_command("evaluate")
 def main(cfg: DictConfig) -> None:
     run_command(evaluate, cfg)
 

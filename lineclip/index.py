@@ -13,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from lineclip.artifacts import check_output_path
-from lineclip.cli import ModelArgs, UsageError, check_manifest_args, check_model_args, run_command
-from lineclip.config import conf_dir, register_configs
+from lineclip.cli import ModelArgs, UsageError, check_manifest_args, check_model_args, hydra_command, run_command
+from lineclip.config import register_configs
 from lineclip.corpus import INDEX_KINDS, IndexParams
 from lineclip.manifest import manifest_label
 
@@ -36,7 +35,8 @@ class IndexOptions(IndexParams):
 class IndexConfig(ModelArgs):
     manifest: str | None = None
     dataset_dir: str | None = None
-    on_bad_row: str = "skip"
+    on_bad_row: str = "skip"  # skip (and count) | error
+    num_workers: int = 4  # processes decoding and binarising line images (the bottleneck on a GPU)
     text_batch_size: int = 64
     index: IndexOptions = field(default_factory=IndexOptions)
 
@@ -79,7 +79,7 @@ register_configs()
 ConfigStore.instance().store(name="index_schema", node=IndexConfig)
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="index")
+@hydra_command("index")
 def main(cfg: DictConfig) -> None:
     run_command(build, cfg)
 

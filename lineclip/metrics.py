@@ -151,6 +151,26 @@ def summarize_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS,
     return out
 
 
+def retrieval_ranks(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_ids: torch.Tensor,
+    strict: bool = False,
+    chunk_size: int = 1024,
+) -> dict[str, torch.Tensor]:
+    """The 1-based rank of each query's best correct item, both directions, for paired rows of `image_emb` /
+    `text_emb`: ``{"i2t": [N], "t2i": [N]}`` (int64). What Recall@K summarises and the W&B rank histograms
+    show (lineclip.panels); `text_ids` and `strict` as in ``first_correct_ranks``."""
+    image_emb, text_emb = image_emb.float(), text_emb.float()
+    return {name: first_correct_ranks(queries, gallery, text_ids, text_ids, strict=strict, chunk_size=chunk_size)
+            for name, queries, gallery in (("i2t", image_emb, text_emb), ("t2i", text_emb, image_emb))}
+
+
+def ranks_metrics(ranks: dict[str, torch.Tensor], ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+    """`retrieval_ranks`' ranks as Recall@K, MRR and median rank: `i2t_r1`, ..., `t2i_median_rank`."""
+    return {f"{name}_{k}": v for name, r in ranks.items() for k, v in summarize_ranks(r, ks).items()}
+
+
 def retrieval_metrics(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -164,12 +184,7 @@ def retrieval_metrics(
     Keys: `i2t_r1`, ..., `t2i_mrr`, `t2i_median_rank`. `text_ids` are equal exactly when the normalised
     transcriptions are equal.
     """
-    image_emb, text_emb = image_emb.float(), text_emb.float()
-    out: dict[str, float] = {}
-    for name, queries, gallery in (("i2t", image_emb, text_emb), ("t2i", text_emb, image_emb)):
-        ranks = first_correct_ranks(queries, gallery, text_ids, text_ids, strict=strict, chunk_size=chunk_size)
-        out.update({f"{name}_{k}": v for k, v in summarize_ranks(ranks, ks).items()})
-    return out
+    return ranks_metrics(retrieval_ranks(image_emb, text_emb, text_ids, strict, chunk_size), ks)
 
 
 # ------------------------------------------------------------------- expected levels of reference rankers

@@ -116,3 +116,19 @@ def phrase_matches(phrases: Sequence[str | None], texts: Sequence[str]) -> list[
         candidates = min((index[s] for s in set(needle)), key=len)
         out.append(np.array([row for row in candidates if _has_run(line_syllables[row], needle)], dtype=np.int64))
     return out
+
+
+def phrase_spans(text: str, phrase: str) -> list[tuple[int, int]]:
+    """``(start, stop)`` character offsets of each place in ``text`` where the syllables of ``phrase`` occur as
+    consecutive syllables (``contains_phrase``'s matches), from the first syllable's first character to the last
+    one's last: what the search page highlights. Matches do not overlap; none for a phrase without syllables."""
+    spans, needle = syllable_spans(text), syllables(phrase)
+    words = [text[a:b] for a, b in spans]
+    n, out, i = len(needle), [], 0
+    while n and i + n <= len(words):
+        if words[i : i + n] == needle:
+            out.append((spans[i][0], spans[i + n - 1][1]))
+            i += n
+        else:
+            i += 1
+    return out

@@ -1,7 +1,10 @@
 """`python -m lineclip.search run_dir=... query="..."` or `query_image=line.jpg`: search a corpus, print the ranked
 results and write an HTML page with the matched line images, their scores and texts.
 
-- `query="..."` (text -> lines): the corpus lines whose images best match the phrase;
+- `query=བཀྲ་ཤིས་བདེ་ལེགས` (text -> lines): the corpus lines whose images best match the phrase, typed as is
+  (lineclip.cli quotes free text for Hydra; spaces and shad need only the shell's quotes);
+- `query_wylie='bkra shis bde legs'`: the same, typed in Wylie / EWTS transliteration, converted by pyewts (the
+  Tibetan it searched for is printed; a conversion warning stops the search instead of searching garbage);
 - `query_image=path` (line -> texts and line -> similar lines): the corpus's distinct transcriptions that
   best match the line image, and the corpus lines that look most like it.
 
@@ -14,6 +17,7 @@ them by file:// URL instead), so the page can be mailed or archived as one file.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import logging
@@ -22,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from lineclip.cli import ModelArgs, UsageError, check_model_args, run_command, write_text_atomic
-from lineclip.config import conf_dir, register_configs
+from lineclip.cli import ModelArgs, UsageError, check_model_args, hydra_command, run_command, write_text_atomic
+from lineclip.config import register_configs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,6 +57,7 @@ class SearchOptions:
 @dataclass
 class SearchConfig(ModelArgs):
     query: str | None = None  # text -> lines
+    query_wylie: str | None = None  # text -> lines, typed in Wylie / EWTS (converted to Tibetan by pyewts)
     query_image: str | None = None  # line image -> texts and similar lines
     corpus: str | None = None  # a lineclip.index dir; default: the run's training corpus
     top_k: int = 10
@@ -83,11 +87,13 @@ def _hit(corpus: Corpus, rank: int, score: float, row: int, rows: list[int] | No
                str(meta["doc_id"]), str(meta["page_id"]), str(meta["line_id"]), rows or [int(row)])
 
 
-def lines_for_embedding(corpus: Corpus, query: np.ndarray, top_k: int) -> list[Hit]:
-    """The corpus lines whose image embeddings score best against one query embedding (text or image)."""
+def lines_for_embedding(corpus: Corpus, query: np.ndarray, top_k: int, skip: int = 0) -> list[Hit]:
+    """The corpus lines whose image embeddings score best against one query embedding (text or image): ranks
+    `skip + 1` to `top_k` (a page of results reads the meta of its own rows only)."""
     scores, rows = corpus.search_images(query[None, :], top_k)
     # Approximate indexes return -1 when fewer than top_k candidates were visited.
-    return [_hit(corpus, i + 1, s, r) for i, (s, r) in enumerate(zip(scores[0], rows[0], strict=True)) if r >= 0]
+    return [_hit(corpus, i + 1, s, r) for i, (s, r) in enumerate(zip(scores[0], rows[0], strict=True))
+            if r >= 0 and i >= skip]
 
 
 def texts_for_embedding(corpus: Corpus, encoder: LineEncoder, query: np.ndarray, top_k: int,
@@ -96,6 +102,55 @@ def texts_for_embedding(corpus: Corpus, encoder: LineEncoder, query: np.ndarray,
     corpus.ensure_text_embeddings(encoder, text_batch_size, progress)
     return [_hit(corpus, i + 1, score, rows[0], rows)
             for i, (score, _text, rows) in enumerate(corpus.search_texts(query, top_k))]
+
+
+class WylieError(UsageError):
+    """Wylie / EWTS input that does not convert cleanly; the message lists pyewts' warnings."""
+
+
+def tibetan_from_wylie(text: str) -> tuple[str, list[str]]:
+    """Wylie / EWTS transliteration -> Tibetan script (normalised as a query), and the converter's warnings.
+
+    pyewts (Esukhia's port of BDRC's EWTS converter) converts what it can and warns about the rest (an unknown
+    character, a stack EWTS does not allow): a non-empty warning list means the Tibetan is not what was meant,
+    so callers show the warnings instead of searching. Tibetan script typed here is a warning of its own."""
+    import pyewts  # a dependency of lineclip; imported here, by the two commands that take Wylie
+
+    text = normalize_query(text)
+    if any("\u0f00" <= ch <= "\u0fff" for ch in text):
+        return text, ["this is Tibetan script, not Wylie: search it as Tibetan"]
+    warnings: list[str] = []
+    tibetan = _ewts_converter(pyewts).toUnicode(text, warnings)
+    return normalize_query(tibetan), [" ".join(str(w).split()) for w in warnings]
+
+
+@functools.lru_cache(maxsize=1)
+def _ewts_converter(pyewts: Any) -> Any:
+    return pyewts.pyewts()  # builds its tables once (tens of ms)
+
+
+def normalize_query(text: str) -> str:
+    """A query as the model reads a transcription (lineclip.manifest.normalize_text: NFC, whitespace runs)."""
+    from lineclip.manifest import normalize_text
+
+    return normalize_text(text)
+
+
+def query_text(cfg: DictConfig) -> tuple[str, str | None]:
+    """The Tibetan text of `query=` or `query_wylie=` (and the Wylie it came from), or UsageError / WylieError."""
+    if cfg.query_wylie is not None:
+        wylie = str(cfg.query_wylie)
+        tibetan, warnings = tibetan_from_wylie(wylie)
+        if warnings:
+            raise WylieError(f"query_wylie={wylie!r} does not convert cleanly to Tibetan ({tibetan!r}): "
+                             + "; ".join(warnings))
+        if not tibetan:
+            raise UsageError("query_wylie is empty")
+        return tibetan, wylie
+    text = normalize_query(str(cfg.query))
+    if not text:
+        raise UsageError("query is empty")
+    return text, None
 
 
 def load_query_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
@@ -133,23 +188,30 @@ def format_hits(title: str, hits: list[Hit], text_width: int = 80) -> str:
     return "\n".join(lines)
 
 
-def _thumbnail_src(path: str, opts: Any) -> str | None:
-    """The line as the model saw it before preprocessing: read by lineclip.preprocess.load_image (regular files
-    only, the pixel limit, EXIF orientation), high bit depths scaled, alpha flattened onto white."""
+def line_picture(path: str | Path, max_size: tuple[int, int] | None = None, fmt: str = "JPEG") -> bytes | None:
+    """The line as the model saw it before preprocessing, encoded as `fmt` (at most `max_size`, aspect kept):
+    read by lineclip.preprocess.load_image (regular files only, the pixel limit, EXIF orientation), high bit
+    depths scaled, alpha flattened onto white. None when the file cannot be read."""
     from PIL import Image
 
-    from lineclip.preprocess import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, _rgb_array, load_image
+    from lineclip.preprocess import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, _rgb_array, load_image, to_8bit
 
-    if not opts.thumbnails:
-        return Path(path).absolute().as_uri() if Path(path).is_file() else None
     try:
-        thumb = Image.fromarray(_rgb_array(load_image(path, DEFAULT_MAX_IMAGE_PIXELS)))
+        picture = Image.fromarray(_rgb_array(to_8bit(load_image(path, DEFAULT_MAX_IMAGE_PIXELS))))
     except (*DECODE_ERRORS, FileNotFoundError):
         return None
-    thumb.thumbnail((opts.thumb_width, opts.thumb_height))
+    if max_size is not None:
+        picture.thumbnail(max_size)
     buffer = io.BytesIO()
-    thumb.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    picture.save(buffer, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def _thumbnail_src(path: str, opts: Any) -> str | None:
+    if not opts.thumbnails:
+        return Path(path).absolute().as_uri() if Path(path).is_file() else None
+    jpeg = line_picture(path, (opts.thumb_width, opts.thumb_height))
+    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 _STYLE = """
@@ -195,6 +257,8 @@ def render_html(query: dict[str, Any], sections: list[tuple[str, list[Hit], bool
     e = html.escape
     if query.get("text") is not None:
         query_html = f'<p class="bo" lang="bo">{e(query["text"])}</p>'
+        if query.get("wylie") is not None:
+            query_html += f'<p class="meta">from Wylie: {e(query["wylie"])}</p>'
         if query.get("truncated_to"):
             query_html += f'<p class="meta">encoded as its first {query["truncated_to"]} bytes (text_max_length)</p>'
     else:
@@ -224,14 +288,14 @@ def default_output(bundle_dir: Path, prefix: str) -> Path:
 def search(cfg: DictConfig) -> dict[str, Any]:
     """The command: validate, load model and corpus, run the query, print the tables, write the page."""
     check_model_args(cfg)
-    if (cfg.query is None) == (cfg.query_image is None):
-        raise UsageError('give exactly one of query="..." (text -> lines) or query_image=path (line -> texts)')
+    if sum(q is not None for q in (cfg.query, cfg.query_wylie, cfg.query_image)) != 1:
+        raise UsageError("give exactly one of query=... (text -> lines, Tibetan), query_wylie=... (the same in "
+                         "Wylie) or query_image=path (line -> texts)")
     if cfg.top_k < 1 or cfg.text_batch_size < 1 or cfg.search.thumb_height < 1 or cfg.search.thumb_width < 1:
         raise UsageError("top_k, text_batch_size, search.thumb_height and search.thumb_width must be >= 1")
     from lineclip.bundle import check_bundle, resolve_bundle
     from lineclip.corpus import Corpus
     from lineclip.encoder import load_encoder
-    from lineclip.manifest import normalize_text
 
     ref = resolve_bundle(cfg.run_dir)
     check_bundle(ref)
@@ -239,29 +303,27 @@ def search(cfg: DictConfig) -> dict[str, Any]:
         from lineclip.artifacts import check_output_path
 
         check_output_path(cfg.search.output, "search.output", inputs=[cfg.query_image or ""])
-    query_text = None
-    if cfg.query is not None:
-        query_text = normalize_text(str(cfg.query))
-        if not query_text:
-            raise UsageError("query is empty")
+    text, wylie = query_text(cfg) if cfg.query_image is None else (None, None)
+    if wylie is not None:
+        print(f"query_wylie {wylie!r} searched as {text}")
     image = load_query_image(cfg.query_image) if cfg.query_image is not None else None
     corpus = Corpus.load(cfg.corpus or ref.directory, cfg.search.nprobe, cfg.search.ef_search)
     encoder = load_encoder(cfg.run_dir, device=cfg.device)
     corpus.check_model(encoder)
 
-    query: dict[str, Any] = {"text": query_text, "image": str(Path(cfg.query_image).expanduser())
+    query: dict[str, Any] = {"text": text, "wylie": wylie, "image": str(Path(cfg.query_image).expanduser())
                              if image is not None else None}
     sections: list[tuple[str, list[Hit], bool]] = []
-    if query_text is not None:
-        n_bytes = len(query_text.encode("utf-8"))
+    if text is not None:
+        n_bytes = len(text.encode("utf-8"))
         if n_bytes + 1 > encoder.text_max_length:
             from lineclip.batch import cut_at_char_boundary
 
-            kept = cut_at_char_boundary(query_text.encode("utf-8"), encoder.text_max_length - 1)
+            kept = cut_at_char_boundary(text.encode("utf-8"), encoder.text_max_length - 1)
             query["truncated_to"] = kept
             log.warning("query is %d bytes, longer than the model's text_max_length=%d (with </s>): only its first "
                         "%d bytes are encoded", n_bytes, encoder.text_max_length, kept)
-        q = encoder.encode_texts([query_text], warn_truncated=False)[0]
+        q = encoder.encode_texts([text], warn_truncated=False)[0]
         sections.append(("text → lines", lines_for_embedding(corpus, q, cfg.top_k), True))
     else:
         q = encoder.encode_images([image])[0]
@@ -287,7 +349,7 @@ register_configs()
 ConfigStore.instance().store(name="search_schema", node=SearchConfig)
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="search")
+@hydra_command("search", free_text=("query", "query_wylie"))
 def main(cfg: DictConfig) -> None:
     run_command(search, cfg)
 

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import pyarrow as pa
 from hydra.core.config_store import ConfigStore
@@ -40,8 +39,8 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lineclip.cli import UsageError, run_command
-from lineclip.config import conf_dir, register_configs
+from lineclip.cli import UsageError, hydra_command, run_command
+from lineclip.config import register_configs
 from lineclip.manifest import (
     DEFAULT_MAX_TEXT_BYTES,
     ON_BAD_ROW_CHOICES,
@@ -325,7 +324,7 @@ register_configs()
 ConfigStore.instance().store(name="shard_schema", node=ShardConfig)
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="shard")
+@hydra_command("shard")
 def main(cfg: DictConfig) -> None:
     run_command(build, cfg)
 

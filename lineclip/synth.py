@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import hydra
 import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -42,7 +41,8 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
 
-from lineclip.config import conf_dir, register_configs
+from lineclip.cli import hydra_command
+from lineclip.config import register_configs
 from lineclip.files import usable_cpus
 from lineclip.manifest import normalize_text
 
@@ -587,7 +587,7 @@ register_configs()  # the ${lineclip_asset:NAME} resolver used by the defaults
 ConfigStore.instance().store(name="synth_schema", node=SynthConfig)
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="synth")
+@hydra_command("synth")
 def main(cfg: DictConfig) -> None:
     try:
         report = generate(cfg)

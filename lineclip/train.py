@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from lineclip.config import conf_dir, register_configs
+from lineclip.cli import hydra_command
+from lineclip.config import register_configs
 
 register_configs()
 
@@ -20,7 +20,7 @@ def run(cfg: DictConfig) -> float:
     return run_command(lambda c: train(c).objective, cfg)
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+@hydra_command("train")
 def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)

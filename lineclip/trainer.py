@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 import lineclip
-from lineclip import bundle
+from lineclip import artifacts, bundle
 from lineclip.batch import TrainTexts
 from lineclip.bundle import BundleError, check_bundle, resolve_bundle
 from lineclip.checkpoint import Checkpointer, TrainingDiverged, claim_run_dir, resolve_resume
@@ -49,8 +48,8 @@ from lineclip.towers import (
     build_text_encoder,
     build_tokenizer,
 )
-from lineclip.tracking import log_metrics, start_metrics_file, start_tracking
-from lineclip.validation import embed_dataset, eval_batch_size, validate
+from lineclip.tracking import RunPanels, Throughput, finish_tracking, log_metrics, start_metrics_file, start_tracking
+from lineclip.validation import eval_batch_size, export_corpus, validate
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +430,7 @@ def train(cfg: DictConfig) -> TrainResult:
         checkpointer.resume(resume_from)
     state = checkpointer.state
     start_tracking(accelerator, cfg, output_dir, resuming=resume_from is not None)
+    panels = RunPanels(accelerator, cfg, output_dir, data, resuming=resume_from is not None)
     if accelerator.is_main_process:
         start_metrics_file(output_dir, state.step)
     log.info("%d train lines, %d val lines; %d processes x batch %d (x%d micro-batches a step); %d steps "
@@ -444,13 +444,13 @@ def train(cfg: DictConfig) -> TrainResult:
     postfix: dict[str, str] = {}
     pending: list[dict[str, Any]] = []  # micro-batches of the current grad-cache step
     bad_in_a_row, interrupted, collapse_warned = 0, False, False
-    t_last, samples_since = time.perf_counter(), 0
+    throughput = Throughput(state.step)
     model.train()
     with checkpointer.stop_on_sigterm():
         while state.step < total_steps and not interrupted:
             data.sampler.set_epoch(state.epoch, skip=state.batches_done_in_epoch)
             data.train_texts.set_epoch(state.epoch)
-            for batch in data.loader:
+            for batch in throughput.batches(data.loader):
                 state.batches_done_in_epoch += 1
                 checkpointer.corrupt[batch["corrupt_indices"]] = True
                 if batch["corrupt_indices"] and cfg.data.on_bad_row == "error":
@@ -459,8 +459,9 @@ def train(cfg: DictConfig) -> TrainResult:
                 # A batch whose every image was corrupt: all processes skip it together (DDP needs matching steps).
                 if any_rank(accelerator, len(batch["indices"]) == 0)[0]:
                     continue
-                samples_since += len(batch["indices"]) * world
+                throughput.samples += len(batch["indices"]) * world
                 pending.append(data.train_texts.encode(batch, cfg.text.max_length))
+                panels.log_inputs(pending[-1], state.step)
                 if len(pending) < opt.micro_per_step:
                     continue
                 result = train_step(accelerator, model, pending, data.train_texts, opt.gather,
@@ -503,7 +504,6 @@ def train(cfg: DictConfig) -> TrainResult:
                     log.warning(COLLAPSE_WARNING, step, result.image_cosine.item(), result.text_cosine.item())
                 bar.set_postfix(postfix, refresh=False)
                 if step % cfg.trainer.log_every_steps == 0 or step == total_steps:
-                    now = time.perf_counter()
                     log_metrics(accelerator, output_dir, {
                         "train/loss": result.loss.item(), "train/i2t": contrastive.i2t_accuracy.item(),
                         "train/t2i": contrastive.t2i_accuracy.item(), "train/lr": lr,
@@ -513,11 +513,10 @@ def train(cfg: DictConfig) -> TrainResult:
                         "train/logit_scale": accelerator.unwrap_model(model).scale().item(),
                         **logit_bias_log(accelerator.unwrap_model(model)),
                         "train/epoch": state.epoch, "train/bad_steps": state.bad_steps,
-                        "train/samples_per_s": samples_since / max(now - t_last, 1e-9)}, step)
-                    t_last, samples_since = now, 0
+                        **throughput.metrics(step)}, step)
                 if data.val_set is not None and (step % opt.eval_every == 0 or step == total_steps):
                     state.val_metrics = validate(accelerator, model, data.val_set, data.collate, data.val_ids, cfg,
-                                                 data.val_plan)
+                                                 data.val_plan, on_ranked=panels.validation(step))
                     state.val_history.append({"step": step, "train_loss": result.loss.item(), **state.val_metrics})
                     log_validation(step, total_steps, result.loss.item(), state.val_metrics, data.val_plan)
                     # The levels (chance, collection-only, length-only) are constants: logged with every
@@ -531,6 +530,7 @@ def train(cfg: DictConfig) -> TrainResult:
                     bar.set_postfix(postfix)
                 if step < total_steps and (step % cfg.trainer.checkpoint_every_steps == 0 or stop_now):
                     checkpointer.save()
+                    panels.log_bundle(bundle.checkpoint_prefix(step), step)
                 if stop_now and step < total_steps:
                     log.warning("SIGTERM: stopped at step %d after writing %s; continue with trainer.resume=latest",
                                 step, bundle.checkpoint_prefix(step))
@@ -548,15 +548,17 @@ def train(cfg: DictConfig) -> TrainResult:
     if state.corrupt_indices:
         log.warning("skipped %d corrupt line images while training", len(state.corrupt_indices))
     if not interrupted:
-        emb = None
-        if cfg.trainer.export_embeddings:
-            emb = embed_dataset(accelerator, model, data.corpus(), data.collate, eval_batch_size(cfg),
-                                cfg.data.num_workers, with_text=False)
-            data_report["export_skipped_images"] = len(train_records) - len(emb.indices)
-        kept = [train_records[i] for i in emb.indices.tolist()] if emb is not None else []
-        checkpointer.save_final(emb.image.numpy() if emb is not None else None, kept)
-    for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group,
-        tracker.finish()                  # which the caller (a test, a sweep) may still need
+        corpus = None
+        if cfg.trainer.export_embeddings:  # each process writes its rows; the main process merges them
+            corpus = export_corpus(accelerator, model, data.corpus(), data.collate, eval_batch_size(cfg),
+                                   cfg.data.num_workers, output_dir / artifacts.CORPUS_EXPORT,
+                                   progress=cfg.trainer.progress_bar)
+            if corpus is not None:
+                data_report["export_skipped_images"] = len(train_records) - len(corpus.indices)
+        checkpointer.save_final(corpus, train_records)
+        panels.log_bundle("", state.step)
+    panels.close()
+    finish_tracking(accelerator)
     return TrainResult(output_dir, state.val_metrics, opt.schedule, state.checkpoints, world,
                        accelerator.unwrap_model(model), interrupted=interrupted, bad_steps=state.bad_steps,
                        val_history=state.val_history)

@@ -1,22 +1,33 @@
 """Embedding a dataset across processes and scoring it: what validation and the final corpus export run.
 
-`embed_dataset` deals unpadded single-bucket batches round-robin to the processes and gathers the rows in
-dataset order; `validate` turns val-set embeddings into Recall@K/MRR (lineclip.metrics) and, with a
-ValidationPlan, within-group and phrase-query metrics (lineclip.galleries).
+Both embed through `lineclip.encoder.embed_batches`, the one image-embedding path (`LineEncoder` takes it too),
+each process its share of unpadded single-bucket batches dealt round-robin. `embed_dataset` then gathers the
+rows on every process (validation: val sets are small, and every process scores); `export_corpus` never does:
+each process appends its rows to its own part file as they are made and the main process merges the parts into
+the corpus file, so no process holds the corpus in memory. `validate` turns val-set embeddings into Recall@K/MRR
+(lineclip.metrics, chunked: O(N x chunk) memory) and, with a ValidationPlan, within-group and phrase-query metrics
+(lineclip.galleries).
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 
-from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset, byte_encode
-from lineclip.data import make_loader
+from lineclip.artifacts import EMBEDDINGS
+from lineclip.batch import LineCollator, LineDataset, byte_encode
+from lineclip.corpus import EmbeddingPart, merge_parts
+from lineclip.encoder import embed_batches, line_batches
+from lineclip.files import as_write_error
 from lineclip.galleries import ValidationPlan
-from lineclip.metrics import retrieval_metrics
+from lineclip.metrics import ranks_metrics, retrieval_ranks
 
 
 @dataclass
@@ -27,50 +38,84 @@ class EmbeddedLines:
     n_corrupt: int
 
 
-@torch.inference_mode()
+@dataclass
+class CorpusExport:
+    """The training corpus as `export_corpus` left it on the main process."""
+
+    embeddings: Path  # float32 [N, D] .npy, L2-normalised, rows in ascending dataset index
+    indices: np.ndarray  # int64 [N]: those dataset indices (lines whose image could be read)
+    directory: Path  # the export's working dir (parts, then the merged file); removed once the corpus is in place
+
+
 def embed_dataset(
     accelerator: Accelerator, model: torch.nn.Module, dataset: LineDataset, collate: LineCollator,
     batch_size: int, num_workers: int, with_text: bool = True,
 ) -> EmbeddedLines:
     """Embed every readable line once across all processes (batches dealt round-robin, never padded with
     repeats), then gather so every process holds all rows in dataset order."""
-    sampler = BucketBatchSampler(dataset.buckets, batch_size, shuffle=False)
-    batches = list(sampler)[accelerator.process_index :: accelerator.num_processes]
-    loader = make_loader(dataset, batches, collate, num_workers)
-    was_training = model.training
-    model.eval()
+    raw = accelerator.unwrap_model(model)
+    device, dim = accelerator.device, raw.image_head.output_dim
+    batches = line_batches(dataset.buckets, batch_size, accelerator.process_index, accelerator.num_processes)
     images, texts, indices, n_corrupt = [], [], [], 0
-    for batch in loader:
-        n_corrupt += batch["n_corrupt"]
-        if len(batch["indices"]) == 0:
-            continue
-        out = model(
-            pixel_values=batch["pixel_values"].to(accelerator.device, non_blocking=True),
-            input_ids=batch["input_ids"].to(accelerator.device) if with_text else None,
-            attention_mask=batch["attention_mask"].to(accelerator.device) if with_text else None,
-        )
-        images.append(out.image.float())
+    for batch in embed_batches(raw, dataset, batches, collate, num_workers, device, with_text=with_text,
+                               autocast=accelerator.autocast):
+        n_corrupt += len(batch.failed)
+        images.append(batch.image)
         if with_text:
-            texts.append(out.text.float())
-        indices.append(batch["indices"].to(accelerator.device))
-    model.train(was_training)
-    dim = accelerator.unwrap_model(model).image_head.output_dim
-    empty = torch.empty(0, dim, device=accelerator.device)
-    image = torch.cat(images) if images else empty
-    text = torch.cat(texts) if texts else empty
-    index = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long, device=accelerator.device)
+            texts.append(batch.text)
+        indices.append(batch.indices)
+
+    def stacked(parts: list[np.ndarray], empty: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(parts) if parts else empty).to(device)
+
+    image = stacked(images, np.empty((0, dim), np.float32))
+    text = stacked(texts, np.empty((0, dim), np.float32))
+    index = stacked(indices, np.empty(0, np.int64))
     # Ranks hold different counts: pad to the longest with index -1, gather, drop the padding, sort.
     image, text, index = (accelerator.pad_across_processes(t, dim=0, pad_index=-1) for t in (image, text, index))
     image, text, index = accelerator.gather((image, text, index))
     keep = index >= 0
     order = torch.argsort(index[keep])
-    n_corrupt_total = int(accelerator.reduce(torch.tensor(n_corrupt, device=accelerator.device), "sum"))
+    n_corrupt_total = int(accelerator.reduce(torch.tensor(n_corrupt, device=device), "sum"))
     return EmbeddedLines(
         image=image[keep][order].cpu(),
         text=text[keep][order].cpu() if with_text else torch.empty(0),
         indices=index[keep][order].cpu(),
         n_corrupt=n_corrupt_total,
     )
+
+
+def export_corpus(
+    accelerator: Accelerator, model: torch.nn.Module, dataset: LineDataset, collate: LineCollator,
+    batch_size: int, num_workers: int, directory: Path, progress: bool = False,
+) -> CorpusExport | None:
+    """Embed every readable line of `dataset` once across all processes, each process appending its rows to its
+    own part file in `directory` (which every process must see: the run dir) as they are made; then the main
+    process merges the parts, in dataset order, into `directory/faiss_embeddings.npy`. Memory: one batch per
+    process, plus 8 bytes a line on the main process while merging. Returns the export on the main process,
+    None on the others. `progress`: a bar with a rate on the main process (its share of the lines)."""
+    raw = accelerator.unwrap_model(model)
+    rank, world, dim = accelerator.process_index, accelerator.num_processes, raw.image_head.output_dim
+    if accelerator.is_main_process:
+        shutil.rmtree(directory, ignore_errors=True)  # an interrupted earlier export's parts
+        directory.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    batches = line_batches(dataset.buckets, batch_size, rank, world)
+    title = "corpus export" + (f" (process 0 of {world})" if world > 1 else "")
+    try:
+        with EmbeddingPart(directory, rank, dim) as part:
+            for batch in embed_batches(raw, dataset, batches, collate, num_workers, accelerator.device,
+                                       autocast=accelerator.autocast,
+                                       progress=title if progress and accelerator.is_main_process else None):
+                part.append(batch.indices, batch.image)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return None
+        indices = merge_parts(directory, world, dim, directory / EMBEDDINGS)
+    except OSError as exc:
+        error = as_write_error(exc, f"the corpus export in {directory}")
+        raise error from exc
+    return CorpusExport(directory / EMBEDDINGS, indices, directory)
 
 
 @torch.inference_mode()
@@ -93,13 +138,18 @@ def embed_texts(accelerator: Accelerator, model: torch.nn.Module, texts: list[st
     return out
 
 
-def validate(accelerator, model, dataset, collate, text_ids, cfg,
-             plan: ValidationPlan | None = None) -> dict[str, float]:
+def validate(accelerator, model, dataset, collate, text_ids, cfg, plan: ValidationPlan | None = None,
+             on_ranked: Callable[[EmbeddedLines, dict[str, torch.Tensor]], None] | None = None) -> dict[str, float]:
     """Whole-gallery Recall@K/MRR (`val_t2i_r1`, ...) and, with a plan, within-group (`val_page_t2i_r1`, ...)
     and phrase-query (`val_phrase_t2i_r1`, ...) metrics. The plan's reference levels (`plan.levels()`, for the
-    lines actually embedded) are computed on the first call and kept in `plan.embedded_levels`."""
+    lines actually embedded) are computed on the first call and kept in `plan.embedded_levels`.
+    `on_ranked(embedded, ranks)`: called on every process with the embedded lines and the whole-gallery ranks
+    (`metrics.retrieval_ranks`) the metrics came from (the W&B panels, lineclip.panels)."""
     emb = embed_dataset(accelerator, model, dataset, collate, eval_batch_size(cfg), cfg.data.num_workers)
-    metrics = retrieval_metrics(emb.image, emb.text, text_ids[emb.indices])
+    ranks = retrieval_ranks(emb.image, emb.text, text_ids[emb.indices])
+    metrics = ranks_metrics(ranks)
+    if on_ranked is not None:
+        on_ranked(emb, ranks)
     if plan is not None:
         lines = plan.restrict(emb.indices.numpy())
         phrase_emb = embed_texts(accelerator, model, lines.phrases, cfg) if lines.phrases else None

@@ -1,22 +1,23 @@
 """Compose every group option and every experiment with Hydra's own API (no training)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from lineclip.config import ConfigError, check_config, conf_dir, register_configs
+from lineclip.config import ConfigError, TrainConfig, check_config, compose, conf_dir
 
-register_configs()
 CONF = conf_dir()
-GROUPS = ["model", "text", "data", "preprocess", "optim", "loss", "trainer", "logger"]
+GROUPS = ["model", "text", "data", "preprocess", "optim", "loss", "logger"]
+# The keys whose value IS the option's identity (what `group=option` chooses), not a default.
+CHOICE_KEYS = {"name", "pipeline"}
 
 
 def _compose(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose("train", overrides)
 
 
 def _options(group):
@@ -130,3 +131,88 @@ def test_phrase_training_keys_default_off_and_compose():
     siglip = _compose(["loss=siglip", "data.text_span.p=0.3", "data.group_batches_by=page_id"])
     check_config(siglip)
     assert siglip.loss.name == "siglip" and siglip.loss.logit_bias == -10.0 and siglip.loss.temperature == 0.1
+
+
+def _load(path) -> dict:
+    """A YAML file as Hydra reads it (OmegaConf: `5e-4` is a float, not a string as in PyYAML)."""
+    return OmegaConf.to_container(OmegaConf.load(path)) or {}
+
+
+def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value and key != "config":  # model.config / text.config: one value
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_a_group_option_repeats_no_schema_default(group, option):
+    """One home per default: the schema (lineclip/config.py). A group's YAML only sets what differs from it."""
+    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig))[group]
+    written = _load(CONF / group / f"{option}.yaml")
+    repeated = {k: v for k, v in _leaves(written).items()
+                if k not in CHOICE_KEYS and _leaves(schema).get(k, object()) == v}
+    assert not repeated, f"{group}/{option}.yaml repeats schema defaults: {repeated}"
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_a_preset_sets_only_what_changes_the_composition(experiment):
+    """Each value a preset writes must change the config it would compose to without that value."""
+    written = _load(CONF / "experiment" / f"{experiment}.yaml")
+    written.pop("defaults", None)
+    with_preset = OmegaConf.to_container(_compose([f"experiment={experiment}", "model.init_from=null"]))
+    for dotted, value in _leaves(written).items():
+        # The same preset with this one key set back to what its groups and parents would give.
+        group_default = _leaves(with_preset)[dotted]
+        assert group_default == value  # the preset's own value reached the composed config
+        base = _compose_without(experiment, dotted)
+        assert _leaves(base)[dotted] != value, f"experiment/{experiment}.yaml sets {dotted}={value}: already so"
+
+
+def _compose_without(experiment: str, dotted: str) -> dict:
+    """The composition of `experiment` with `dotted` removed from the preset (a temp copy of the config tree)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = shutil.copytree(CONF, f"{tmp}/conf")
+        path = f"{tree}/experiment/{experiment}.yaml"
+        node = _load(path)
+        *parents, leaf = dotted.split(".")
+        parent = node
+        for part in parents:
+            parent = parent[part]
+        del parent[leaf]
+        with open(path, "w") as out:
+            out.write("# @package _global_\n" + OmegaConf.to_yaml(node))
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+
+        with initialize_config_dir(config_dir=tree, version_base="1.3"):
+            cfg = hydra_compose(config_name="train", overrides=[f"experiment={experiment}"])
+        return OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "index", "search", "synth", "serve"])
+def test_a_command_yaml_holds_no_defaults(command):
+    """evaluate/index/search/synth: the schema in the command's module holds every default; the YAML only the
+    schema's name, Hydra's settings and the logging override."""
+    written = _load(CONF / f"{command}.yaml")
+    assert set(written) <= {"defaults", "hydra"}, set(written)
+    assert compose(command, ["out_dir=/x"] if command == "synth" else []) is not None
+
+
+def test_help_lists_hydra_groups_only_and_launch_configs_load_in_accelerate():
+    """conf/ holds Hydra configs only: the accelerate launch configs live in launch/ and are valid there."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    help_text = subprocess.run([sys.executable, "-m", "lineclip.train", "--help"], capture_output=True, text=True,
+                               timeout=120).stdout
+    groups = help_text.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "model: dinov2_base, dinov2_cpu" in groups and "accelerate" not in groups
+    launch = CONF.parent / "launch"
+    configs = {p.stem: load_config_from_file(str(p)) for p in sorted(launch.glob("*.yaml"))}
+    assert configs["cpu_2proc"].num_processes == 2 and configs["multi_node"].num_machines == 2

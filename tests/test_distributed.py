@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from hydra import compose, initialize_config_dir
 
 from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset
-from lineclip.config import asset_dir, conf_dir, register_configs
+from lineclip.config import asset_dir, compose
 from lineclip.data import text_ids_of
 from lineclip.loss import contrastive_loss
 from lineclip.manifest import read_manifest
@@ -55,6 +54,20 @@ def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path):
             assert rep[f"siglip_{mode}_names_equal"]
             assert rep[f"siglip_{mode}_loss"] == pytest.approx(rep["siglip_loss_1x2B"], rel=1e-5)
             assert rep[f"siglip_{mode}_max_abs_diff"] < 1e-5 * max(1.0, rep["siglip_grad_max_abs"])
+
+
+def test_two_processes_export_a_corpus_in_parts_without_gathering(tmp_path):
+    torchrun(str(CHECKS), "export", str(tmp_path))
+    rank0, rank1 = reports(tmp_path, "export")
+    assert rank0["gathers_in_export"] == rank1["gathers_in_export"] == 0  # no process ever holds all rows
+    assert rank0["returned"] and not rank1["returned"]  # the merged corpus is the main process's
+    assert rank0["n_buckets"] == 2
+    # every readable line once (the broken one, 6, left out), in dataset order, as each line embeds alone
+    assert rank0["indices"] == rank0["expected_indices"] == [i for i in range(13) if i != 6]
+    assert rank0["shape"][0] == 12
+    assert rank0["max_abs_diff_vs_alone"] < 1e-5
+    assert rank0["equal_to_gathered"]  # what validation's gathered embedding gives, to the bit
+    assert rank0["files_left"] == ["faiss_embeddings.npy"]  # the parts are merged and gone
 
 
 @pytest.mark.slow
@@ -119,9 +132,7 @@ def _micro_batches(n_micro=3, per=4):
 
 
 def test_grad_cache_equals_one_big_batch_with_dropout_on():
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        register_configs()
-        cfg = compose(config_name="train", overrides=["+text.config.dropout_rate=0.3"])
+    cfg = compose("train", ["+text.config.dropout_rate=0.3"])
     torch.manual_seed(0)
     model, _, _ = build_model(cfg)
     model.train()
@@ -148,8 +159,7 @@ def test_grad_cache_equals_one_big_batch_with_dropout_on():
 def test_gradient_accumulation_sums_batches_without_adding_negatives():
     from lineclip.trainer import train_step
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train")
+    cfg = compose("train")
     torch.manual_seed(0)
     model, _, _ = build_model(cfg)
     model.eval()

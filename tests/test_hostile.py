@@ -79,14 +79,10 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def compose(config_name: str, overrides: list[str]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from lineclip.config import conf_dir
+    from lineclip.config import compose as compose_config
 
     extra = [] if config_name == "train" else ["progress=false"]
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=[*overrides, *extra])
+    return compose_config(config_name, [*overrides, *extra])
 
 
 def replay(command: str, overrides: list[str]) -> tuple[int, list[str]]:
@@ -609,7 +605,7 @@ def test_a_full_disk_under_index_and_evaluate_is_one_line(trained, tmp_path, mon
 
     run, data = trained
     if command == "index":
-        monkeypatch.setattr(lineclip.corpus.np, "save", no_space)
+        monkeypatch.setattr(lineclip.corpus.EmbeddingPart, "append", no_space)  # the first rows written
         args = [f"manifest={data['eval']}", f"index.output={tmp_path / 'out' / 'idx'}"]
     else:
         monkeypatch.setattr(lineclip.cli.Path, "write_text", no_space)

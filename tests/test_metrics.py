@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lineclip.metrics import first_correct_ranks, retrieval_metrics
+from lineclip.metrics import first_correct_ranks, ranks_metrics, retrieval_metrics, retrieval_ranks
 
 
 def _reference_ranks(queries, gallery, qids, gids, strict):
@@ -26,6 +26,22 @@ def test_ranks_match_a_full_sort(strict, chunk):
     ids = torch.randint(0, 30, (n,), generator=g)  # plenty of duplicate transcriptions
     ranks = first_correct_ranks(text, image, ids, ids, strict=strict, chunk_size=chunk)
     np.testing.assert_array_equal(ranks.numpy(), _reference_ranks(text, image, ids.numpy(), ids.numpy(), strict))
+
+
+def test_retrieval_ranks_both_directions_match_a_full_sort():
+    g = torch.Generator().manual_seed(5)
+    n = 41
+    image = F.normalize(torch.randn(n, 8, generator=g), dim=-1)
+    text = F.normalize(image + torch.randn(n, 8, generator=g), dim=-1)
+    ids = torch.randint(0, 25, (n,), generator=g)
+    ranks = retrieval_ranks(image, text, ids, chunk_size=6)
+    assert set(ranks) == {"i2t", "t2i"} and ranks["t2i"].dtype == torch.long
+    np.testing.assert_array_equal(ranks["t2i"].numpy(), _reference_ranks(text, image, ids.numpy(), ids.numpy(), False))
+    np.testing.assert_array_equal(ranks["i2t"].numpy(), _reference_ranks(image, text, ids.numpy(), ids.numpy(), False))
+    # the metrics are exactly these ranks summarised
+    metrics = ranks_metrics(ranks)
+    assert metrics == retrieval_metrics(image, text, ids)
+    assert metrics["t2i_r5"] == pytest.approx(float((ranks["t2i"] <= 5).double().mean()))
 
 
 def test_duplicates_are_not_misses():

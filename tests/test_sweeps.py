@@ -8,18 +8,13 @@ import sys
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
-from lineclip.config import conf_dir, register_configs
-
-register_configs()
+from lineclip.config import compose
 
 
 def test_slurm_launcher_config_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the `sweep` extra is not installed")
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+    cfg = compose("train", ["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (1, 1, "gpu")
@@ -27,8 +22,7 @@ def test_slurm_launcher_config_composes():
 
 def test_optuna_search_composes_with_a_maximised_objective():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the `sweep` extra is not installed")
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    cfg = compose("train", ["hparams_search=optuna"], return_hydra_config=True)
     assert cfg.hydra.sweeper.direction == "maximize" and "optim.lr" in cfg.hydra.sweeper.params
 
 

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import PIL.features
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from PIL import Image
 
-from lineclip.config import asset_dir, conf_dir, register_configs
+from lineclip.config import asset_dir, compose
 from lineclip.manifest import normalize_text, read_manifest
 from lineclip.synth import (
     SynthConfig,
@@ -29,7 +28,6 @@ from lineclip.synth import (
     resolve_config,
 )
 
-register_configs()
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -155,10 +153,9 @@ def test_bundled_assets_and_config() -> None:
     assert [p.name for p in find_fonts(asset_dir("fonts"))] == ["DDC_Uchen.ttf", "NotoSerifTibetan-Regular.ttf"]
     for name in ("OFL-1.1_DDC_Uchen.txt", "OFL-1.1_NotoSerifTibetan.txt", "README.md"):
         assert (asset_dir("fonts") / name).is_file()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="synth", overrides=["out_dir=/tmp/x", "n_lines=5", "font=/tmp"])
-        with pytest.raises(ConfigCompositionException):
-            compose(config_name="synth", overrides=["n_line=5"])
+    cfg = compose("synth", ["out_dir=/tmp/x", "n_lines=5", "font=/tmp"])
+    with pytest.raises(ConfigCompositionException):
+        compose("synth", ["n_line=5"])
     resolved = resolve_config(cfg)
     assert resolved.n_lines == 5 and resolved.font == "/tmp" and Path(resolved.corpus).is_file()
     assert OmegaConf.to_container(cfg)["height"] == [60, 112]
@@ -177,3 +174,12 @@ def test_cli(tmp_path: Path) -> None:
                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "overwrite=true" in bad.stdout + bad.stderr
     assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_progress_bar_shows_lines_done_and_the_rate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    generate(SynthConfig(out_dir=str(tmp_path / "bar"), n_lines=4, chunk_size=2, workers=1, eval_fraction=0.0,
+                         progress=True))  # type: ignore[arg-type]
+    bar = capsys.readouterr().err
+    assert "synth: 100%" in bar and "4/4" in bar and "line/s" in bar  # e.g. `4/4 [00:00<00:00, 9.8line/s]`
+    _run(tmp_path / "quiet", n_lines=2, workers=1, eval_fraction=0.0)  # progress=False: no bar at all
+    assert "synth" not in capsys.readouterr().err

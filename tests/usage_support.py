@@ -101,13 +101,9 @@ def run_cli(module: str, *args: str, cwd: Path | None = None) -> subprocess.Comp
 def compose_cfg(*overrides: str, config_name: str = "train") -> Any:
     """A config of conf/ (training's by default), composed with overrides as Hydra's command line does: the one
     place tests compose a config (also the `compose_cfg` fixture of conftest.py)."""
-    from hydra import compose, initialize_config_dir
+    from lineclip.config import compose
 
-    from lineclip.config import conf_dir, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+    return compose(config_name, overrides)
 
 
 def compose_config(config_name: str, overrides: list[str]) -> Any:

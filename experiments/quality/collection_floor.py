@@ -13,10 +13,8 @@ import json
 import math
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from lineclip.batch import BucketBatchSampler, LineDataset, group_keys
-from lineclip.config import conf_dir, register_configs
+from lineclip.config import compose
 from lineclip.manifest import read_manifest
 from lineclip.preprocess import LineGeometry, LineImageTransform
 
@@ -25,9 +23,7 @@ def collection_floor(dev_dir: Path, overrides: list[str] = (), epochs: int = 3) 
     """Mean over `epochs` of the recipe's batches of ln(members of the line's collection in its batch); None
     when the train manifest has no `collection` field."""
     manifest = dev_dir.resolve() / "train" / "meta" / "lines.jsonl"
-    register_configs()
-    with initialize_config_dir(str(conf_dir()), version_base=None):
-        cfg = compose("train", overrides=["experiment=cpu_small", *overrides])
+    cfg = compose("train", ["experiment=cpu_small", *overrides])
     records, _ = read_manifest(manifest, dev_dir)
     collections = [r.extra.get("collection") for r in records]
     if None in collections:

@@ -2,6 +2,7 @@
 
     python checks.py train OUT_DIR [hydra overrides...]   # a real training run, then cross-rank checks
     python checks.py grads OUT_DIR                         # 2 x B with gathered negatives vs 1 x 2B
+    python checks.py export OUT_DIR                        # the corpus export: per-process parts, merged
 
 Each rank writes OUT_DIR/<mode>_rank<r>.json; the test reads them.
 """
@@ -12,23 +13,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 
 from lineclip.batch import LineCollator, LineDataset
-from lineclip.config import asset_dir, conf_dir, register_configs
+from lineclip.config import asset_dir, compose
 from lineclip.data import text_ids_of
 from lineclip.loss import contrastive_loss, sigmoid_loss
 from lineclip.manifest import read_manifest
 from lineclip.metrics import retrieval_metrics
 from lineclip.preprocess import LineGeometry, LineImageTransform
 from lineclip.trainer import build_model, grad_cache_step, train
-
-register_configs()
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def flat_params(model):
@@ -62,7 +55,7 @@ def single_process_val_metrics(model, cfg):
 
 
 def check_train(out_dir: Path, overrides):
-    cfg = compose_cfg([f"output_dir={out_dir / 'run'}", *overrides])
+    cfg = compose("train", [f"output_dir={out_dir / 'run'}", *overrides])
     result = train(cfg)
     params = flat_params(result.model)
     report = {
@@ -86,7 +79,7 @@ def check_grads(out_dir: Path, per_rank: int = 4):
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(cpu=True)
-    cfg = compose_cfg(["data.num_workers=0"])
+    cfg = compose("train", ["data.num_workers=0"])
     demo = asset_dir("demo")
     records, _ = read_manifest(demo / "train" / "meta" / "lines.jsonl", demo)
     dataset = LineDataset(records, LineImageTransform("bdrc", LineGeometry()))
@@ -151,7 +144,7 @@ def check_siglip_phrase_grads(accelerator, batch, lines, per_rank):
     from lineclip.batch import TrainTexts
     from lineclip.trainer import train_step
 
-    cfg = compose_cfg(["data.num_workers=0", "loss=siglip"])
+    cfg = compose("train", ["data.num_workers=0", "loss=siglip"])
     n = 2 * per_rank
     lines = list(lines)
     lines[1] = f"{lines[1]} {lines[n - 1]}"
@@ -196,11 +189,81 @@ def check_siglip_phrase_grads(accelerator, batch, lines, per_rank):
     return report
 
 
+def check_export(out_dir: Path, n_lines: int = 13, batch: int = 3):
+    """Both processes export 13 demo lines (one broken file among them, three in another width bucket) in
+    batches of 3, which deals them unevenly; rank 0 then embeds every line alone as the reference."""
+    from dataclasses import replace
+
+    import numpy as np
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from PIL import Image
+
+    from lineclip.validation import embed_dataset, export_corpus
+
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    set_seed(0)
+    model, _, _ = build_model(compose("train", ["data.num_workers=0"]))
+    model.eval()
+    demo = asset_dir("demo")
+    records, _ = read_manifest(demo / "eval" / "meta" / "lines.jsonl", demo)
+    records = records[:n_lines]
+    files = out_dir / "lines"
+    if accelerator.is_main_process:
+        files.mkdir(exist_ok=True)
+        for i in (1, 4, 9):
+            with Image.open(records[i].image_path) as image:
+                image.crop((0, 0, 250, image.height)).save(files / f"{i}.png")
+        (files / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    accelerator.wait_for_everyone()
+    for i in (1, 4, 9):
+        records[i] = replace(records[i], image_path=str(files / f"{i}.png"))
+    records[6] = replace(records[6], image_path=str(files / "broken.jpg"))
+    dataset = LineDataset(records, LineImageTransform("bdrc", LineGeometry()))
+    collate = LineCollator(64)
+
+    # The export must never gather rows: spy on the collectives that would.
+    calls = {"gather": 0}
+    gather, pad = accelerator.gather, accelerator.pad_across_processes
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            calls["gather"] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    accelerator.gather, accelerator.pad_across_processes = counting(gather), counting(pad)
+    export = export_corpus(accelerator, model, dataset, collate, batch, 0, out_dir / "export")
+    gathers_in_export = calls["gather"]
+    accelerator.gather, accelerator.pad_across_processes = gather, pad
+    gathered = embed_dataset(accelerator, model, dataset, collate, batch, 0, with_text=False)
+    report = {"rank": rank, "gathers_in_export": gathers_in_export, "returned": export is not None}
+    if accelerator.is_main_process:
+        merged = np.load(export.embeddings)
+        with torch.inference_mode():
+            alone = {i: model.encode_image(collate([dataset[i]])["pixel_values"])[0].numpy()
+                     for i in range(len(dataset)) if dataset.buckets[i] != -1}
+        reference = np.stack([alone[i] for i in sorted(alone)])
+        report.update({
+            "indices": export.indices.tolist(),
+            "expected_indices": sorted(alone),
+            "shape": list(merged.shape),
+            "max_abs_diff_vs_alone": float(np.abs(merged - reference).max()),
+            "equal_to_gathered": bool(np.array_equal(merged, gathered.image.numpy())),
+            "files_left": sorted(p.name for p in (out_dir / "export").iterdir()),
+            "n_buckets": len(set(dataset.buckets.tolist()) - {-1}),
+        })
+    (out_dir / f"export_rank{rank}.json").write_text(json.dumps(report, indent=2))
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     if mode == "train":
         check_train(out, sys.argv[3:])
+    elif mode == "export":
+        check_export(out)
     else:
         check_grads(out)
     dist.barrier()
