@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -285,8 +286,8 @@ def test_line_cache_falls_back_to_the_run_dir_when_writing_beside_the_manifest_f
     monkeypatch.setattr(sizes.tempfile, "mkstemp", mkstemp)
     table, _ = load_line_table(manifest, fallback_dir=tmp_path / "run", progress=False, cache_min_rows=100)
     assert Path(table.cache_path).parent == tmp_path / "run" / "line_cache"
-    assert Path(table.cache_path).name == cache_name(manifest, json.loads(
-        __import__("pyarrow").ipc.open_file(table.cache_path).schema.metadata[b"lineclip"])["key"])
+    key = json.loads(pa.ipc.open_file(table.cache_path).schema.metadata[b"lineclip"])["key"]
+    assert Path(table.cache_path).name == cache_name(manifest, key) and key["manifest"] == str(manifest)
     monkeypatch.undo()
     again, _ = load_line_table(manifest, fallback_dir=tmp_path / "run", progress=False, cache_min_rows=100)
     assert again.cache_path == table.cache_path  # found there next time
