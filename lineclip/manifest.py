@@ -8,10 +8,13 @@ manifest unless the caller asks for ``on_bad_row="error"``.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import os
 import re
+import sys
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -358,12 +361,28 @@ TABLE_SCHEMA = pa.schema([*(pa.field(name, pa.string()) for name in STRING_COLUM
 _CHUNK_ROWS = 65_536  # rows parsed into Python objects before they become Arrow buffers
 
 
+def release_mapped_pages(buffer: pa.Buffer) -> None:
+    """Drop the pages of a buffer of a read-only file mapping from this process's resident set (madvise
+    MADV_DONTNEED): they stay in the page cache and fault back in if read again, so nothing is lost, but they no
+    longer count in this process's RSS. Only for memory-mapped files: on heap memory it would discard data.
+    A no-op where the call is not available."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or not sys.platform.startswith("linux") or buffer.size == 0:
+        return
+    page = mmap.PAGESIZE
+    start = buffer.address // page * page
+    end = -(-(buffer.address + buffer.size) // page) * page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(advice))
+
+
 class StringColumn(Sequence[str]):
     """One string column of a LineTable, indexable like a list; an item becomes a Python str only when asked."""
 
-    def __init__(self, column: pa.ChunkedArray) -> None:
+    def __init__(self, column: pa.ChunkedArray, mapped: bool = False) -> None:
         self.chunks = [chunk for chunk in column.chunks if len(chunk)] or [pa.array([], pa.string())]
         self.starts = np.cumsum([0] + [len(chunk) for chunk in self.chunks])
+        self.mapped = mapped  # its buffers are a read-only memory-mapped file (the line cache)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -398,6 +417,9 @@ class StringColumn(Sequence[str]):
                 end -= moving
             cut[over] = end
             out.append(cut)
+            if self.mapped and chunk.buffers()[2] is not None:
+                # The cut points touched nearly every page of the texts; the process needs none of them now.
+                release_mapped_pages(chunk.buffers()[2])
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def byte_lengths(self) -> np.ndarray:
@@ -426,7 +448,8 @@ class LineTable(Sequence[LineRecord]):
         self.sizes_checked = sizes_checked
         # Where the image bytes are when not at image_path: lineclip.shard.ShardImages for lines read from shards.
         self.images = images
-        self.columns = {name: StringColumn(self.table.column(name)) for name in STRING_COLUMNS}
+        self.columns = {name: StringColumn(self.table.column(name), mapped=cache_path is not None)
+                        for name in STRING_COLUMNS}
         self.line_nos = self.table.column("line_no").to_numpy()
         self.sizes = np.stack([self.table.column("width").to_numpy(), self.table.column("height").to_numpy()],
                               axis=1).astype(np.int32) if len(self.table) else np.zeros((0, 2), np.int32)

@@ -227,6 +227,11 @@ def test_line_cache_is_written_then_used_then_rebuilt_when_the_manifest_changes(
     second, report2 = load_line_table(manifest, scan_workers=1, progress=False, cache_min_rows=100)
     assert list(second) == list(first) and np.array_equal(second.sizes, first.sizes)
     assert report2.to_dict() == report.to_dict()
+    # the cut lengths of a mapped table release the text pages they touched; the texts read back unchanged
+    texts = [second.texts[i] for i in range(len(second))]
+    assert second.texts.mapped and not read_line_table(manifest)[0].texts.mapped
+    assert text_lengths(second.texts, 100).tolist() == text_lengths(texts, 100).tolist()
+    assert [second.texts[i] for i in range(len(second))] == texts
     # a spawn-started worker gets the table by pickle: re-mapped from the cache file, the same lines
     assert list(pickle.loads(pickle.dumps(second))) == list(first)
     monkeypatch.undo()
