@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from usage_support import overfit_run
 from lineclip import artifacts
 from lineclip.bundle import BundleError, BundleRef, check_bundle, resolve_bundle
 from lineclip.config import asset_dir
-from lineclip.encoder import ImageReadError
+from lineclip.encoder import ImageReadError, LineEncoder
 
 CKPT = "checkpoint_step_0000030_"
 
@@ -233,3 +234,15 @@ def test_the_workbench_loading_path_gives_the_same_embeddings(encoder, run):
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
     workbench_texts = F.normalize(text_head(pooled), dim=-1).numpy()
     np.testing.assert_allclose(encoder.encode_texts(texts), workbench_texts, atol=1e-4)
+
+
+def test_a_bundle_written_before_the_redesign_loads_and_embeds_as_it_did():
+    """tests/data/bundle_f90342f was written, and its expected embeddings computed, by the code before issue 15's
+    redesign (its README says how): today's LineEncoder must load it and give the same embeddings."""
+    bundle = Path(__file__).parent / "data" / "bundle_f90342f"
+    rows = [json.loads(x) for x in (asset_dir("demo") / "eval" / "meta" / "lines.jsonl").read_text().splitlines()][:4]
+    encoder = LineEncoder.load(bundle, device="cpu")
+    images = encoder.encode_images([str(asset_dir("demo") / r["line_path"]) for r in rows])
+    texts = encoder.encode_texts([r["text"] for r in rows])
+    np.testing.assert_allclose(images, np.load(bundle / "expected_image_embeddings.npy"), atol=1e-5)
+    np.testing.assert_allclose(texts, np.load(bundle / "expected_text_embeddings.npy"), atol=1e-5)
