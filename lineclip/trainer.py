@@ -450,6 +450,7 @@ def train(cfg: DictConfig) -> TrainResult:
         while state.step < total_steps and not interrupted:
             data.sampler.set_epoch(state.epoch, skip=state.batches_done_in_epoch)
             data.train_texts.set_epoch(state.epoch)
+            whole_epoch, readable_batches = state.batches_done_in_epoch == 0, 0
             for batch in throughput.batches(data.loader):
                 state.batches_done_in_epoch += 1
                 checkpointer.corrupt[batch["corrupt_indices"]] = True
@@ -459,6 +460,7 @@ def train(cfg: DictConfig) -> TrainResult:
                 # A batch whose every image was corrupt: all processes skip it together (DDP needs matching steps).
                 if any_rank(accelerator, len(batch["indices"]) == 0)[0]:
                     continue
+                readable_batches += 1
                 throughput.samples += len(batch["indices"]) * world
                 pending.append(data.train_texts.encode(batch, cfg.text.max_length))
                 panels.log_inputs(pending[-1], state.step)
@@ -539,6 +541,10 @@ def train(cfg: DictConfig) -> TrainResult:
                 if step >= total_steps:
                     break
             else:  # the epoch ran out
+                if whole_epoch and readable_batches == 0:  # every image failed to decode: epochs would spin forever
+                    n_corrupt = len(checkpointer.sync_corrupt())  # a collective: every process is here
+                    raise ManifestError(f"epoch {state.epoch} had no line image that decodes ({n_corrupt} of "
+                                        f"{len(train_records)} train lines are corrupt_image): nothing to train on")
                 state.epoch += 1
                 state.batches_done_in_epoch = 0
         bar.close()

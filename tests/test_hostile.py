@@ -32,7 +32,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from usage_support import TRAIN_OVERRIDES, overfit_run, run_capturing_errors
+from usage_support import TRAIN_OVERRIDES, make_dataset, overfit_run, run_capturing_errors
 
 from lineclip import artifacts, bundle
 from lineclip.bundle import TRAINING_STATE
@@ -676,3 +676,14 @@ def test_damaged_corpora_are_one_line(trained, hnsw_corpus, tmp_path, damage, ex
     line = one_error(*replay("search", [f"run_dir={run}", f"corpus={corpus}", "query=x",
                                         f"search.output={tmp_path / 's.html'}"]))
     assert expected in line and tree(corpus) == before and not (tmp_path / "s.html").exists()
+
+
+def test_a_training_set_whose_every_image_fails_to_decode_stops_with_one_line(tmp_path):
+    """Headers read (so the lines pass the scan) but no pixels decode: every batch is skipped as corrupt, and an
+    epoch that trains nothing would repeat forever. The run stops at the end of the first such epoch instead."""
+    data = make_dataset(tmp_path / "data")
+    for image in (tmp_path / "data" / "train" / "lines").iterdir():
+        blob = image.read_bytes()
+        image.write_bytes(blob[: len(blob) // 3])  # a JPEG cut short: its header is whole, its pixels are not
+    line = one_error(*replay("train", train_args(data, tmp_path / "run", "trainer.max_steps=5")))
+    assert line.startswith("epoch 0 had no line image that decodes (8 of 8 train lines are corrupt_image)"), line
