@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 # The bundle's entry names, which a run dir holds too (re-exported: artifacts.CONFIG reads as "a run's config").
 from lineclip.bundle import (  # noqa: F401
@@ -100,8 +101,14 @@ def check_output_path(path: str | Path, option: str, replace_corpus: bool = Fals
     return target
 
 
-def corpus_meta(records: Sequence[LineRecord]) -> pd.DataFrame:
-    """The meta parquet's rows: one per corpus line, in embedding order."""
+def corpus_meta(records: Sequence[LineRecord], rows: np.ndarray | None = None) -> pd.DataFrame:
+    """The meta parquet's rows: one per corpus line, in embedding order (`records[rows]`, or all of them). From a
+    LineTable the columns are taken as they are: no LineRecord per line, which a 10M-line export cannot afford."""
+    if hasattr(records, "table"):  # a lineclip.manifest.LineTable
+        table = records.table if rows is None else records.table.take(pa.array(rows, pa.int64()))
+        return table.select(list(META_COLUMNS)).to_pandas()
+    if rows is not None:
+        records = [records[i] for i in rows.tolist()]
     return pd.DataFrame({
         "sample_id": [r.sample_id for r in records],
         "doc_id": [r.doc_id for r in records],
@@ -113,15 +120,16 @@ def corpus_meta(records: Sequence[LineRecord]) -> pd.DataFrame:
 
 
 def save_corpus_embeddings(output_dir: str | Path, embeddings: np.ndarray | Path,
-                           records: Sequence[LineRecord]) -> None:
-    """`faiss_embeddings.npy` (float32 [N, D], L2-normalised) and its meta parquet, rows in the same order.
-    `embeddings`: the rows, or an `.npy` file of them already written (the corpus export's merged file, on the same
-    file system), which is moved into place rather than read."""
+                           records: Sequence[LineRecord], rows: np.ndarray | None = None) -> None:
+    """`faiss_embeddings.npy` (float32 [N, D], L2-normalised) and its meta parquet, rows in the same order: the
+    lines `records[rows]` (or all of `records`). `embeddings`: the rows, or an `.npy` file of them already written
+    (the corpus export's merged file, on the same file system), which is moved into place rather than read."""
     output_dir = Path(output_dir)
     n_rows = len(np.load(embeddings, mmap_mode="r")) if isinstance(embeddings, Path) else len(embeddings)
-    if n_rows != len(records):
-        raise ValueError(f"{n_rows} embeddings for {len(records)} records")
-    meta = corpus_meta(records)
+    n_lines = len(records) if rows is None else len(rows)
+    if n_rows != n_lines:
+        raise ValueError(f"{n_rows} embeddings for {n_lines} records")
+    meta = corpus_meta(records, rows)
     tmp_npy, tmp_meta = output_dir / f".{EMBEDDINGS}.tmp", output_dir / f".{EMBEDDINGS_META}.tmp"
     if isinstance(embeddings, Path):
         os.replace(embeddings, tmp_npy)

@@ -431,10 +431,10 @@ class Checkpointer:
             extra, corpus_info = [artifacts.DATA_REPORT], None
             try:
                 if corpus is not None:
-                    kept = [records[i] for i in corpus.indices.tolist()]
-                    artifacts.save_corpus_embeddings(staging, corpus.embeddings, kept)
+                    rows = np.asarray(corpus.indices, dtype=np.int64)
+                    artifacts.save_corpus_embeddings(staging, corpus.embeddings, records, rows)
                     extra += [artifacts.EMBEDDINGS, artifacts.EMBEDDINGS_META]
-                    corpus_info = {"n_lines": len(kept)}
+                    corpus_info = {"n_lines": len(rows)}
                 (staging / artifacts.DATA_REPORT).write_text(json.dumps(
                     {**self.data_report, "corrupt_images_skipped": len(state.corrupt_indices),
                      "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))

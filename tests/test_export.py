@@ -140,3 +140,21 @@ def test_text_embeddings_stream_into_a_given_array_with_duplicates_embedded_once
     np.testing.assert_allclose(in_memory, one_by_one, atol=1e-6)
     with pytest.raises(ValueError, match="out has shape"):
         encoder.encode_texts(texts, out=np.zeros((2, encoder.dim), np.float32))
+
+
+def test_corpus_meta_from_the_line_columns_equals_the_one_built_from_records():
+    """The export writes the meta parquet straight from the LineTable's columns (no LineRecord per line): the same
+    frame as from the records one by one, for any subset and order of rows."""
+    import pandas as pd
+
+    from lineclip.artifacts import META_COLUMNS, corpus_meta
+    from lineclip.manifest import LineTable
+
+    records, _ = read_manifest(asset_dir("demo") / "train" / "meta" / "lines.jsonl")
+    table = LineTable.from_records(records)
+    rows = np.array([5, 0, 17, 3, 159], dtype=np.int64)
+    from_columns = corpus_meta(table, rows)
+    expected = pd.DataFrame({c: [getattr(records[i], c) for i in rows] for c in META_COLUMNS})
+    pd.testing.assert_frame_equal(from_columns, expected)
+    pd.testing.assert_frame_equal(corpus_meta(records, rows), expected)
+    assert len(corpus_meta(table)) == len(records)
