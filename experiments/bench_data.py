@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset
-from lineclip.manifest import LineRecord, read_manifest
+from lineclip.lines import LineRecord
+from lineclip.manifest import read_manifest
 from lineclip.preprocess import PIPELINES, LineGeometry, LineImageTransform
 
 DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tibetan_lines_dev"

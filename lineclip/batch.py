@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from lineclip.manifest import LineRecord, LineTable, StringColumn
+from lineclip.lines import LineRecord, LineTable, StringColumn
 from lineclip.phrases import sample_phrase
 from lineclip.preprocess import (
     DECODE_ERRORS,

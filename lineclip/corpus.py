@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import faiss
 
     from lineclip.encoder import LineEncoder
-    from lineclip.manifest import LineRecord
+    from lineclip.lines import LineRecord
 
 log = logging.getLogger(__name__)
 

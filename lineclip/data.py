@@ -28,7 +28,8 @@ from lineclip.batch import (
 )
 from lineclip.config import ConfigError
 from lineclip.galleries import ValidationPlan, setting_name
-from lineclip.manifest import LineRecord, LineTable, ManifestError, ManifestReport
+from lineclip.lines import LineRecord, LineTable
+from lineclip.manifest import ManifestError, ManifestReport
 from lineclip.metrics import text_ids
 from lineclip.preprocess import LineGeometry, LineImageTransform
 from lineclip.sizes import load_line_table, main_first

@@ -45,7 +45,8 @@ from lineclip.bundle import (
 )
 from lineclip.data import make_loader
 from lineclip.files import first_line, usable_cpus
-from lineclip.manifest import LineRecord, normalize_text
+from lineclip.lines import LineRecord
+from lineclip.manifest import normalize_text
 from lineclip.preprocess import (
     DECODE_ERRORS,
     DEFAULT_MAX_IMAGE_PIXELS,

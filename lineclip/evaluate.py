@@ -52,7 +52,7 @@ from lineclip.manifest import manifest_label
 
 if TYPE_CHECKING:
     from lineclip.encoder import LineEncoder
-    from lineclip.manifest import LineRecord
+    from lineclip.lines import LineRecord
 
 log = logging.getLogger("lineclip.evaluate")
 MISSING_GROUP = "(missing)"

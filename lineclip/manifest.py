@@ -8,15 +8,12 @@ manifest unless the caller asks for ``on_bad_row="error"``.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import mmap
 import os
 import re
-import sys
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from lineclip.lines import (
+    TABLE_SCHEMA,
+    LineRecord,
+    LineTable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,56 +84,6 @@ def normalize_text(text: str) -> str:
     Tibetan tsheg variants (U+0F0B, U+0F0C) are not whitespace and are kept.
     """
     return " ".join(unicodedata.normalize("NFC", text).split())
-
-
-class FrozenStrMap(Mapping[str, str]):
-    """A small immutable, hashable, picklable ``str -> str`` mapping for ``LineRecord.extra``.
-
-    ``types.MappingProxyType`` would be immutable too, but it cannot be pickled, and records travel to
-    DataLoader workers by pickle under the ``spawn`` start method (macOS, Windows).
-    """
-
-    __slots__ = ("_data",)
-
-    def __init__(self, items: Mapping[str, str] | None = None) -> None:
-        self._data: dict[str, str] = dict(items or {})
-
-    def __getitem__(self, key: str) -> str:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._data.items()))
-
-    def __repr__(self) -> str:
-        return f"FrozenStrMap({self._data!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (FrozenStrMap, (self._data,))
-
-
-@dataclass(frozen=True)
-class LineRecord:
-    """One usable manifest row. ``image_path`` is absolute and normalised; ``text`` is normalised."""
-
-    sample_id: str
-    image_path: str
-    text: str
-    doc_id: str = ""
-    page_id: str = ""
-    line_id: str = ""
-    source: str = ""
-    extra: Mapping[str, str] = field(default_factory=FrozenStrMap)
-
-    def __post_init__(self) -> None:
-        # Callers may pass a plain dict; store a frozen copy so the record stays immutable and hashable.
-        if not isinstance(self.extra, FrozenStrMap):
-            object.__setattr__(self, "extra", FrozenStrMap(self.extra))
 
 
 @dataclass
@@ -354,169 +307,7 @@ def _parse_row(
 # The columns of a LineTable, in order. Strings are Arrow strings (one bytes buffer + offsets per chunk), so a
 # million lines are a few buffers, not millions of Python objects that every loader worker's refcounting would
 # copy page by page.
-STRING_COLUMNS = ("sample_id", "image_path", "text", "doc_id", "page_id", "line_id", "extra")
-TABLE_SCHEMA = pa.schema([*(pa.field(name, pa.string()) for name in STRING_COLUMNS),
-                          pa.field("line_no", pa.int64()), pa.field("width", pa.int32()),
-                          pa.field("height", pa.int32())])
 _CHUNK_ROWS = 65_536  # rows parsed into Python objects before they become Arrow buffers
-
-
-def release_mapped_pages(buffer: pa.Buffer) -> None:
-    """Drop the pages of a buffer of a read-only file mapping from this process's resident set (madvise
-    MADV_DONTNEED): they stay in the page cache and fault back in if read again, so nothing is lost, but they no
-    longer count in this process's RSS. Only for memory-mapped files: on heap memory it would discard data.
-    A no-op where the call is not available."""
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if advice is None or not sys.platform.startswith("linux") or buffer.size == 0:
-        return
-    page = mmap.PAGESIZE
-    start = buffer.address // page * page
-    end = -(-(buffer.address + buffer.size) // page) * page
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(advice))
-
-
-class StringColumn(Sequence[str]):
-    """One string column of a LineTable, indexable like a list; an item becomes a Python str only when asked."""
-
-    def __init__(self, column: pa.ChunkedArray, mapped: bool = False) -> None:
-        self.chunks = [chunk for chunk in column.chunks if len(chunk)] or [pa.array([], pa.string())]
-        self.starts = np.cumsum([0] + [len(chunk) for chunk in self.chunks])
-        self.mapped = mapped  # its buffers are a read-only memory-mapped file (the line cache)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, index: int) -> str:  # type: ignore[override]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        chunk = int(np.searchsorted(self.starts, index, side="right")) - 1
-        return self.chunks[chunk][index - int(self.starts[chunk])].as_py()
-
-    def cut_lengths(self, budget: int) -> np.ndarray:
-        """Per item its UTF-8 length cut to at most `budget` bytes at a character boundary (what
-        batch.cut_at_char_boundary gives), read from the offsets and at most 3 bytes per cut item."""
-        out = []
-        for chunk in self.chunks:
-            chunk = pa.array(chunk, pa.string())  # a slice keeps its buffers; offsets are then relative
-            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
-            data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8) if chunk.buffers()[2] is not None else \
-                np.zeros(0, np.uint8)
-            lengths = np.diff(offsets).astype(np.int64)
-            cut = np.minimum(lengths, budget)
-            over = np.flatnonzero(lengths > budget)
-            # data[start + end] is the first byte dropped; while it is a continuation byte (10xxxxxx), back up.
-            end = np.full(over.size, budget, dtype=np.int64)
-            moving = np.ones(over.size, dtype=bool)
-            for _ in range(3):  # valid UTF-8: at most 3 continuation bytes in a row
-                moving &= end > 0
-                at = offsets[over].astype(np.int64) + end
-                moving &= (data[np.where(moving, at, 0)] & 0xC0) == 0x80
-                end -= moving
-            cut[over] = end
-            out.append(cut)
-            if self.mapped and chunk.buffers()[2] is not None:
-                # The cut points touched nearly every page of the texts; the process needs none of them now.
-                release_mapped_pages(chunk.buffers()[2])
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-    def byte_lengths(self) -> np.ndarray:
-        """Per item its UTF-8 length, from the offsets alone (no string is built)."""
-        return np.concatenate([pc.binary_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
-                               for chunk in self.chunks])
-
-
-class LineTable(Sequence[LineRecord]):
-    """The usable rows of a manifest as columns (an Arrow table, memory-mapped when it comes from the line
-    cache), with per line the image size from its header or the manifest (`width`/`height`; -1: not known
-    yet). ``table[i]`` builds the LineRecord of line i on demand; nothing per line lives as a Python object.
-
-    Sizes below 0 mark images that cannot be used (lineclip.sizes): -1 not read yet, -2 unreadable header,
-    -3 empty file, -4 more pixels than the limit.
-    """
-
-    def __init__(self, table: pa.Table, manifest: str = "", sources: Sequence[str] | None = None,
-                 cache_path: str | None = None, sizes_checked: bool = False, images: Any = None) -> None:
-        self.table = table.select(list(TABLE_SCHEMA.names))
-        self.manifest = manifest
-        self.sources = sources  # per line, when the lines come from records rather than one manifest
-        self.cache_path = cache_path  # the memory-mapped file the table lives in, if any
-        # True when every size is final (read from headers, or manifest sizes checked against them): the line
-        # cache and shards; complete_sizes then only applies the pixel limit.
-        self.sizes_checked = sizes_checked
-        # Where the image bytes are when not at image_path: lineclip.shard.ShardImages for lines read from shards.
-        self.images = images
-        self.columns = {name: StringColumn(self.table.column(name), mapped=cache_path is not None)
-                        for name in STRING_COLUMNS}
-        self.line_nos = self.table.column("line_no").to_numpy()
-        self.sizes = np.stack([self.table.column("width").to_numpy(), self.table.column("height").to_numpy()],
-                              axis=1).astype(np.int32) if len(self.table) else np.zeros((0, 2), np.int32)
-
-    @classmethod
-    def from_records(cls, records: Sequence[LineRecord]) -> LineTable:
-        columns = {name: [getattr(r, name) for r in records] for name in STRING_COLUMNS if name != "extra"}
-        columns["extra"] = [json.dumps(dict(r.extra), ensure_ascii=False) if r.extra else "" for r in records]
-        table = pa.table({**columns, "line_no": pa.array(np.full(len(records), -1, np.int64)),
-                          "width": pa.array(np.full(len(records), -1, np.int32)),
-                          "height": pa.array(np.full(len(records), -1, np.int32))}, schema=TABLE_SCHEMA)
-        return cls(table, sources=[r.source for r in records])
-
-    @classmethod
-    def empty(cls) -> LineTable:
-        return cls(TABLE_SCHEMA.empty_table())
-
-    @property
-    def texts(self) -> StringColumn:
-        return self.columns["text"]
-
-    @property
-    def image_paths(self) -> StringColumn:
-        return self.columns["image_path"]
-
-    def source(self, index: int) -> str:
-        if self.sources is not None:
-            return self.sources[index]
-        return f"{self.manifest}:{int(self.line_nos[index])}"
-
-    def __len__(self) -> int:
-        return len(self.line_nos)
-
-    def __getitem__(self, index: int) -> LineRecord:  # type: ignore[override]
-        if not isinstance(index, (int, np.integer)):
-            raise TypeError(f"LineTable indices are ints, got {type(index).__name__}")
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        get = {name: column[index] for name, column in self.columns.items()}
-        extra = get.pop("extra")
-        return LineRecord(**get, source=self.source(index),
-                          extra=FrozenStrMap(json.loads(extra)) if extra else FrozenStrMap())
-
-    def __iter__(self) -> Iterator[LineRecord]:
-        for index in range(len(self)):
-            yield self[index]
-
-    def with_sizes(self, sizes: np.ndarray) -> LineTable:
-        """The same lines with these (width, height) rows (what the header scan found)."""
-        sizes = np.asarray(sizes, dtype=np.int32)
-        table = self.table.set_column(TABLE_SCHEMA.get_field_index("width"), "width", pa.array(sizes[:, 0]))
-        table = table.set_column(TABLE_SCHEMA.get_field_index("height"), "height", pa.array(sizes[:, 1]))
-        return LineTable(table, self.manifest, self.sources, sizes_checked=True, images=self.images)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Loader workers started by spawn get the table by pickle: a cached table is re-mapped from its file
-        # rather than copied into every worker.
-        if self.cache_path is not None and self.sources is None and self.images is None:
-            return (_open_cached, (self.cache_path, self.manifest))
-        return (LineTable, (self.table, self.manifest, self.sources, None, self.sizes_checked, self.images))
-
-
-def _open_cached(path: str, manifest: str) -> LineTable:
-    with pa.memory_map(path) as source:
-        table = pa.ipc.open_file(source).read_all()
-    return LineTable(table, manifest, cache_path=path, sizes_checked=True)
 
 
 def _rows_to_batch(rows: list[_Row], line_nos: list[int]) -> pa.RecordBatch:

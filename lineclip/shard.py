@@ -41,14 +41,8 @@ from tqdm.auto import tqdm
 
 from lineclip.cli import UsageError, hydra_command, run_command
 from lineclip.config import register_configs
-from lineclip.manifest import (
-    DEFAULT_MAX_TEXT_BYTES,
-    ON_BAD_ROW_CHOICES,
-    TABLE_SCHEMA,
-    LineTable,
-    ManifestError,
-    ManifestReport,
-)
+from lineclip.lines import TABLE_SCHEMA, LineTable
+from lineclip.manifest import DEFAULT_MAX_TEXT_BYTES, ON_BAD_ROW_CHOICES, ManifestError, ManifestReport
 from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_image, open_regular
 from lineclip.sizes import IMAGE_PROBLEMS, load_line_table
 

@@ -32,17 +32,8 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from lineclip.files import usable_cpus
-from lineclip.manifest import (
-    BAD_ROW_REASONS,
-    TABLE_SCHEMA,
-    LineTable,
-    ManifestReport,
-    _candidate_dirs,
-    _open_cached,
-    _opt_path,
-    log_report,
-    read_line_table,
-)
+from lineclip.lines import TABLE_SCHEMA, LineTable, open_cached_table
+from lineclip.manifest import BAD_ROW_REASONS, ManifestReport, _candidate_dirs, _opt_path, log_report, read_line_table
 from lineclip.preprocess import TooManyPixels, header_size
 
 logger = logging.getLogger(__name__)
@@ -270,7 +261,7 @@ def load_line_table(manifest: str | Path, dataset_dir: str | None = None, on_bad
     logger.info("line cache written: %s", written)
     del table
     pa.default_memory_pool().release_unused()  # the parsed copy; the mapped file replaces it
-    return _open_cached(str(written), str(path)), report
+    return open_cached_table(str(written), str(path)), report
 
 
 def main_first(is_main: bool, wait_for_everyone: Callable[[], None], load: Callable[[], Any]) -> Any:

@@ -26,7 +26,7 @@ from lineclip.batch import (
     text_lengths,
     text_padding_fraction,
 )
-from lineclip.manifest import LineRecord
+from lineclip.lines import LineRecord
 
 # Real transcriptions (tibetan_lines_dev, Derge Kangyur), copied here so tests never read ../shared.
 TIB_1 = "༄༄༎དང་སྦྱོར་བར་བྱ༎ལྷོ་ལས་དབུ་མ་བཟུང་ནས་སུ༎ཐིག་ལེ་ང་རོ་ལྡན་པར་བྱ༎"

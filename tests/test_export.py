@@ -148,7 +148,7 @@ def test_corpus_meta_from_the_line_columns_equals_the_one_built_from_records():
     import pandas as pd
 
     from lineclip.artifacts import META_COLUMNS, corpus_meta
-    from lineclip.manifest import LineTable
+    from lineclip.lines import LineTable
 
     records, _ = read_manifest(asset_dir("demo") / "train" / "meta" / "lines.jsonl")
     table = LineTable.from_records(records)

@@ -18,7 +18,7 @@ from lineclip.galleries import (
     predicted_lengths,
     within_group_metrics,
 )
-from lineclip.manifest import LineRecord
+from lineclip.lines import LineRecord
 from lineclip.metrics import expected_recall, tier_counts
 from lineclip.phrases import contains_phrase
 

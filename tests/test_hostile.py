@@ -415,7 +415,7 @@ def _demo_line() -> Image.Image:
 def test_exif_orientation_is_applied_alike_in_training_encoding_and_thumbnails(trained, tmp_path):
     from lineclip import load_encoder
     from lineclip.batch import LineDataset
-    from lineclip.manifest import LineRecord
+    from lineclip.lines import LineRecord
     from lineclip.preprocess import LineImageTransform, image_size
     from lineclip.search import _thumbnail_src
 
@@ -458,7 +458,7 @@ def png_header(width: int, height: int) -> bytes:
 def test_a_pixel_bomb_is_a_counted_skip_before_decoding(trained, tmp_path):
     from lineclip import load_encoder
     from lineclip.batch import LineDataset
-    from lineclip.manifest import LineRecord
+    from lineclip.lines import LineRecord
     from lineclip.preprocess import LineImageTransform, TooManyPixels, image_size
 
     (tmp_path / "bomb.png").write_bytes(png_header(13000, 13000))
@@ -490,7 +490,7 @@ def alarm():
 
 def test_fifos_and_devices_are_refused_before_they_are_opened(trained, tmp_path, alarm):
     from lineclip.batch import LineDataset
-    from lineclip.manifest import LineRecord
+    from lineclip.lines import LineRecord
     from lineclip.preprocess import LineImageTransform, NotARegularFile, image_size, load_image
 
     run, _ = trained

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lineclip.lines import LineRecord
 from lineclip.manifest import (
     BAD_ROW_REASONS,
     IMAGE_KEYS,
     TEXT_KEYS,
-    LineRecord,
     ManifestError,
     ManifestReport,
     normalize_text,

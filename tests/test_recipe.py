@@ -11,7 +11,7 @@ from usage_support import compose_cfg
 from lineclip import artifacts
 from lineclip.batch import LineDataset
 from lineclip.config import ConfigError, register_configs
-from lineclip.manifest import LineRecord
+from lineclip.lines import LineRecord
 from lineclip.preprocess import LineGeometry, LineImageTransform
 
 register_configs()

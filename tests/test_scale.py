@@ -22,7 +22,8 @@ from lineclip.batch import (
     text_lengths,
 )
 from lineclip.config import asset_dir
-from lineclip.manifest import LineRecord, LineTable, read_line_table, read_manifest
+from lineclip.lines import LineRecord, LineTable
+from lineclip.manifest import read_line_table, read_manifest
 from lineclip.metrics import text_ids
 from lineclip.preprocess import LineGeometry, LineImageTransform, header_size
 from lineclip.sizes import (
