@@ -141,7 +141,9 @@ def manifest_label(manifest: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "manifest"
 
 
-def _candidate_dirs(manifest_path: Path, dataset_dir: Path | None) -> list[str]:
+def image_search_dirs(manifest_path: Path, dataset_dir: Path | None) -> list[str]:
+    """Where a relative image path is looked for, in order: the manifest's dir, its parent and grandparent, the
+    dataset dir, the working dir (the line cache is keyed by these too)."""
     manifest_dir = Path(os.path.abspath(manifest_path)).parent
     dirs = [manifest_dir, manifest_dir.parent, manifest_dir.parent.parent]
     if dataset_dir is not None:
@@ -174,11 +176,12 @@ def resolve_image_path(value: str, manifest_path: Path, dataset_dir: Path | None
     ``<root>/<split>`` or ``<root>``), ``dataset_dir``, then the current directory; the first existing
     file wins.
     """
-    resolved = _resolve(value, _candidate_dirs(Path(manifest_path), _opt_path(dataset_dir)))
+    resolved = _resolve(value, image_search_dirs(Path(manifest_path), optional_path(dataset_dir)))
     return Path(resolved) if resolved is not None else None
 
 
-def _opt_path(value: str | Path | None) -> Path | None:
+def optional_path(value: str | Path | None) -> Path | None:
+    """None for a missing or empty config value, else the Path."""
     return None if value is None or str(value) == "" else Path(value)
 
 
@@ -462,7 +465,7 @@ def read_line_table(
         what = "is not a file" if manifest.exists() else "does not exist"
         raise ManifestError(f"manifest {manifest} {what}")
 
-    candidate_dirs = _candidate_dirs(manifest, _opt_path(dataset_dir))
+    candidate_dirs = image_search_dirs(manifest, optional_path(dataset_dir))
     if workers > 1 and on_bad_row == "skip" and manifest.stat().st_size >= PARALLEL_PARSE_MIN_BYTES:
         parsed = _parse_parallel(manifest, candidate_dirs, max_text_bytes, workers)
     else:

@@ -52,11 +52,11 @@ def line_thumbnail(path: str, height: int = THUMBNAIL_HEIGHT, max_width: int = T
     """A line image file as a person sees it (read as training reads it: EXIF orientation, high bit depths
     scaled, alpha on white), scaled to `height` (narrower if wider than `max_width`); grey ("L") when the file is
     grey, as binarised scans are (a third of the bytes for W&B to decode), else RGB. Decode errors propagate."""
-    from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, _gray_array, _rgb_array, load_image
+    from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, gray_array, load_image, rgb_array
 
     image = load_image(path, DEFAULT_MAX_IMAGE_PIXELS)
     grey = image.mode in ("1", "L", "LA", "F") or image.mode.startswith("I")
-    image = Image.fromarray(_gray_array(image) if grey else _rgb_array(image))
+    image = Image.fromarray(gray_array(image) if grey else rgb_array(image))
     scale = min(height / image.height, max_width / image.width)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)

@@ -197,14 +197,16 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return image
 
 
-def _gray_array(image: Image.Image) -> np.ndarray:
+def gray_array(image: Image.Image) -> np.ndarray:
+    """8-bit grey pixels, transparency flattened onto white (what the binarising pipelines start from)."""
     image = _flatten_alpha(image)
     if image.mode != "L":
         image = image.convert("L")
     return np.asarray(image)
 
 
-def _rgb_array(image: Image.Image) -> np.ndarray:
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """8-bit RGB pixels, transparency flattened onto white."""
     image = _flatten_alpha(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -219,8 +221,8 @@ def _pipeline_array(image: Image.Image, pipeline: str) -> np.ndarray:
     """uint8 array after the pipeline: HxW for the binarising pipelines, HxWx3 for ``none``."""
     _check_pipeline(pipeline)
     if pipeline == "none":
-        return _rgb_array(image)
-    gray = _gray_array(image)
+        return rgb_array(image)
+    gray = gray_array(image)
     if pipeline == "bdrc":
         return cv2.adaptiveThreshold(
             gray, 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C, cv2.THRESH_BINARY, BDRC_BLOCK_SIZE, BDRC_C

@@ -194,10 +194,10 @@ def line_picture(path: str | Path, max_size: tuple[int, int] | None = None, fmt:
     depths scaled, alpha flattened onto white. None when the file cannot be read."""
     from PIL import Image
 
-    from lineclip.preprocess import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, _rgb_array, load_image, to_8bit
+    from lineclip.preprocess import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, load_image, rgb_array, to_8bit
 
     try:
-        picture = Image.fromarray(_rgb_array(to_8bit(load_image(path, DEFAULT_MAX_IMAGE_PIXELS))))
+        picture = Image.fromarray(rgb_array(to_8bit(load_image(path, DEFAULT_MAX_IMAGE_PIXELS))))
     except (*DECODE_ERRORS, FileNotFoundError):
         return None
     if max_size is not None:

@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 
 from lineclip.files import usable_cpus
 from lineclip.lines import TABLE_SCHEMA, LineTable, open_cached_table
-from lineclip.manifest import BAD_ROW_REASONS, ManifestReport, _candidate_dirs, _opt_path, log_report, read_line_table
+from lineclip.manifest import (
+    BAD_ROW_REASONS,
+    ManifestReport,
+    image_search_dirs,
+    log_report,
+    optional_path,
+    read_line_table,
+)
 from lineclip.preprocess import TooManyPixels, header_size
 
 logger = logging.getLogger(__name__)
@@ -165,7 +172,7 @@ def cache_key(manifest: Path, dataset_dir: str | None, max_text_bytes: int | Non
     """What a cached table depends on; any change makes the cache stale."""
     stat = manifest.stat()
     return {"version": CACHE_VERSION, "manifest": str(manifest), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "resolve_dirs": _candidate_dirs(manifest, _opt_path(dataset_dir)), "max_text_bytes": max_text_bytes,
+            "resolve_dirs": image_search_dirs(manifest, optional_path(dataset_dir)), "max_text_bytes": max_text_bytes,
             "max_image_pixels": max_pixels}
 
 
