@@ -19,6 +19,7 @@ import logging
 import random
 import shutil
 import signal
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,27 @@ def rng_file(rank: int) -> str:
 
 class CheckpointError(ValueError):
     """A training state that cannot be loaded safely; the message is one line naming the file."""
+
+
+@contextlib.contextmanager
+def all_or_none(accelerator: Any, what: str) -> Iterator[None]:
+    """A block that may fail on one process and not the others (the main process writes the bundle, each process
+    its RNG state), ended by a barrier that carries the outcome: the process whose block raised re-raises its
+    error and every other process raises a one-line CheckpointError, instead of waiting forever (or until the
+    NCCL timeout) at a barrier that the failed process never reaches."""
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as exc:
+        failure = exc
+    n_failed = int(failure is not None)
+    if accelerator.num_processes > 1:
+        n_failed = int(accelerator.reduce(torch.tensor(n_failed, device=accelerator.device), "sum"))
+    if failure is not None:
+        raise failure
+    if n_failed:
+        raise CheckpointError(f"{what} failed on {n_failed} other process(es): stopping here too (the error is "
+                              "in that process's log)")
 
 
 @dataclass
@@ -397,57 +419,61 @@ class Checkpointer:
         prefix = checkpoint_prefix(state.step)
         state.checkpoints = sorted({*state.checkpoints, state.step})
         state.corrupt_indices = self.sync_corrupt()
-        if accelerator.is_main_process:
-            staging_dir(output_dir, prefix, reset=True)
-        accelerator.wait_for_everyone()
+        what = f"checkpoint {prefix} in {output_dir}"
         staging = staging_dir(output_dir, prefix)
         try:
-            # every process writes its RNG state
-            save_training_state(training_state_dir(staging), accelerator, self.model, self.optimizer, self.scheduler)
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                state.save(training_state_dir(staging))
-                save_bundle(output_dir, prefix, accelerator.unwrap_model(self.model), self.image_processor,
-                                      self.tokenizer, self.training_config(),
-                                      extra_entries=(training_state_dir(staging).name,))
-                if self.cfg.trainer.keep_last_checkpoints:
-                    rotate_checkpoints(output_dir, self.cfg.trainer.keep_last_checkpoints)
+            # Each phase ends in a barrier that tells every process whether any of them failed.
+            with all_or_none(accelerator, what):
+                if accelerator.is_main_process:
+                    staging_dir(output_dir, prefix, reset=True)
+            with all_or_none(accelerator, what):  # every process writes its RNG state
+                save_training_state(training_state_dir(staging), accelerator, self.model, self.optimizer,
+                                    self.scheduler)
+            with all_or_none(accelerator, what):
+                if accelerator.is_main_process:
+                    state.save(training_state_dir(staging))
+                    save_bundle(output_dir, prefix, accelerator.unwrap_model(self.model), self.image_processor,
+                                self.tokenizer, self.training_config(),
+                                extra_entries=(training_state_dir(staging).name,))
+                    if self.cfg.trainer.keep_last_checkpoints:
+                        rotate_checkpoints(output_dir, self.cfg.trainer.keep_last_checkpoints)
         except BaseException as exc:
             if accelerator.is_main_process:  # a full disk leaves no half-written staging dir behind
                 remove_staging(staging)
-            error = as_write_error(exc, f"checkpoint {prefix} in {output_dir}")
+            error = as_write_error(exc, what)
             if error is None:
                 raise
             raise error from exc
-        accelerator.wait_for_everyone()
 
     def save_final(self, corpus: CorpusExport | None, records: list[Any]) -> None:
         """Main process: the corpus embeddings (when exported: `corpus`, rows for those of `records` it lists), the
-        data report and the final bundle, staged together and renamed in config-last: all or nothing. Then every
-        process waits for it."""
-        accelerator, output_dir, state = self.accelerator, self.output_dir, self.state
-        if accelerator.is_main_process:
-            staging = staging_dir(output_dir, "", reset=True)
-            extra, corpus_info = [artifacts.DATA_REPORT], None
-            try:
-                if corpus is not None:
-                    rows = np.asarray(corpus.indices, dtype=np.int64)
-                    artifacts.save_corpus_embeddings(staging, corpus.embeddings, records, rows)
-                    extra += [artifacts.EMBEDDINGS, artifacts.EMBEDDINGS_META]
-                    corpus_info = {"n_lines": len(rows)}
-                (staging / artifacts.DATA_REPORT).write_text(json.dumps(
-                    {**self.data_report, "corrupt_images_skipped": len(state.corrupt_indices),
-                     "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
-            except BaseException as exc:
-                remove_staging(staging)
-                error = as_write_error(exc, f"the final corpus in {output_dir}")
-                if error is None:
-                    raise
-                raise error from exc
-            finally:
-                if corpus is not None:
-                    remove_staging(corpus.directory)
-            save_bundle(output_dir, "", accelerator.unwrap_model(self.model), self.image_processor,
-                                  self.tokenizer, self.training_config(), extra_entries=tuple(extra),
-                                  corpus=corpus_info)
-        accelerator.wait_for_everyone()
+        data report and the final bundle, staged together and renamed in config-last: all or nothing. Every process
+        waits for it and, if it failed, stops with an error too."""
+        with all_or_none(self.accelerator, f"the final artifacts in {self.output_dir}"):
+            if self.accelerator.is_main_process:
+                self._save_final(corpus, records)
+
+    def _save_final(self, corpus: CorpusExport | None, records: list[Any]) -> None:
+        output_dir, state = self.output_dir, self.state
+        staging = staging_dir(output_dir, "", reset=True)
+        extra, corpus_info = [artifacts.DATA_REPORT], None
+        try:
+            if corpus is not None:
+                rows = np.asarray(corpus.indices, dtype=np.int64)
+                artifacts.save_corpus_embeddings(staging, corpus.embeddings, records, rows)
+                extra += [artifacts.EMBEDDINGS, artifacts.EMBEDDINGS_META]
+                corpus_info = {"n_lines": len(rows)}
+            (staging / artifacts.DATA_REPORT).write_text(json.dumps(
+                {**self.data_report, "corrupt_images_skipped": len(state.corrupt_indices),
+                 "bad_steps_skipped": state.bad_steps}, indent=2, ensure_ascii=False))
+        except BaseException as exc:
+            remove_staging(staging)
+            error = as_write_error(exc, f"the final corpus in {output_dir}")
+            if error is None:
+                raise
+            raise error from exc
+        finally:
+            if corpus is not None:
+                remove_staging(corpus.directory)
+        save_bundle(output_dir, "", self.accelerator.unwrap_model(self.model), self.image_processor,
+                    self.tokenizer, self.training_config(), extra_entries=tuple(extra), corpus=corpus_info)

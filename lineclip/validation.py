@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from lineclip.artifacts import EMBEDDINGS
 from lineclip.batch import LineCollator, LineDataset, byte_encode
+from lineclip.checkpoint import all_or_none
 from lineclip.corpus import EmbeddingPart, merge_parts
 from lineclip.encoder import embed_batches, line_batches
 from lineclip.files import as_write_error
@@ -96,22 +97,24 @@ def export_corpus(
     None on the others. `progress`: a bar with a rate on the main process (its share of the lines)."""
     raw = accelerator.unwrap_model(model)
     rank, world, dim = accelerator.process_index, accelerator.num_processes, raw.image_head.output_dim
-    if accelerator.is_main_process:
-        shutil.rmtree(directory, ignore_errors=True)  # an interrupted earlier export's parts
-        directory.mkdir(parents=True)
-    accelerator.wait_for_everyone()
     batches = line_batches(dataset.buckets, batch_size, rank, world)
     title = "corpus export" + (f" (process 0 of {world})" if world > 1 else "")
-    try:
-        with EmbeddingPart(directory, rank, dim) as part:
+    what = f"the corpus export in {directory}"
+    try:  # each phase ends in a barrier that tells every process whether any of them failed
+        with all_or_none(accelerator, what):
+            if accelerator.is_main_process:
+                shutil.rmtree(directory, ignore_errors=True)  # an interrupted earlier export's parts
+                directory.mkdir(parents=True)
+        with all_or_none(accelerator, what), EmbeddingPart(directory, rank, dim) as part:
             for batch in embed_batches(raw, dataset, batches, collate, num_workers, accelerator.device,
                                        autocast=accelerator.autocast,
                                        progress=title if progress and accelerator.is_main_process else None):
                 part.append(batch.indices, batch.image)
-        accelerator.wait_for_everyone()
+        with all_or_none(accelerator, what):
+            indices = merge_parts(directory, world, dim, directory / EMBEDDINGS) if accelerator.is_main_process \
+                else None
         if not accelerator.is_main_process:
             return None
-        indices = merge_parts(directory, world, dim, directory / EMBEDDINGS)
     except OSError as exc:
         error = as_write_error(exc, f"the corpus export in {directory}")
         raise error from exc

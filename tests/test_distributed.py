@@ -101,6 +101,20 @@ def test_two_process_training_run(tmp_path):
     assert rank0["val_metrics"] == rank1["val_metrics"]
 
 
+def test_a_save_that_fails_on_one_process_stops_every_process(tmp_path):
+    """Before, process 1 waited at the barrier after the checkpoint for a process 0 that had raised: a hang (for
+    the NCCL timeout on GPUs). Now every process learns of the failure at that barrier and stops with an error."""
+    torchrun(str(CHECKS), "save_fails", str(tmp_path), "data.batch_size=8", "trainer.max_steps=3",
+             "trainer.checkpoint_every_steps=2", "logger=none", "trainer.progress_bar=false", "data.num_workers=0",
+             timeout=240)
+    rank0, rank1 = reports(tmp_path, "save_fails")
+    assert rank0["error"] == "WriteError" and "No space left on device" in rank0["message"]
+    assert rank0["message"].startswith("cannot write checkpoint checkpoint_step_0000002_")
+    assert rank1["error"] == "CheckpointError" and "failed on 1 other process" in rank1["message"]
+    run = tmp_path / "run"
+    assert not list(run.glob("checkpoint_step_*")) and not list(run.glob(".staging_*"))
+
+
 @pytest.mark.slow
 def test_two_process_cli_writes_one_complete_artifact_set(tmp_path):
     out = tmp_path / "run"

@@ -8,6 +8,7 @@ Each rank writes OUT_DIR/<mode>_rank<r>.json; the test reads them.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -257,6 +258,27 @@ def check_export(out_dir: Path, n_lines: int = 13, batch: int = 3):
     (out_dir / f"export_rank{rank}.json").write_text(json.dumps(report, indent=2))
 
 
+def check_save_fails(out_dir: Path, overrides):
+    """Process 0's checkpoint write fails (a full disk, simulated where the bundle is written): both processes must
+    stop with an error, none may wait forever at the barrier after the save."""
+    import errno
+
+    import lineclip.checkpoint as checkpoint
+
+    if os.environ["RANK"] == "0":  # torchrun's; the process group starts inside train()
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        checkpoint.save_bundle = full_disk
+    cfg = compose("train", [f"output_dir={out_dir / 'run'}", *overrides])
+    try:
+        train(cfg)
+        outcome = {"error": None}
+    except Exception as exc:  # what the CLI would print as its one line
+        outcome = {"error": type(exc).__name__, "message": str(exc)}
+    (out_dir / f"save_fails_rank{dist.get_rank()}.json").write_text(json.dumps(outcome))
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +286,8 @@ if __name__ == "__main__":
         check_train(out, sys.argv[3:])
     elif mode == "export":
         check_export(out)
+    elif mode == "save_fails":
+        check_save_fails(out, sys.argv[3:])
     else:
         check_grads(out)
     dist.barrier()
