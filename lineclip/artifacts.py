@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from omegaconf import DictConfig, OmegaConf
 
 # The bundle's entry names, which a run dir holds too (re-exported: artifacts.CONFIG reads as "a run's config").
 from lineclip.bundle import (  # noqa: F401
@@ -61,6 +62,23 @@ def run_entries(directory: str | Path) -> list[str]:
     except OSError:  # an unlistable dir is no run of ours
         return []
     return sorted(n for n in names if is_run_entry(n) and n not in hydra_own)
+
+
+def write_launch_record(output_dir: str | Path, cfg: DictConfig) -> None:
+    """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml` as Hydra writes them at a job's start. Training turns
+    Hydra's own write off (conf/train.yaml: `hydra.output_subdir: null`): it comes before the trainer can refuse a
+    dir that holds another run, whose record it would overwrite. Nothing outside a Hydra job (a test's in-process
+    train()) has a record to write."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    record = Path(output_dir) / ".hydra"
+    record.mkdir(exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        (record / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
 
 
 def is_run_dir(directory: str | Path) -> bool:

@@ -399,6 +399,8 @@ def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = resolve_resume(cfg.trainer.resume, output_dir) if cfg.trainer.resume else None
     claim_run_dir(output_dir, cfg.trainer.resume, resume_from, cfg.trainer.overwrite, accelerator.is_main_process)
+    if accelerator.is_main_process:  # only now: a refused run must not overwrite the record of the run it found
+        artifacts.write_launch_record(output_dir, cfg)
     accelerator.wait_for_everyone()
     set_seed(cfg.trainer.seed)
     return accelerator, output_dir, resume_from

@@ -687,3 +687,19 @@ def test_a_training_set_whose_every_image_fails_to_decode_stops_with_one_line(tm
         image.write_bytes(blob[: len(blob) // 3])  # a JPEG cut short: its header is whole, its pixels are not
     line = one_error(*replay("train", train_args(data, tmp_path / "run", "trainer.max_steps=5")))
     assert line.startswith("epoch 0 had no line image that decodes (8 of 8 train lines are corrupt_image)"), line
+
+
+def test_a_refused_run_leaves_the_record_of_the_run_it_found(trained, tmp_path):
+    """A second `python -m lineclip.train` into a finished run's dir is refused; before, Hydra had already rewritten
+    that run's .hydra/ (config, overrides) with the refused command's. Now the trainer writes .hydra/ only once the
+    dir is accepted."""
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    record = {p.name: p.read_bytes() for p in (copy / ".hydra").iterdir()}
+    assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}  # written for the run that trained there
+    assert b"trainer.max_steps=60" in record["overrides.yaml"]
+    proc = subprocess.run([sys.executable, "-m", "lineclip.train", *train_args(data, copy)[:-1], "optim.lr=0.5",
+                           f"hydra.run.dir={copy}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 2 and "already holds a run" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in (copy / ".hydra").iterdir()} == record
