@@ -25,7 +25,7 @@ from lineclip.bundle import (  # noqa: F401
     TEXT_HEAD,
     TRAINING_STATE,
 )
-from lineclip.lines import LineRecord
+from lineclip.lines import LineRecord, LineTable
 
 EMBEDDINGS = "faiss_embeddings.npy"
 EMBEDDINGS_META = "faiss_embeddings_meta.parquet"
@@ -122,7 +122,7 @@ def check_output_path(path: str | Path, option: str, replace_corpus: bool = Fals
 def corpus_meta(records: Sequence[LineRecord], rows: np.ndarray | None = None) -> pd.DataFrame:
     """The meta parquet's rows: one per corpus line, in embedding order (`records[rows]`, or all of them). From a
     LineTable the columns are taken as they are: no LineRecord per line, which a 10M-line export cannot afford."""
-    if hasattr(records, "table"):  # a lineclip.lines.LineTable
+    if isinstance(records, LineTable):
         table = records.table if rows is None else records.table.take(pa.array(rows, pa.int64()))
         return table.select(list(META_COLUMNS)).to_pandas()
     if rows is not None:

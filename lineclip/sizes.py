@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from lineclip.files import usable_cpus
-from lineclip.lines import TABLE_SCHEMA, LineTable, open_cached_table
+from lineclip.lines import TABLE_SCHEMA, LineTable, StringColumn, open_cached_table
 from lineclip.manifest import (
     BAD_ROW_REASONS,
     ManifestReport,
@@ -136,22 +136,11 @@ def complete_sizes(table: LineTable, max_pixels: int | None, workers: int | None
         column = pa.chunked_array(paths.chunks, pa.string()).take(pa.array(unknown))
         encoded = pc.dictionary_encode(column).combine_chunks()
         distinct = encoded.dictionary
-        found = scan_sizes(_Picked(_ArrowStrings(distinct), np.arange(len(distinct))), max_pixels, workers, progress)
+        found = scan_sizes(StringColumn(pa.chunked_array([distinct])), max_pixels, workers, progress)
         sizes[unknown] = found[encoded.indices.to_numpy(zero_copy_only=False)]
     if table.sizes_checked and np.array_equal(sizes, table.sizes):
         return table  # nothing changed: keep the memory-mapped table as it is
     return table.with_sizes(sizes)
-
-
-class _ArrowStrings(Sequence[str]):
-    def __init__(self, array: pa.Array) -> None:
-        self.array = array
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, i: int) -> str:  # type: ignore[override]
-        return self.array[i].as_py()
 
 
 class _Picked(Sequence[str]):
