@@ -374,8 +374,6 @@ def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
     return [bool(v > 0) for v in summed.tolist()]
 
 
-
-
 def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     """The accelerator (checked against the launcher), the run dir every process writes to, claimed for this run,
     and the training state to resume from (None: a fresh start). Seeds every generator."""

@@ -116,7 +116,9 @@ def export_corpus(
         if not accelerator.is_main_process:
             return None
     except OSError as exc:
-        error = as_write_error(exc, f"the corpus export in {directory}")
+        error = as_write_error(exc, what)
+        if error is None:  # already a WriteError
+            raise
         raise error from exc
     return CorpusExport(directory / EMBEDDINGS, indices, directory)
 
