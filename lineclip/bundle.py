@@ -21,12 +21,14 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from transformers.utils import logging as hf_logging
 
 from lineclip.files import as_write_error, first_line, first_non_regular, remove_staging
+from lineclip.patches import patch_hw
 from lineclip.towers import DualEncoder, ProjectionHead, build_image_backbone, build_text_encoder
 
 BACKBONE = "text_hierarchy_vit_backbone"
@@ -39,6 +41,7 @@ TRAINING_STATE = "training_state"  # a checkpoint's sixth entry (lineclip.checkp
 # The one spelling of a checkpoint's prefix; `checkpoint_prefix` writes it, `checkpoint_step` parses it.
 PREFIX_PATTERN = r"checkpoint_step_\d{7}_"
 _PREFIX = re.compile(r"checkpoint_step_(\d{7})_")
+SHIPPED_PREFIX = "lineclip:"  # model.init_from=lineclip:cpu_reader names a bundle shipped in the package
 REQUIRED_KEYS = ("target_height", "max_width", "width_buckets", "patch_multiple", "image_preprocess_pipeline")
 
 
@@ -87,8 +90,16 @@ def bundle_prefixes(directory: str | Path) -> list[str]:
     return sorted((p for p in found if is_complete_bundle(directory, p)), key=lambda p: (p != "", p))
 
 
+def shipped_bundle_dir(name: str) -> Path:
+    """Where the package keeps a bundle it ships and trained itself (`lineclip:cpu_reader`): assets/readers/."""
+    return Path(str(resources.files("lineclip") / "assets" / "readers" / name))
+
+
 def resolve_bundle(path: str | Path) -> BundleRef:
-    """Turn a run dir, a bundle prefix or one file of a bundle into a ``BundleRef`` (not yet checked)."""
+    """Turn a run dir, a bundle prefix, one file of a bundle or `lineclip:NAME` (a bundle this package ships,
+    see `shipped_bundle_dir`) into a ``BundleRef`` (not yet checked)."""
+    if str(path).startswith(SHIPPED_PREFIX):
+        return BundleRef(shipped_bundle_dir(str(path)[len(SHIPPED_PREFIX):]), "")
     p = Path(os.path.expanduser(str(path))).absolute()
     if p.is_dir() and (p / CONFIG).exists():
         return BundleRef(p, "")  # a run dir with its final bundle
@@ -220,7 +231,7 @@ def load_model(ref: BundleRef, patch_multiple: int) -> DualEncoder:
     if image_head.output_dim != text_head.output_dim:
         raise BundleError(f"bundle {ref.label}: image head gives {image_head.output_dim} dims, text head "
                           f"{text_head.output_dim}")
-    if backbone.config.patch_size != patch_multiple:
+    if patch_hw(backbone.config.patch_size)[1] != patch_multiple:
         raise BundleError(f"bundle {ref.label}: patch_multiple={patch_multiple} in training_config.json "
                           f"but the backbone's patch is {backbone.config.patch_size}")
     model = DualEncoder(backbone, text_encoder, projection_dim=image_head.output_dim)

@@ -9,6 +9,8 @@ own error, and `check_config` catches what types cannot (lr > 0, a known pipelin
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -21,6 +23,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lineclip.cli import ModelArgs
+from lineclip.patches import check_patch_geometry, position_table_problem
+
+log = logging.getLogger("lineclip.config")
 
 
 @dataclass
@@ -393,8 +398,18 @@ def check_config(cfg: DictConfig) -> None:
     if not cfg.preprocess.width_buckets or sorted(cfg.preprocess.width_buckets) != list(cfg.preprocess.width_buckets):
         raise ConfigError("preprocess.width_buckets must be a non-empty ascending list")
     model_patch = cfg.model.config.get("patch_size") if cfg.model.name_or_path is None else None
-    if model_patch is not None and model_patch != patch:
-        raise ConfigError(f"preprocess.patch_multiple={patch} differs from model.config.patch_size={model_patch}")
+    if model_patch is not None:
+        try:
+            check_patch_geometry(model_patch, cfg.preprocess.target_height, patch, "model.config.patch_size",
+                                 importlib.metadata.version("transformers"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        problem = position_table_problem(cfg.model.config.get("image_size", 224), model_patch,
+                                         cfg.preprocess.target_height, cfg.preprocess.max_width)
+        if problem is not None and problem[1]:
+            raise ConfigError(problem[0])
+        if problem is not None:
+            log.warning("%s", problem[0])
     if cfg.model.name_or_path is None and not cfg.model.config:
         raise ConfigError("model.name_or_path is null and model.config is empty: nothing to build the image tower from")
     if cfg.text.name_or_path is None and not cfg.text.config:
@@ -411,5 +426,6 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is not a readable file")
     if cfg.data.dataset_dir and not Path(cfg.data.dataset_dir).is_dir():
         raise ConfigError(f"data.dataset_dir={cfg.data.dataset_dir} is not a directory")
-    if cfg.model.init_from and not Path(cfg.model.init_from).parent.is_dir():
+    shipped = str(cfg.model.init_from or "").startswith("lineclip:")  # bundle.SHIPPED_PREFIX, checked on load
+    if cfg.model.init_from and not shipped and not Path(cfg.model.init_from).parent.is_dir():
         raise ConfigError(f"model.init_from={cfg.model.init_from}: no such run dir or bundle")

@@ -28,6 +28,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from lineclip.patches import patch_hw
 from lineclip.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from lineclip.reading import BagHead, ReadingHead
 
@@ -120,7 +121,7 @@ class DualEncoder(nn.Module):
         embedding = F.normalize(self.image_head(out.pooler_output).float(), dim=-1)
         reading = bag = None
         if reads:
-            rows = pixel_values.shape[-2] // self.image_backbone.config.patch_size
+            rows = pixel_values.shape[-2] // patch_hw(self.image_backbone.config.patch_size)[0]
             # The last layer's output before the final norm (see ReadingHead); token 0 is the CLS token (this
             # DINOv2 has no register tokens), the rest are the patches, row-major.
             reading = self.reading_head(out.hidden_states[-1][:, 1:], rows)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import lineclip
@@ -39,6 +39,7 @@ from lineclip.loss import (
     sigmoid_loss,
 )
 from lineclip.manifest import ManifestError
+from lineclip.patches import check_patch_geometry, position_table_problem
 from lineclip.reading import bag_loss, reading_loss
 from lineclip.towers import (
     DualEncoder,
@@ -71,8 +72,11 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
     attn = cfg.model.attn_implementation
     init = resolve_bundle(cfg.model.init_from) if cfg.model.init_from else None
     if init is None:
-        image_backbone = build_image_backbone(image_path, dict(cfg.model.config), cfg.model.trust_remote_code, attn)
-        text_encoder = build_text_encoder(text_path, dict(cfg.text.config), cfg.text.trust_remote_code, attn)
+        # Plain containers: transformers' strict config fields refuse an OmegaConf list (a strip's patch_size).
+        image_config, text_config = (OmegaConf.to_container(c, resolve=True)
+                                     for c in (cfg.model.config, cfg.text.config))
+        image_backbone = build_image_backbone(image_path, image_config, cfg.model.trust_remote_code, attn)
+        text_encoder = build_text_encoder(text_path, text_config, cfg.text.trust_remote_code, attn)
     else:
         init_config = check_bundle(init)
         image_path, text_path = str(init.path(bundle.BACKBONE)), str(init.path(bundle.TEXT_ENCODER))
@@ -81,10 +85,15 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
                                                               cfg.model.trust_remote_code, attn)
         except BundleError as err:
             raise BundleError(f"model.init_from={cfg.model.init_from}: {err}") from None
-    patch = image_backbone.config.patch_size
-    if patch != cfg.preprocess.patch_multiple:
-        raise ConfigError(
-            f"preprocess.patch_multiple={cfg.preprocess.patch_multiple} but the image tower's patch is {patch}")
+    try:
+        check_patch_geometry(image_backbone.config.patch_size, cfg.preprocess.target_height,
+                             cfg.preprocess.patch_multiple, "the image tower's patch_size")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    problem = position_table_problem(image_backbone.config.image_size, image_backbone.config.patch_size,
+                                     cfg.preprocess.target_height, cfg.preprocess.max_width)
+    if problem is not None and (init is not None or image_path):  # a random-init tower was checked in the config
+        log.warning("%s", problem[0])
     model = DualEncoder(
         image_backbone,
         text_encoder,
