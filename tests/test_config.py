@@ -45,7 +45,8 @@ def test_every_group_option_composes(group, option):
 
 def test_every_experiment_has_a_test():
     assert set(_options("experiment")) == {"openpecha_bdrc_1gpu", "openpecha_bdrc_3gpu", "cpu_small",
-                                           "stage1_synthetic", "stage2_real", "cpu_read", "cpu_read_real"}
+                                           "stage1_synthetic", "stage2_real", "cpu_read", "cpu_read_real",
+                                           "cpu_reader"}
 
 
 def test_cpu_small_recipe_composes_and_checks():
@@ -67,6 +68,17 @@ def test_cpu_read_stages_compose_with_the_collapse_remedies():
     assert real.loss == read.loss and real.model.init_from == "runs/read"
     with pytest.raises(ConfigError, match="data.train_manifest"):
         check_config(read)
+
+
+def test_cpu_reader_pretraining_reads_strips_of_binarised_lines():
+    read, reader = _compose(["experiment=cpu_read"]), _compose(["experiment=cpu_reader"])
+    assert list(reader.model.config.patch_size) == [32, 4] and reader.preprocess.patch_multiple == 4
+    assert reader.loss.reading_frames_per_column == 2 and reader.preprocess.pipeline == "bdrc"
+    assert reader.text.max_length == 512 and reader.preprocess.max_width == 512
+    # everything else of cpu_read's recipe: the collapse remedies, the optimiser, the text tower
+    assert reader.loss.temperature == read.loss.temperature and reader.optim == read.optim
+    assert list(reader.preprocess.image_mean) == list(read.preprocess.image_mean)
+    assert reader.text.config == read.text.config
 
 
 @pytest.mark.parametrize("experiment", ["openpecha_bdrc_1gpu", "openpecha_bdrc_3gpu", "stage1_synthetic",
