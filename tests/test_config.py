@@ -61,13 +61,17 @@ def test_cpu_read_stages_compose_with_the_collapse_remedies():
     assert (read.preprocess.pipeline, read.preprocess.target_height, read.model.config.patch_size) == ("none", 32, 8)
     assert list(read.preprocess.image_mean) == [1.0, 1.0, 1.0] and read.loss.reading_weight > 0
     assert read.loss.temperature == 0.2 and read.data.name == "openpecha"
-    real = _compose(["experiment=cpu_read_real", "model.init_from=runs/read"])
-    # stage 2 keeps stage 1's towers, heads and pixel normalisation; only the data side changes
-    assert {**real.model, "init_from": None} == {**read.model} and real.text.config == read.text.config
-    assert list(real.preprocess.image_std) == list(read.preprocess.image_std) and real.preprocess.pipeline == "bdrc"
-    assert real.loss == read.loss and real.model.init_from == "runs/read"
     with pytest.raises(ConfigError, match="data.train_manifest"):
         check_config(read)
+    # stage 2 starts from the shipped reader and keeps its towers, pixel normalisation and losses
+    reader = _compose(["experiment=cpu_reader"])
+    real = _compose(["experiment=cpu_read_real"])
+    assert real.model.init_from == "lineclip:cpu_reader" and real.model.config == reader.model.config
+    assert real.text == reader.text and real.loss == reader.loss and real.preprocess == reader.preprocess
+    assert real.data.group_batches_by == "page_id" and real.model.backbone_lr_multiplier < 1
+    assert real.optim.lr < reader.optim.lr
+    mine = _compose(["experiment=cpu_read_real", "model.init_from=runs/reader"])
+    assert mine.model.init_from == "runs/reader"
 
 
 def test_cpu_reader_pretraining_reads_strips_of_binarised_lines():
