@@ -32,9 +32,11 @@ from run_reading import SYNTH_ARGS, curve  # noqa: E402 - the issue-12 benchmark
 
 # Degraded lines like the real dev lines, rendered smaller than the dev scans (60-112 px): the model sees 32 px.
 # Lines are a pure function of (seed, index), so n_lines=14150 gives the 12,735 train lines the shipped reader
-# saw; its held-out lines come from a smaller run of the same seed (the same held-out pages, 400 lines).
+# saw (less those on held-out pages, below). Which pages are held out depends on the seed: every held-out line,
+# of either look, comes from seed 0's held-out pages (the short set's), and no train line does.
 REAL_LOOK_ARGS = ["seed=1", "n_lines=14150", "height=[40,64]", "p_short=0.35"]
-REAL_EVAL_ARGS = ["seed=1", "n_lines=4000", "height=[40,64]", "p_short=0.35"]
+REAL_EVAL_ARGS = ["seed=0", "n_lines=4000", "height=[40,64]", "p_short=0.35"]
+HELD_OUT_SEED = 0
 BUNDLE = ["text_hierarchy_vit_backbone", "text_hierarchy_projection_head.pt", "text_hierarchy_clip_text_encoder",
           "text_hierarchy_clip_text_projection_head.pt", "training_config.json"]
 
@@ -45,19 +47,33 @@ def synth(out: Path, args: list[str]) -> None:
                         "progress=false", *args], check=True, cwd=ROOT)
 
 
-def joined_manifest(sets: dict[str, Path], split: str, out: Path) -> Path:
+def held_out_pages(seed: int = HELD_OUT_SEED) -> set[str]:
+    """The corpus pages `lineclip.synth seed=<seed>` keeps for its eval split (the default eval_fraction)."""
+    from lineclip.config import asset_dir
+    from lineclip.synth import SynthConfig, _split_pages, load_corpus
+
+    corpus = load_corpus(asset_dir("corpus") / "derge_kangyur_lines.jsonl.gz")
+    return {corpus[i].page_id for i in _split_pages(corpus, seed, SynthConfig.eval_fraction)["eval"]}
+
+
+def joined_manifest(sets: dict[str, Path], split: str, out: Path, leave_out: set[str] = frozenset()) -> Path:
     """One manifest of several synth sets' `split`: image paths made absolute, ids prefixed by the set's name
-    (each set numbers its lines from 0)."""
+    (each set numbers its lines from 0), lines of the pages in `leave_out` left out (and counted)."""
     if out.exists():
         return out
     tmp = out.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for name, root in sets.items():
+            left_out = 0
             for line in (root / split / "meta" / "lines.jsonl").read_text(encoding="utf-8").splitlines():
                 row = json.loads(line)
+                if row.get("page_id") in leave_out:
+                    left_out += 1
+                    continue
                 row["id"] = f"{name}_{row['id']}"
                 row["line_path"] = str(root / row["line_path"])
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            print(f"{name}: {left_out} {split} lines on held-out pages left out")
     tmp.replace(out)
     return out
 
@@ -91,6 +107,10 @@ def ship(run: Path, card: str) -> Path:
     for entry in BUNDLE:
         src = run / entry
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / entry)
+    # The run's own paths (this machine's data dirs) mean nothing in a user's install: name them relative to --work.
+    config = (dest / "training_config.json").read_text(encoding="utf-8")
+    (dest / "training_config.json").write_text(config.replace(str(run.parent), "<pretrain_reader --work>"),
+                                              encoding="utf-8")
     (dest / "README.md").write_text(card, encoding="utf-8")
     return dest
 
@@ -106,7 +126,7 @@ def main() -> None:
     synth(sets["short"], SYNTH_ARGS)
     synth(sets["real"], REAL_LOOK_ARGS)
     synth(work / "synth_real_eval", REAL_EVAL_ARGS)
-    train_manifest = joined_manifest(sets, "train", work / "train.jsonl")
+    train_manifest = joined_manifest(sets, "train", work / "train.jsonl", held_out_pages())
     run = work / "run"
     spent = train(run, train_manifest, sets["short"] / "eval" / "meta" / "lines.jsonl", args.overrides)
     tables = {"clean short synthetic lines (issue 12's held-out pages, 1,200 lines)":
