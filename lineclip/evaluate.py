@@ -278,7 +278,7 @@ def _reading_block(encoder: LineEncoder, readings: list[str], texts: list[str],
              "frames_per_column": encoder.model.reading_head.frames_per_column,
              "empty_readings": sum(1 for r in normalised if not r),
              "examples": [{"text": t, "reading": r} for t, r in zip(texts[:3], readings[:3], strict=True)]}
-    return block, transcripts.match_scores(readings, texts, phrases)
+    return block, transcripts.match_scores(readings, texts, phrases, transcripts.READ_SCORERS, workers=-1)
 
 
 def _check_fields(records: Sequence[LineRecord], option: str, fields: Sequence[str]) -> None:
@@ -374,7 +374,8 @@ def format_table(result: dict[str, Any]) -> str:
         reading = result["reading"]
         lines.append(f"reading head: not measured ({reading['unavailable']})" if "unavailable" in reading else
                      f"reading head (greedy CTC): CER {reading['cer']:.3f}, {reading['empty_readings']} empty "
-                     "readings; read+match rows: its readings searched by text similarity (partial_ratio)")
+                     "readings; read+match rows: its readings searched by text similarity (lines: ratio, phrases: "
+                     "partial_ratio)")
     for title, rows in blocks:
         lines.append(title)
         lines.append("  " + f"{header[0]:<16}" + "".join(f"{h:>8}" for h in header[1:]))

@@ -30,6 +30,12 @@ import numpy as np
 # length" (ratio). Measured on the dev eval lines (experiments/RESULTS.md, OCR level).
 SCORERS = ("partial_ratio", "ratio", "token_set_ratio", "WRatio", "QRatio")
 INSTALL_HINT = "pip install 'lineclip[ocr]' (rapidfuzz)"
+# The scorers of a model's reading head (`reading_metrics`: validation, and evaluate's read+match rows): edit
+# similarity (ratio) for whole lines, partial_ratio for phrases. partial_ratio with a whole line as the needle is
+# far too slow to run at every validation: on 150-character strings over the Tibetan alphabet that do not match
+# (what a half-trained head writes) it took 3.5 ms a pair against ratio's 14 us (rapidfuzz 3.14, the shared box),
+# i.e. 80 min against 20 s for a 1,200-line val set; with a phrase (~25 characters) as the needle it takes 85 us.
+READ_SCORERS = {"t2i": "ratio", "i2t": "ratio", "phrase": "partial_ratio"}
 
 
 def normalize_reading(text: str) -> str:
@@ -154,17 +160,20 @@ def reading_metrics(
     plan: Any = None,
     references: Sequence[str] | None = None,
     ks: Sequence[int] = (1, 5, 10),
+    scorers: Mapping[str, str] = READ_SCORERS,
+    workers: int = 1,
 ) -> dict[str, float]:
     """How well a reader reads lines, as flat metrics: `cer` (against `references`, default `texts`; both
-    normalised) and decode-then-match Recall@K / MRR, `read_t2i_r1`, `read_i2t_r1`, ..., and with a
-    galleries.ValidationPlan for these lines (`plan`, rows as `readings`) per within-group setting
-    (`page_read_t2i_r1`) and for its phrase queries (`phrase_read_t2i_r1`). `ids`: text ids (equal texts)."""
+    normalised) and decode-then-match Recall@K / MRR (`scorers` per direction, READ_SCORERS by default),
+    `read_t2i_r1`, `read_i2t_r1`, ..., and with a galleries.ValidationPlan for these lines (`plan`, rows as
+    `readings`) per within-group setting (`page_read_t2i_r1`) and for its phrase queries (`phrase_read_t2i_r1`).
+    `ids`: text ids (equal texts); `workers`: rapidfuzz threads (-1: all CPUs)."""
     from lineclip import galleries
 
     refs = [normalize_reading(r) for r in (references if references is not None else texts)]
     out = {"cer": character_error_rate([normalize_reading(r) for r in readings], refs)}
     phrases = plan.phrases if plan is not None and plan.with_phrases else None
-    scores = match_scores(readings, texts, phrases)
+    scores = match_scores(readings, texts, phrases, scorers, workers)
     lengths = galleries.text_bytes(texts)
     settings = {"": galleries.line_levels(ids, lengths, None, ks=ks, scores=scores.line_scores("read"))}
     for name, codes in plan.groups.items() if plan is not None else ():

@@ -127,7 +127,8 @@ def test_level_names():
 # ------------------------------------------------------------------------------------------ the real engine
 
 
-def _require_tesseract():
+def tesseract_missing() -> str | None:
+    """Why Tesseract with its Tibetan model cannot run here, or None (fails under LINECLIP_REQUIRE_OCR=1)."""
     from lineclip.ocr import OcrOptions, OcrUnavailable, Tesseract
 
     try:
@@ -135,7 +136,14 @@ def _require_tesseract():
     except OcrUnavailable as exc:
         if os.environ.get("LINECLIP_REQUIRE_OCR") == "1":
             pytest.fail(f"{exc} but LINECLIP_REQUIRE_OCR=1")
-        pytest.skip(str(exc))
+        return str(exc)
+    return None
+
+
+def _require_tesseract():
+    missing = tesseract_missing()
+    if missing is not None:
+        pytest.skip(missing)
 
 
 def test_tesseract_reads_demo_lines_once_then_from_the_cache(tmp_path, monkeypatch):

@@ -84,10 +84,10 @@ def test_reading_metrics_decode_then_match_against_an_independent_computation():
     # nothing read (10); ད་ན་པ་ཕ་བ་ -> ད་ནཔ་ཕ: 1 + 3 (4); མ་ཙ་ཚ་ཛ་ཝ་ -> ཆ་ཇ་: 2 substitutions, 6 deletions (8).
     edits = [4, 10, 4, 8]
     assert got["cer"] == pytest.approx(sum(edits) / 40)
-    scores = [[fuzz.partial_ratio(t, r) for r in readings] for t in texts]
+    scores = [[fuzz.ratio(t, r) for r in readings] for t in texts]  # edit similarity for lines
     correct = [[i == j for j in range(4)] for i in range(4)]
     assert {k: got[f"read_t2i_{k}"] for k in ("r1", "r5", "r10", "mrr")} == pytest.approx(_expected(scores, correct))
-    i2t = [[fuzz.partial_ratio(r, t) for t in texts] for r in readings]
+    i2t = [[fuzz.ratio(r, t) for t in texts] for r in readings]
     assert {k: got[f"read_i2t_{k}"] for k in ("r1", "r5", "r10", "mrr")} == pytest.approx(_expected(i2t, correct))
     member = [[i // 2 == j // 2 for j in range(4)] for i in range(4)]
     assert got["page_read_t2i_r1"] == pytest.approx(_expected(scores, correct, member)["r1"])
@@ -99,6 +99,7 @@ def test_reading_metrics_decode_then_match_against_an_independent_computation():
 
 @pytest.mark.slow
 def test_a_run_with_the_reading_loss_logs_val_cer_and_keeps_its_head_beside_the_bundle(tmp_path, capsys):
+    from test_ocr import tesseract_missing
     from usage_support import compose_config, make_dataset, train_run
 
     from lineclip.bundle import BUNDLE_ENTRIES, heads_fingerprint
@@ -106,6 +107,9 @@ def test_a_run_with_the_reading_loss_logs_val_cer_and_keeps_its_head_beside_the_
 
     data = make_dataset(tmp_path / "data")
     run = tmp_path / "run"
+    # The same run checks the ocr level in validation (trainer.val_levels) when Tesseract is here.
+    with_ocr = tesseract_missing() is None
+    ocr = [f"trainer.val_ocr.cache_dir={tmp_path / 'ocr'}", "trainer.val_ocr.workers=2"]
     train_run(
         run,
         data["root"],
@@ -116,6 +120,7 @@ def test_a_run_with_the_reading_loss_logs_val_cer_and_keeps_its_head_beside_the_
         "trainer.eval_every_steps=2",
         "trainer.checkpoint_every_steps=100",
         f"data.val_manifest={data['eval']}",
+        *(["trainer.val_levels=[chance,ocr]", *ocr] if with_ocr else []),
     )
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     validations = [r for r in rows if "val_cer" in r]
@@ -156,3 +161,44 @@ def test_a_run_with_the_reading_loss_logs_val_cer_and_keeps_its_head_beside_the_
     assert result["reading"]["cer"] == pytest.approx(validations[-1]["val_cer"], abs=1e-6)
     assert result["decode_then_match"]["read_t2i"]["r1"] == pytest.approx(validations[-1]["val_read_t2i_r1"], abs=1e-6)
     assert np.isfinite(result["reading"]["cer"])
+
+    if not with_ocr:
+        return
+    # The ocr level of validation: computed once, logged with every validation and kept in the data report, and
+    # equal to evaluate's on the same lines (from the same cache: no OCR the second time).
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["val_ocr"]["n_read"] + report["val_ocr"]["n_cached"] > 0 and report["val_ocr"]["n_failed"] == 0
+    levels = report["val_levels"]
+    assert {
+        "val_chance_r1",
+        "val_t2i_ocr_level_r1",
+        "val_i2t_ocr_level_r10",
+        "val_page_t2i_ocr_level_mrr",
+        "val_phrase_t2i_ocr_level_r1",
+    } <= set(levels)
+    assert not any("length" in k or "collection" in k for k in levels)  # not asked for
+    for row in validations:
+        assert row["val_t2i_ocr_level_r1"] == levels["val_t2i_ocr_level_r1"]
+    ocr_eval = evaluate(
+        compose_config(
+            "evaluate",
+            [
+                f"run_dir={run}",
+                f"manifest={data['eval']}",
+                "eval.levels=[ocr]",
+                "eval.gallery_by=page_id",
+                "eval.queries=[line,phrase]",
+                "eval.ocr.workers=2",
+                f"eval.ocr.cache_dir={tmp_path / 'ocr'}",
+                f"eval.output={tmp_path / 'eval_ocr.json'}",
+            ],
+        )
+    )
+    assert ocr_eval["ocr"]["n_read"] == 0
+    for key, block in (
+        ("", ocr_eval["levels"]),
+        ("page_", ocr_eval["galleries"]["page_id"]["levels"]),
+        ("phrase_", ocr_eval["phrase"]["levels"]),
+    ):
+        for k, v in block["ocr_t2i"].items():
+            assert levels[f"val_{key}t2i_ocr_level_{k}"] == pytest.approx(v), (key, k)
