@@ -34,7 +34,9 @@ DATA_REPORT = "data_report.json"
 # The training run's corpus export at work: each process's part, then the merged file (lineclip.validation).
 CORPUS_EXPORT = ".staging_corpus"
 # What else lineclip.train (and Hydra, W&B) keep in a run dir besides bundles.
-RUN_FILES = (EMBEDDINGS, EMBEDDINGS_META, DATA_REPORT, "train.log", "wandb_run_id", ".hydra", "wandb")
+# The reading head (lineclip.reading) is saved beside the final bundle, never in it.
+RUN_FILES = (EMBEDDINGS, EMBEDDINGS_META, DATA_REPORT, "train.log", "wandb_run_id", ".hydra", "wandb",
+             "reading_head.safetensors", "reading_head.json")
 # A lineclip.index corpus dir's own files (lineclip.corpus).
 CORPUS_FILES = (EMBEDDINGS, EMBEDDINGS_META, "corpus.json", "text_embeddings.npy", "index.faiss")
 _BUNDLE_ENTRY = re.compile(

@@ -475,5 +475,17 @@ class Checkpointer:
         finally:
             if corpus is not None:
                 remove_staging(corpus.directory)
-        save_bundle(output_dir, "", self.accelerator.unwrap_model(self.model), self.image_processor,
+        model = self.accelerator.unwrap_model(self.model)
+        save_bundle(output_dir, "", model, self.image_processor,
                     self.tokenizer, self.training_config(), extra_entries=tuple(extra), corpus=corpus_info)
+        if model.reading_head is not None:  # beside the bundle, never in it (the Workbench loads the bundle)
+            from lineclip.bundle import heads_fingerprint
+            from lineclip.reading import save_reading_head
+
+            try:
+                save_reading_head(model.reading_head, output_dir, heads_fingerprint(output_dir))
+            except OSError as exc:
+                error = as_write_error(exc, f"the reading head in {output_dir}")
+                if error is None:
+                    raise
+                raise error from exc

@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lineclip.cli import ModelArgs
+from lineclip.ocr import OcrOptions
 from lineclip.patches import check_patch_geometry, position_table_problem
 
 log = logging.getLogger("lineclip.config")
@@ -183,7 +184,11 @@ class TrainerConfig:
     val_phrases: bool = True
     val_phrase_seed: int = 0  # the same phrase queries whatever trainer.seed, so runs compare
     val_phrase_syllables: list[int] = field(default_factory=lambda: [2, 8])  # min, max syllables
-    val_levels: bool = True  # chance / collection-only / length-only levels (once per run, O(N^2) on CPU)
+    # Reference levels, once per run: true (chance / collection-only / length-only: O(N^2) on CPU), false, or a list
+    # of chance, collection, length, ocr (Tesseract + text search on the val lines, lineclip.ocr: opt-in, ~0.1-0.4 s
+    # of CPU per line and mode on the first run, cached; on the main process, while the others wait)
+    val_levels: Any = True
+    val_ocr: OcrOptions = field(default_factory=OcrOptions)  # the ocr level's engine, modes, cache and scorers
 
 
 @dataclass
@@ -375,6 +380,14 @@ def check_config(cfg: DictConfig) -> None:
     if not 1 <= span.min_syllables <= span.max_syllables:
         raise ConfigError("data.text_span needs 1 <= min_syllables <= max_syllables, got "
                           f"{span.min_syllables} and {span.max_syllables}")
+    from lineclip.galleries import level_names
+
+    try:
+        val_levels = level_names(cfg.trainer.val_levels)
+    except ValueError as exc:
+        raise ConfigError(f"trainer.val_levels: {exc}") from None
+    if "ocr" in val_levels and not cfg.trainer.val_ocr.modes:
+        raise ConfigError("trainer.val_ocr.modes must name at least one page segmentation mode")
     syllables = list(cfg.trainer.val_phrase_syllables)
     if len(syllables) != 2 or not 1 <= syllables[0] <= syllables[1]:
         raise ConfigError(f"trainer.val_phrase_syllables must be [min, max] with 1 <= min <= max, got {syllables}")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from lineclip.batch import (
@@ -140,11 +140,23 @@ def add_counts(skipped: dict[str, int], counts: dict[str, int]) -> None:
         skipped[reason] = skipped.get(reason, 0) + n
 
 
-def validation_plan(records: list[LineRecord], cfg: DictConfig) -> ValidationPlan:
-    """What validation scores besides the whole gallery (trainer.val_gallery_by, trainer.val_phrases)."""
+def validation_plan(records: list[LineRecord], cfg: DictConfig, report: dict[str, Any] | None = None,
+                    main_process: bool = True) -> ValidationPlan:
+    """What validation scores besides the whole gallery (trainer.val_gallery_by, trainer.val_phrases), and the
+    reference levels (trainer.val_levels). The ocr level is read on the main process only (the levels are logged
+    from there), its report kept in `report["val_ocr"]`."""
     low, high = cfg.trainer.val_phrase_syllables
     plan = ValidationPlan.build(records, list(cfg.trainer.val_gallery_by), cfg.trainer.val_phrases,
                                 cfg.trainer.val_phrase_seed, low, high, levels=cfg.trainer.val_levels)
+    if "ocr" in plan.level_names and main_process:
+        from lineclip.ocr import ocr_level
+
+        texts = [r.text for r in records]
+        ocr_report, plan.ocr = ocr_level(records, texts, plan.phrases if plan.with_phrases else None,
+                                         OmegaConf.to_object(cfg.trainer.val_ocr), cfg.data.val_manifest,
+                                         cfg.trainer.progress_bar)
+        if report is not None:
+            report["val_ocr"] = ocr_report
     skipped = [key for key in cfg.trainer.val_gallery_by if setting_name(key) not in plan.groups]
     if skipped:
         log.info("validation: no val line has %s; no within-group metrics for it", ", ".join(skipped))
@@ -198,7 +210,7 @@ def build_data(cfg: DictConfig, train_records: LineTable, val_records: LineTable
     shown = ShownTexts(train_records.texts, cfg.text.max_length - 1 if crop else None)
     train_texts = TrainTexts(shown, span.p, span.min_syllables, span.max_syllables, cfg.trainer.seed)
     val_ids = text_ids_of(val_records) if val_records else None
-    val_plan = validation_plan(val_records, cfg) if val_records else None
+    val_plan = validation_plan(val_records, cfg, report, rank == 0) if val_records else None
     lengths = text_lengths(train_records.texts, cfg.text.max_length)
     groups = None
     if cfg.data.group_batches_by:

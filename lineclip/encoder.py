@@ -56,6 +56,7 @@ from lineclip.preprocess import (
     LineImageTransform,
     load_image,
 )
+from lineclip.reading import greedy_decode
 from lineclip.towers import DualEncoder
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class EmbeddedBatch:
     image: np.ndarray  # float32 [b, D], L2-normalised
     text: np.ndarray | None  # float32 [b, D] when asked for
     failed: list[int]
+    readings: list[str] | None = None  # the reading head's greedy decoding of each line, when asked for
 
 
 def line_batches(buckets: np.ndarray, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -146,13 +148,15 @@ def embed_batches(
     model: DualEncoder, dataset: torch.utils.data.Dataset, batches: Sequence[list[int]], collate: LineCollator,
     num_workers: int, device: torch.device, with_text: bool = False,
     autocast: Callable[[], AbstractContextManager] = nullcontext, progress: str | None = None,
+    with_reading: bool = False,
 ) -> Iterator[EmbeddedBatch]:
     """The one image-embedding path: validation, the training run's corpus export, and `LineEncoder` (evaluate,
     index, search) all embed line images here, so a line's embedding is the same function of its file in all of
     them. `dataset` yields what `LineDataset` yields (a path is read exactly as training reads it); one bucket a
     batch, so a line's tensor never depends on its batch mates. `model` is the unwrapped DualEncoder, put in
     eval mode for the duration (restored when the generator is closed). `progress`: a bar with this title and
-    a rate (lines/s), shown when stderr is a terminal."""
+    a rate (lines/s), shown when stderr is a terminal. `with_reading` (a model with a reading head): each line's
+    greedy CTC decoding too, from the same forward pass (lineclip.reading)."""
     # More loader processes than cores or than batches only costs their start-up.
     workers = max(0, min(num_workers, usable_cpus(), len(batches)))
     loader = make_loader(dataset, batches, collate, workers)
@@ -163,10 +167,15 @@ def embed_batches(
     try:
         for batch in loader:
             indices = batch["indices"].numpy().astype(np.int64, copy=False)
-            image = text = None
+            image = text = readings = None
             if len(indices):
                 with autocast():
-                    image = model.encode_image(batch["pixel_values"].to(device, non_blocking=True))
+                    pixels = batch["pixel_values"].to(device, non_blocking=True)
+                    if with_reading and model.reading_head is not None:
+                        image, logits, _ = model._encode_image(pixels, read=True)
+                        readings = greedy_decode(logits)
+                    else:
+                        image = model.encode_image(pixels)
                     if with_text:
                         text = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             dim = model.image_head.output_dim
@@ -177,6 +186,7 @@ def embed_batches(
                 (text.float().cpu().numpy() if text is not None else np.empty((0, dim), np.float32))
                 if with_text else None,
                 list(batch["corrupt_indices"]),
+                (readings or []) if with_reading and model.reading_head is not None else None,
             )
     finally:
         bar.close()
@@ -248,6 +258,8 @@ class LineEncoder:
             raise BundleError(f"{ref.path(CONFIG)}: {first_line(exc)}") from None
         text_max_length = _text_max_length(config)
         model = load_model(ref, geometry.patch_multiple)
+        if not ref.prefix:  # a run's final bundle: its reading head, when the run had one, lies beside it
+            _attach_reading_head(model, ref)
         log.info("loaded %s (step %s, %s pipeline, height %d, text_max_length %d) on %s", ref.label,
                  config.get("global_step", "?"), transform.pipeline, geometry.target_height, text_max_length,
                  device)
@@ -282,16 +294,37 @@ class LineEncoder:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Like ``encode_images`` but skipping (and logging) unreadable files, as training does: returns the
         embeddings of the readable ones and their input indices (ascending)."""
+        out, kept, _ = self._image_files(paths, batch_size, num_workers, progress, False)
+        return out, kept
+
+    @property
+    def reads(self) -> bool:
+        """Whether this model has a reading head (saved beside its final bundle by a run with the reading loss)."""
+        return self.model.reading_head is not None
+
+    def read_image_files(
+        self, paths: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+        """``encode_image_files`` plus each kept line's greedy decoding by the reading head, from the same forward
+        pass (None without a head: `reads`)."""
+        return self._image_files(paths, batch_size, num_workers, progress, self.reads)
+
+    def _image_files(self, paths: Sequence[ImageInput], batch_size: int, num_workers: int, progress: bool,
+                     with_reading: bool) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
         out = np.zeros((len(paths), self.dim), dtype=np.float32)
         done = np.zeros(len(paths), dtype=bool)
+        readings = [""] * len(paths)
         failed: list[int] = []
-        for batch in self.image_batches(paths, batch_size, num_workers, progress):
+        for batch in self.image_batches(paths, batch_size, num_workers, progress, with_reading=with_reading):
             out[batch.indices] = batch.image
             done[batch.indices] = True
             failed += batch.failed
+            for i, reading in zip(batch.indices.tolist(), batch.readings or [], strict=False):
+                readings[i] = reading
         self.log_skipped(paths, failed)
         kept = np.flatnonzero(done)
-        return (out if len(kept) == len(paths) else out[kept]), kept
+        return (out if len(kept) == len(paths) else out[kept]), kept, \
+            ([readings[i] for i in kept] if with_reading else None)
 
     def log_skipped(self, paths: Sequence[ImageInput], failed: Sequence[int]) -> None:
         """One warning for the line images left out of an embedding (`failed`: input positions), with the first
@@ -302,7 +335,8 @@ class LineEncoder:
                         paths[first], _why_unreadable(paths[first], self.max_image_pixels, "unreadable_image"))
 
     def image_batches(
-        self, items: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0, progress: bool = False
+        self, items: Sequence[ImageInput], batch_size: int = 32, num_workers: int = 0, progress: bool = False,
+        with_reading: bool = False,
     ) -> Iterator[EmbeddedBatch]:
         """The embeddings of `items` batch by batch as they are made (``EmbeddedBatch.indices``: input positions),
         through ``embed_batches``, the path validation and the training run's corpus export take: a path is read by
@@ -325,14 +359,17 @@ class LineEncoder:
             yield EmbeddedBatch(np.empty(0, np.int64), np.empty((0, dim), np.float32), None,
                                 position[lines.unreadable_indices].tolist())
             for batch in embed_batches(self.model, lines, line_batches(lines.buckets, batch_size), collate,
-                                       num_workers, self.device, progress="images" if progress else None):
-                yield EmbeddedBatch(position[batch.indices], batch.image, None, position[batch.failed].tolist())
+                                       num_workers, self.device, progress="images" if progress else None,
+                                       with_reading=with_reading):
+                yield EmbeddedBatch(position[batch.indices], batch.image, None, position[batch.failed].tolist(),
+                                    batch.readings)
         if decoded:  # already in memory: no loader processes
             images = _DecodedLines([items[i] for i in decoded], self.transform)
             position = np.asarray(decoded, dtype=np.int64)
             for batch in embed_batches(self.model, images, line_batches(images.buckets, batch_size), collate, 0,
-                                       self.device):
-                yield EmbeddedBatch(position[batch.indices], batch.image, None, position[batch.failed].tolist())
+                                       self.device, with_reading=with_reading):
+                yield EmbeddedBatch(position[batch.indices], batch.image, None, position[batch.failed].tolist(),
+                                    batch.readings)
 
     # -------------------------------------------------------------------------------------------- texts
 
@@ -377,6 +414,20 @@ class LineEncoder:
                 out[rows] = np.repeat(emb, counts[chunk], axis=0)
                 bar.update(len(chunk))
         return out
+
+
+def _attach_reading_head(model: DualEncoder, ref: BundleRef) -> None:
+    """Give `model` the reading head saved beside its bundle (lineclip.reading.save_reading_head), if there is one
+    that was trained with this bundle; a head that is there but refused is one warning, not an error."""
+    from lineclip.reading import READING_HEAD_CONFIG, load_reading_head
+
+    if not (ref.directory / READING_HEAD_CONFIG).exists():
+        return
+    head, why = load_reading_head(ref.directory, model_fingerprint(ref))
+    if head is None:
+        log.warning("reading head not used: %s", why)
+        return
+    model.reading_head = head
 
 
 def load_encoder(path: str | Path, device: str | torch.device | None = None) -> LineEncoder:

@@ -15,7 +15,8 @@ Metrics that knowing a line's collection cannot satisfy (lineclip.galleries):
   it a correct answer (text -> image).
 Each setting comes with the expected levels of rankers that never read: chance, one that knows only the
 collection (`eval.collection_field`), one that knows only lengths (a text's, and a line image's width, from
-which it predicts its text length) (`levels` in the JSON).
+which it predicts its text length) (`levels` in the JSON); and, with `eval.levels=[...,ocr]`, what a user gets
+without lineclip: Tesseract's reading of each line searched by text similarity (lineclip.ocr, `eval.ocr`).
 
 The result is printed as a table and written as JSON to `<run dir>/<bundle prefix>eval_<name>.json` (or
 `eval.output`), where `<name>` is the manifest's stem, or `<split>_<stem>` for OpenPecha's
@@ -49,6 +50,7 @@ from lineclip.cli import (
 )
 from lineclip.config import register_configs
 from lineclip.manifest import manifest_label
+from lineclip.ocr import OcrOptions, ocr_level
 
 if TYPE_CHECKING:
     from lineclip.encoder import LineEncoder
@@ -66,7 +68,10 @@ class EvalOptions:
     phrase_seed: int = 0
     phrase_syllables: list[int] = field(default_factory=lambda: [2, 8])  # min and max syllables of a phrase
     collection_field: str = "collection"  # what the collection-only level knows
-    levels: bool = True  # chance / collection-only / length-only levels (CPU, O(N^2) in blocks)
+    # Reference levels: true (chance, collection, length: CPU, O(N^2) in blocks), false, or a list of chance,
+    # collection, length, ocr (Tesseract + text search, lineclip.ocr: ~0.1-0.4 s of CPU per line and mode, cached)
+    levels: Any = True
+    ocr: OcrOptions = field(default_factory=OcrOptions)
     output: str | None = None  # JSON path; default <run dir>/<bundle prefix>eval_<name>.json
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     chunk_size: int = 256  # query rows per similarity block: 256 x 100k lines is 100 MB of scores
@@ -142,10 +147,13 @@ def evaluate_records(
     phrase_seed: int = 0,
     phrase_syllables: Sequence[int] = (2, 8),
     collection_field: str = "collection",
-    levels: bool = True,
+    levels: Any = True,
+    ocr: OcrOptions | None = None,
+    manifest: str | None = None,
 ) -> dict[str, Any]:
     """Embed the records' images and texts with `encoder` and compute both kinds of metrics (and per group),
-    the within-group galleries of `gallery_by`, phrase queries when `phrases`, and the reference levels.
+    the within-group galleries of `gallery_by`, phrase queries when `phrases`, and the reference levels
+    (`levels`: galleries.level_names; `ocr` configures the ocr level, whose cache defaults beside `manifest`).
 
     Lines whose image cannot be read are left out (counted in `images_unreadable`)."""
     import pandas as pd
@@ -155,7 +163,9 @@ def evaluate_records(
     from lineclip.batch import count_truncated
     from lineclip.metrics import text_ids
 
-    image, kept = encoder.encode_image_files([r.image_path for r in records], batch_size, num_workers, progress)
+    # With a reading head beside the bundle (a run trained with the reading loss), each line is also decoded.
+    image, kept, readings = encoder.read_image_files([r.image_path for r in records], batch_size, num_workers,
+                                                     progress)
     if len(kept) == 0:
         raise UsageError(f"none of the {len(records)} line images could be read")
     used = [records[i] for i in kept]
@@ -181,10 +191,38 @@ def evaluate_records(
 
     lengths = galleries.text_bytes(texts)
     collection = galleries.optional_codes(used, collection_field)
+    names = galleries.level_names(levels)
     predicted = None
-    if levels:
+    if "length" in names:
         predicted = galleries.predicted_lengths(galleries.image_aspects([r.image_path for r in used]), lengths)
-        result["levels"] = galleries.line_levels(ids, lengths, collection, ks=ks, predicted=predicted)
+    plan = None
+    if phrases:
+        low, high = phrase_syllables
+        # Drawn on the whole manifest (seeded by position, as in training validation), then restricted to the
+        # lines whose images could be read.
+        plan = galleries.ValidationPlan.build(records, (), True, phrase_seed, low, high, levels=False).restrict(kept)
+    scores = None
+    if "ocr" in names:
+        result["ocr"], scores = ocr_level(used, texts, plan.phrases if plan is not None else None,
+                                          ocr or OcrOptions(), manifest, progress)
+        if scores is None:
+            names = [n for n in names if n != "ocr"]
+
+    def picked(computed: dict[str, Any]) -> dict[str, Any]:
+        return {name: value for name, value in computed.items() if galleries.level_family(name) in names}
+
+    line_scores = scores.line_scores("ocr") if scores is not None else None
+    read_scores = None
+    if readings is not None:
+        result["reading"], read_scores = _reading_block(encoder, readings, texts,
+                                                         plan.phrases if plan is not None else None)
+    read_line_scores = read_scores.line_scores("read") if read_scores is not None else None
+    if read_scores is not None:
+        result["decode_then_match"] = _only_read(galleries.line_levels(ids, lengths, None, ks=ks,
+                                                                       scores=read_line_scores))
+    if names:
+        result["levels"] = picked(galleries.line_levels(ids, lengths, collection, ks=ks, predicted=predicted,
+                                                        scores=line_scores))
     image_t, text_t = torch.from_numpy(image), torch.from_numpy(text)
     _check_fields(records, "eval.gallery_by", gallery_by)
     if gallery_by:
@@ -192,25 +230,55 @@ def evaluate_records(
         for key in gallery_by:
             groups = galleries.group_codes(galleries.field_values(used, key))
             block = galleries.within_group_metrics(image_t, text_t, ids, groups, ks, chunk_size)
-            if levels:
-                block["levels"] = galleries.line_levels(ids, lengths, collection, groups, ks, predicted)
+            if names:
+                block["levels"] = picked(galleries.line_levels(ids, lengths, collection, groups, ks, predicted,
+                                                               scores=line_scores))
+            if read_scores is not None:
+                block["decode_then_match"] = _only_read(galleries.line_levels(ids, lengths, None, groups, ks,
+                                                                              scores=read_line_scores))
             result["galleries"][key] = block
-    if phrases:
+    if plan is not None:
         low, high = phrase_syllables
-        # Drawn on the whole manifest (seeded by position, as in training validation), then restricted to the
-        # lines whose images could be read.
-        plan = galleries.ValidationPlan.build(records, (), True, phrase_seed, low, high, levels=False).restrict(kept)
         phrase_texts, query_lines, answers = plan.phrases, plan.query_lines, plan.answers
         phrase_emb = torch.from_numpy(encoder.encode_texts(phrase_texts, text_batch_size, progress))
         block = {"seed": phrase_seed, "syllables": [low, high], "n_queries": len(phrase_texts),
                  "n_lines_without_phrase": len(texts) - len(phrase_texts),
                  "mean_correct_lines": float(np.mean([len(a) for a in answers])) if answers else 0.0,
                  "metrics": galleries.phrase_metrics(phrase_emb, image_t, answers, ks, chunk_size)}
-        if levels:
-            block["levels"] = galleries.phrase_levels(answers, query_lines, galleries.text_bytes(phrase_texts),
-                                                      len(texts), collection, ks, predicted)
+        if names:
+            block["levels"] = picked(galleries.phrase_levels(
+                answers, query_lines, galleries.text_bytes(phrase_texts), len(texts), collection, ks, predicted,
+                scores=scores.phrase_scores("ocr") if scores is not None else None))
+        if read_scores is not None:
+            block["decode_then_match"] = _only_read(galleries.phrase_levels(
+                answers, query_lines, galleries.text_bytes(phrase_texts), len(texts), None, ks,
+                scores=read_scores.phrase_scores("read")))
         result["phrase"] = block
     return result
+
+
+def _only_read(levels: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in levels.items() if name.startswith("read_")}
+
+
+def _reading_block(encoder: LineEncoder, readings: list[str], texts: list[str],
+                   phrases: list[str] | None) -> tuple[dict[str, Any], Any]:
+    """The reading head's CER on these lines (references: the manifest's transcriptions, as the head can write
+    them) and its decode-then-match scores (lineclip.transcripts), or (a reason, None) without rapidfuzz."""
+    from lineclip import transcripts
+    from lineclip.reading import readable_text
+
+    missing = transcripts.rapidfuzz_missing()
+    if missing is not None:
+        log.warning("reading head: no CER or decode-then-match: %s", missing)
+        return {"unavailable": missing}, None
+    references = [transcripts.normalize_reading(readable_text(t)) for t in texts]
+    normalised = [transcripts.normalize_reading(r) for r in readings]
+    block = {"cer": transcripts.character_error_rate(normalised, references),
+             "frames_per_column": encoder.model.reading_head.frames_per_column,
+             "empty_readings": sum(1 for r in normalised if not r),
+             "examples": [{"text": t, "reading": r} for t, r in zip(texts[:3], readings[:3], strict=True)]}
+    return block, transcripts.match_scores(readings, texts, phrases, transcripts.READ_SCORERS, workers=-1)
 
 
 def _check_fields(records: Sequence[LineRecord], option: str, fields: Sequence[str]) -> None:
@@ -245,11 +313,12 @@ def _rows(block: dict[str, Any], ks: Sequence[int]) -> list[tuple[str, list[str]
         c = block["chance"][kind]
         rows.append((f"chance {label}", [f"{c[f'r{k}']:.3f}" for k in ks] + [f"{c['mrr']:.3f}",
                                                                               f"~{c['mean_rank']:.0f}"]))
-    return rows + _level_rows(block, ks, ("collection", "length_i2t", "length_t2i"))
+    return rows + _level_rows(block, ks, ("collection", "length_i2t", "length_t2i", "ocr_i2t", "ocr_t2i")) \
+        + _read_rows(block, ks, ("i2t", "t2i"))
 
 
 LEVEL_LABELS = {"chance": "chance", "collection": "collection only", "length_i2t": "i2t length only",
-                "length_t2i": "t2i length only"}
+                "length_t2i": "t2i length only", "ocr_i2t": "i2t ocr", "ocr_t2i": "t2i ocr"}
 
 
 def _level_rows(block: dict[str, Any], ks: Sequence[int], names: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -265,8 +334,18 @@ def _setting_rows(block: dict[str, Any], ks: Sequence[int], directions: Sequence
     m = block["metrics"]
     rows = [(direction, [f"{m[f'{direction}_r{k}']:.3f}" for k in ks]
              + [f"{m[f'{direction}_mrr']:.3f}", f"{m[f'{direction}_median_rank']:g}"]) for direction in directions]
-    names = ("chance", "collection", *(f"length_{d}" for d in directions))
-    return rows + _level_rows(block, ks, names)
+    names = ("chance", "collection", *(f"length_{d}" for d in directions), *(f"ocr_{d}" for d in directions))
+    return rows + _level_rows(block, ks, names) + _read_rows(block, ks, directions)
+
+
+def _read_rows(block: dict[str, Any], ks: Sequence[int], directions: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The model's reading head, decode-then-match (expected values: equal scores in random order)."""
+    rows = []
+    for direction in directions:
+        m = (block.get("decode_then_match") or {}).get(f"read_{direction}")
+        if m is not None:
+            rows.append((f"{direction} read+match", [f"{m[f'r{k}']:.3f}" for k in ks] + [f"{m['mrr']:.3f}", ""]))
+    return rows
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -289,12 +368,30 @@ def format_table(result: dict[str, Any]) -> str:
                        f"queries, {block['mean_correct_lines']:.2f} correct lines each on average",
                        _setting_rows(block, ks, ("t2i",))))
     lines = []
+    if "ocr" in result:
+        lines.append(_ocr_title(result["ocr"]))
+    if "reading" in result:
+        reading = result["reading"]
+        lines.append(f"reading head: not measured ({reading['unavailable']})" if "unavailable" in reading else
+                     f"reading head (greedy CTC): CER {reading['cer']:.3f}, {reading['empty_readings']} empty "
+                     "readings; read+match rows: its readings searched by text similarity (lines: ratio, phrases: "
+                     "partial_ratio)")
     for title, rows in blocks:
         lines.append(title)
         lines.append("  " + f"{header[0]:<16}" + "".join(f"{h:>8}" for h in header[1:]))
         for label, cells in rows:
             lines.append("  " + f"{label:<16}" + "".join(f"{c:>8}" for c in cells))
     return "\n".join(lines)
+
+
+def _ocr_title(block: dict[str, Any]) -> str:
+    if "unavailable" in block:
+        return f"ocr level: not computed ({block['unavailable']})"
+    modes = "+".join(str(m) for m in block["modes"])
+    cer = ", ".join(f"--psm {m} {c:.3f}" for m, c in block["cer"].items())
+    return (f"ocr level: {block['version']} -l {block['lang']} --psm {modes} (joined), {block['scorers']['t2i']}; "
+            f"{block['n_lines']} lines: {block['n_cached']} cached, {block['n_read']} read, {block['n_failed']} "
+            f"failed; CER {cer}")
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -324,6 +421,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if len(syllables) != 2 or not 1 <= syllables[0] <= syllables[1]:
         raise UsageError(f"eval.phrase_syllables must be [min, max] with 1 <= min <= max, got {syllables}")
     gallery_by = _as_list(cfg.eval.gallery_by)
+    from lineclip.galleries import level_names
+
+    try:
+        levels = level_names(cfg.eval.levels)
+    except ValueError as exc:
+        raise UsageError(f"eval.levels: {exc}") from None
+    if "ocr" in levels:
+        from lineclip.transcripts import SCORERS
+
+        for direction in ("t2i", "i2t", "phrase"):
+            if cfg.eval.ocr[f"scorer_{direction}"] not in SCORERS:
+                raise UsageError(f"eval.ocr.scorer_{direction}={cfg.eval.ocr[f'scorer_{direction}']}: one of "
+                                 f"{', '.join(SCORERS)}")
     records, report = read_manifest(cfg.manifest, cfg.dataset_dir, cfg.on_bad_row)
     # before minutes of embedding, not after
     _check_fields(records, "eval.group_key", [cfg.eval.group_key] if cfg.eval.group_key else [])
@@ -336,7 +446,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                               cfg.batch_size, cfg.text_batch_size, cfg.num_workers, cfg.progress,
                               gallery_by=gallery_by, phrases="phrase" in queries, phrase_seed=cfg.eval.phrase_seed,
                               phrase_syllables=syllables, collection_field=cfg.eval.collection_field,
-                              levels=cfg.eval.levels)
+                              levels=levels, ocr=OmegaConf.to_object(cfg.eval.ocr), manifest=cfg.manifest)
     import lineclip
 
     config = encoder.training_config

@@ -26,7 +26,7 @@ Beside each setting's metrics, `levels` gives expected Recall@K / MRR of three r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +47,32 @@ SHORT_NAMES = {"page_id": "page", "doc_id": "doc", "line_id": "line"}
 LEVEL_CHUNK = 512  # query rows per dense [rows, N] block of the level computation
 # a level's name in flat metric keys: val_chance_r1, val_collection_level_r1, val_page_t2i_length_level_r1
 LEVEL_KEYS = {"chance": "chance", "collection": "collection_level", "length_t2i": "t2i_length_level",
-              "length_i2t": "i2t_length_level"}
+              "length_i2t": "i2t_length_level", "ocr_t2i": "t2i_ocr_level", "ocr_i2t": "i2t_ocr_level",
+              "read_t2i": "read_t2i", "read_i2t": "read_i2t"}
+
+
+# The levels a config may ask for (eval.levels, trainer.val_levels): true means the first three, which cost no
+# more than reading image headers; ocr runs Tesseract over every line (lineclip.ocr), so it is asked for by name.
+LEVEL_NAMES = ("chance", "collection", "length", "ocr")
+DEFAULT_LEVELS = ("chance", "collection", "length")
+
+
+def level_names(value: Any) -> list[str]:
+    """A levels option (true, false, one name or a list of LEVEL_NAMES) as a list of names."""
+    if value is None or value is False:
+        return []
+    if value is True:
+        return list(DEFAULT_LEVELS)
+    names = [value] if isinstance(value, str) else [str(v) for v in value]
+    unknown = [n for n in names if n not in LEVEL_NAMES]
+    if unknown:
+        raise ValueError(f"unknown level {', '.join(unknown)}: true, false or a list of {', '.join(LEVEL_NAMES)}")
+    return names
+
+
+def level_family(name: str) -> str:
+    """The option name that asks for a computed level: length_t2i -> length, ocr_i2t -> ocr."""
+    return name.split("_")[0]
 
 
 def field_values(records: Sequence[Any], key: str) -> list[str | None]:
@@ -111,6 +136,11 @@ def _collection_tiers(collection: np.ndarray | None,
     return tiers
 
 
+def _score_tiers(scores: Mapping[str, np.ndarray]) -> dict[str, Callable[[slice], np.ndarray]]:
+    # tiers sort ascending: the best score first
+    return {name: (lambda rows, matrix=matrix: -matrix[rows].astype(np.float64)) for name, matrix in scores.items()}
+
+
 def image_aspects(paths: Sequence[str]) -> np.ndarray:
     """Width / height of each image from its header (NaN where it cannot be read)."""
     from PIL import Image
@@ -141,16 +171,20 @@ def predicted_lengths(aspects: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def line_levels(ids: np.ndarray, lengths: np.ndarray, collection: np.ndarray | None,
                 groups: np.ndarray | None = None, ks: Sequence[int] = DEFAULT_KS,
-                predicted: np.ndarray | None = None) -> dict[str, Any]:
+                predicted: np.ndarray | None = None, scores: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Levels for whole-line queries: the whole gallery, or within `groups` (codes; -1 = no value, left out; a
     query alone in its group is a miss). `collection`: codes or None. `predicted`: each line's text length as
-    predicted from its image (`predicted_lengths`); without it there is no length level.
-    Keys: chance, collection (None without codes), length_t2i, length_i2t."""
+    predicted from its image (`predicted_lengths`); without it there is no length level. `scores`: rankers
+    that read (lineclip.transcripts), name -> [N, N] similarities of query line i to gallery line j, higher
+    first, equal scores in random order (so a reading that is empty, equally far from every text, is chance).
+    Keys: chance, collection (None without codes), length_t2i, length_i2t, and those of `scores`."""
+    scores = dict(scores or {})
     if groups is not None:
         keep = groups >= 0
         ids, lengths, groups = ids[keep], lengths[keep], groups[keep]
         collection = collection[keep] if collection is not None else None
         predicted = predicted[keep] if predicted is not None else None
+        scores = {name: matrix[np.ix_(keep, keep)] for name, matrix in scores.items()}
         alone = np.bincount(groups)[groups] == 1
     n = len(ids)
 
@@ -165,6 +199,7 @@ def line_levels(ids: np.ndarray, lengths: np.ndarray, collection: np.ndarray | N
     if predicted is not None:
         tiers["length_t2i"] = lambda rows: np.abs(predicted[None, :] - lengths[rows, None])
         tiers["length_i2t"] = lambda rows: np.abs(lengths[None, :] - predicted[rows, None])
+    tiers.update(_score_tiers(scores))
     levels = _levels(n, correct, member, tiers, ks)
     levels.setdefault("collection", None)
     return levels
@@ -172,10 +207,12 @@ def line_levels(ids: np.ndarray, lengths: np.ndarray, collection: np.ndarray | N
 
 def phrase_levels(answers: Sequence[np.ndarray], query_lines: np.ndarray, phrase_lengths: np.ndarray,
                   n_gallery: int, collection: np.ndarray | None, ks: Sequence[int] = DEFAULT_KS,
-                  predicted: np.ndarray | None = None) -> dict[str, Any]:
+                  predicted: np.ndarray | None = None,
+                  scores: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Levels for phrase queries (t2i) against `n_gallery` lines: `answers[q]` the lines containing phrase q,
     `query_lines[q]` the line it was drawn from, `phrase_lengths[q]` its UTF-8 bytes, `predicted` the lines'
-    text lengths as predicted from their images. Keys: chance, collection (None without codes), length_t2i."""
+    text lengths as predicted from their images, `scores` as in `line_levels` ([n_queries, n_gallery]).
+    Keys: chance, collection (None without codes), length_t2i, and those of `scores`."""
 
     def correct(rows: slice) -> np.ndarray:
         ok = np.zeros((rows.stop - rows.start, n_gallery), dtype=bool)
@@ -191,6 +228,7 @@ def phrase_levels(answers: Sequence[np.ndarray], query_lines: np.ndarray, phrase
             return np.where(fits, -predicted[None, :], np.inf)
 
         tiers["length_t2i"] = length_tier
+    tiers.update(_score_tiers(scores or {}))
     levels = _levels(len(answers), correct, None, tiers, ks)
     levels.setdefault("collection", None)
     return levels
@@ -259,6 +297,8 @@ class ValidationPlan:
     query_lines: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     answers: list[np.ndarray] = field(default_factory=list)
     with_phrases: bool = False
+    level_names: list[str] = field(default_factory=lambda: list(DEFAULT_LEVELS))  # what `levels` reports
+    ocr: Any = None  # transcripts.MatchScores of Tesseract's readings (lineclip.ocr): the ocr level; None: none
     embedded_levels: dict[str, float] = field(default_factory=dict)  # set by training validation
     _restricted: dict[bytes, ValidationPlan] = field(default_factory=dict, repr=False)
     _levels: dict[str, float] | None = field(default=None, repr=False)
@@ -266,15 +306,17 @@ class ValidationPlan:
     @classmethod
     def build(cls, records: Sequence[Any], gallery_by: Sequence[str] = ("page_id",), phrases: bool = True,
               seed: int = 0, min_syl: int = DEFAULT_MIN_SYLLABLES, max_syl: int = DEFAULT_MAX_SYLLABLES,
-              collection_field: str = "collection", levels: bool = True) -> ValidationPlan:
+              collection_field: str = "collection", levels: Any = True) -> ValidationPlan:
         """A field no record has is skipped (a val manifest without page ids has no within-page setting).
-        With `levels`, the image headers are read for the length level's aspect ratios."""
+        `levels`: as `level_names` takes it; with the length level, the image headers are read for its aspect
+        ratios. The ocr level's scores are the caller's to set (`ocr`: they need Tesseract, lineclip.ocr)."""
         from lineclip.metrics import text_ids
 
         texts = [r.text for r in records]
+        names = level_names(levels)
         plan = cls(ids=text_ids(texts), lengths=text_bytes(texts), collection=optional_codes(records, collection_field),
-                   aspects=image_aspects([r.image_path for r in records]) if levels else None,
-                   with_phrases=phrases)
+                   aspects=image_aspects([r.image_path for r in records]) if "length" in names else None,
+                   with_phrases=phrases, level_names=names)
         for key in gallery_by:
             codes = optional_codes(records, key)
             if codes is not None:
@@ -302,7 +344,8 @@ class ValidationPlan:
                 phrases=[self.phrases[q] for q in queries],
                 query_lines=position[self.query_lines[queries]] if queries else np.zeros(0, np.int64),
                 answers=[position[self.answers[q]][position[self.answers[q]] >= 0] for q in queries],
-                with_phrases=self.with_phrases)
+                with_phrases=self.with_phrases, level_names=self.level_names,
+                ocr=self.ocr.restrict(kept, queries) if self.ocr is not None else None)
         return self._restricted[key]
 
     def metrics(self, image: torch.Tensor, text: torch.Tensor, phrase_emb: torch.Tensor | None,
@@ -324,14 +367,20 @@ class ValidationPlan:
         once."""
         if self._levels is None:
             predicted = predicted_lengths(self.aspects, self.lengths) if self.aspects is not None else None
-            settings = {"": line_levels(self.ids, self.lengths, self.collection, ks=ks, predicted=predicted)}
+            scores = self.ocr.line_scores("ocr") if self.ocr is not None else None
+            settings = {"": line_levels(self.ids, self.lengths, self.collection, ks=ks, predicted=predicted,
+                                        scores=scores)}
             for name, codes in self.groups.items():
-                settings[f"{name}_"] = line_levels(self.ids, self.lengths, self.collection, codes, ks, predicted)
+                settings[f"{name}_"] = line_levels(self.ids, self.lengths, self.collection, codes, ks, predicted,
+                                                   scores)
             if self.with_phrases:
                 settings["phrase_"] = phrase_levels(self.answers, self.query_lines, text_bytes(self.phrases),
-                                                    len(self.ids), self.collection, ks, predicted)
+                                                    len(self.ids), self.collection, ks, predicted,
+                                                    self.ocr.phrase_scores("ocr") if self.ocr is not None else None)
             self._levels = {}
             for prefix, levels in settings.items():
                 for level, values in levels.items():
-                    self._levels.update({f"{prefix}{LEVEL_KEYS[level]}_{k}": v for k, v in (values or {}).items()})
+                    if level_family(level) in self.level_names:
+                        self._levels.update({f"{prefix}{LEVEL_KEYS[level]}_{k}": v
+                                             for k, v in (values or {}).items()})
         return self._levels

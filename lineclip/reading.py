@@ -5,7 +5,9 @@ text is mine?), and while its features cannot tell lines apart, the cheapest way
 make every embedding the same (the loss then sits at exactly ln B and its gradient vanishes). A reading
 loss gives every line dozens of targets (its characters, in order) from the first step, so the patch
 features learn glyphs whatever the contrastive loss is doing; the CLS token that the embedding is made of
-then has something to pool. The head is training-only: bundles and the Workbench never see it.
+then has something to pool. The head is never part of a bundle (the Workbench never sees it): the final one is
+saved beside the run's bundle (`save_reading_head`), so that validation and `lineclip.evaluate` can decode what
+the tower reads (`greedy_decode`) and measure it as OCR is (lineclip.transcripts: CER, decode-then-match).
 
 Targets are Unicode code points, not ByT5 bytes: a Tibetan character is 3 bytes, and a 32 px line of 110 px
 has 14 patch columns, so bytes would need more frames than the line has. The Tibetan block (U+0F00-U+0FFF)
@@ -14,8 +16,10 @@ gets one class per code point, the space one, anything else one shared class; 0 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -105,3 +109,92 @@ def reading_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: to
     input_lengths = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long)
     return F.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=BLANK, reduction="mean",
                       zero_infinity=True)
+
+
+# ------------------------------------------------------------------------------ reading out: greedy CTC decoding
+
+# What OTHER_CLASS decodes to: the head cannot say which non-Tibetan character it saw.
+OTHER_CHAR = "\ufffd"
+
+
+def class_char(index: int) -> str:
+    """The inverse of `char_class`: a class's character ("" for the blank, U+FFFD for the shared other class)."""
+    if index == BLANK:
+        return ""
+    if 1 <= index <= 256:
+        return chr(TIBETAN_FIRST + index - 1)
+    if index == SPACE_CLASS:
+        return " "
+    if index == OTHER_CLASS:
+        return OTHER_CHAR
+    raise ValueError(f"no reading class {index} (0-{VOCAB_SIZE - 1})")
+
+
+def readable_text(text: str) -> str:
+    """`text` as the head can write it (every character through char_class and back): the reference a reading
+    is compared with, so that a Latin digit the head can only call "other" is not counted against it twice."""
+    return "".join(class_char(char_class(c)) for c in text)
+
+
+def greedy_decode(logits: torch.Tensor) -> list[str]:
+    """Best-path CTC decoding of [B, frames, VOCAB_SIZE] logits: the most likely class per frame, repeats collapsed,
+    blanks dropped, classes mapped back to characters (a blank between two equal classes keeps both)."""
+    best = logits.argmax(dim=-1).cpu()
+    keep = best != BLANK
+    keep[:, 1:] &= best[:, 1:] != best[:, :-1]
+    return ["".join(class_char(int(c)) for c in row[mask]) for row, mask in zip(best, keep, strict=True)]
+
+
+# ------------------------------------------------------------------- the head beside a run's bundle (never in it)
+
+READING_HEAD_WEIGHTS = "reading_head.safetensors"
+READING_HEAD_CONFIG = "reading_head.json"
+READING_HEAD_FORMAT = 1
+
+
+def save_reading_head(head: ReadingHead, directory: str | Path, bundle_fingerprint: str) -> None:
+    """`reading_head.safetensors` + `reading_head.json` in `directory` (a run dir, beside its final bundle: the
+    Workbench loads the bundle's own entries only, so the head never changes what it sees). The json records the
+    geometry (hidden size, frames per column, classes) and the fingerprint of the bundle the head was trained with,
+    so that a head left beside another model is refused rather than read wrongly. Each file is written to a
+    temporary name and renamed into place, the json last."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    config = {"format": READING_HEAD_FORMAT, "hidden_size": head.norm.normalized_shape[0],
+              "frames_per_column": head.frames_per_column, "vocab_size": VOCAB_SIZE,
+              "classes": "blank, U+0F00-U+0FFF, space, other", "bundle_fingerprint": bundle_fingerprint}
+    weights_tmp = directory / f".{READING_HEAD_WEIGHTS}.tmp"
+    config_tmp = directory / f".{READING_HEAD_CONFIG}.tmp"
+    try:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}, weights_tmp)
+        config_tmp.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        weights_tmp.replace(directory / READING_HEAD_WEIGHTS)
+        config_tmp.replace(directory / READING_HEAD_CONFIG)
+    finally:
+        weights_tmp.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
+
+
+def load_reading_head(directory: str | Path, bundle_fingerprint: str | None) -> tuple[ReadingHead | None, str]:
+    """The head saved beside a bundle, or (None, why not). Refused (None) when there is none, when its json does not
+    parse or name this geometry, or when it was trained with another bundle (`bundle_fingerprint` differs). Weights
+    load through safetensors only (no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / READING_HEAD_CONFIG, directory / READING_HEAD_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        return None, f"no {READING_HEAD_CONFIG} and {READING_HEAD_WEIGHTS} in {directory}"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.get("format") != READING_HEAD_FORMAT or config.get("vocab_size") != VOCAB_SIZE:
+            return None, f"{config_path}: format {config.get('format')} / vocab {config.get('vocab_size')} unknown"
+        if config.get("bundle_fingerprint") != bundle_fingerprint:
+            return None, f"{config_path} was saved with another model (fingerprint {config.get('bundle_fingerprint')})"
+        head = ReadingHead(int(config["hidden_size"]), int(config["frames_per_column"]))
+        head.load_state_dict(load_file(weights_path))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        return None, f"{weights_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return head.eval(), ""

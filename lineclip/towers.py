@@ -114,9 +114,11 @@ class DualEncoder(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._encode_image(pixel_values)[0]
 
-    def _encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                  torch.Tensor | None]:
-        reads = self.reading_head is not None and self.training
+    def _encode_image(self, pixel_values: torch.Tensor, read: bool | None = None) -> tuple[
+            torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        # read: the reading head's logits too (default: while training); validation and evaluate ask for them in
+        # eval mode to decode what the tower reads (lineclip.reading.greedy_decode).
+        reads = self.reading_head is not None and (self.training if read is None else read)
         out = self.image_backbone(pixel_values=pixel_values, output_hidden_states=reads)
         embedding = F.normalize(self.image_head(out.pooler_output).float(), dim=-1)
         reading = bag = None

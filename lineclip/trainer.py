@@ -584,4 +584,6 @@ def log_validation(step: int, total_steps: int, loss: float, m: dict[str, float]
              total_steps, loss, m["val_t2i_r1"], m["val_t2i_r5"], m["val_t2i_r10"],
              m["val_i2t_r1"], m["val_i2t_r5"], m["val_i2t_r10"],
              "".join(f"; {name} t2i R@1/10 {m[f'val_{name}_t2i_r1']:.3f}/{m[f'val_{name}_t2i_r10']:.3f}"
-                     for name in [*plan.groups, "phrase"] if f"val_{name}_t2i_r1" in m))
+                     for name in [*plan.groups, "phrase"] if f"val_{name}_t2i_r1" in m)
+             + (f"; reading CER {m['val_cer']:.3f}, read+match t2i R@1/10 {m['val_read_t2i_r1']:.3f}/"
+                f"{m['val_read_t2i_r10']:.3f}" if "val_cer" in m else ""))

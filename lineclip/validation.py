@@ -11,6 +11,7 @@ the corpus file, so no process holds the corpus in memory. `validate` turns val-
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from omegaconf import DictConfig
 
 from lineclip.artifacts import EMBEDDINGS
@@ -37,6 +39,7 @@ class EmbeddedLines:
     text: torch.Tensor
     indices: torch.Tensor
     n_corrupt: int
+    readings: list[str] | None = None  # the reading head's greedy decoding, rows as `indices` (when asked for)
 
 
 @dataclass
@@ -50,17 +53,22 @@ class CorpusExport:
 
 def embed_dataset(
     accelerator: Accelerator, model: torch.nn.Module, dataset: LineDataset, collate: LineCollator,
-    batch_size: int, num_workers: int, with_text: bool = True,
+    batch_size: int, num_workers: int, with_text: bool = True, with_reading: bool = False,
 ) -> EmbeddedLines:
     """Embed every readable line once across all processes (batches dealt round-robin, never padded with
-    repeats), then gather so every process holds all rows in dataset order."""
+    repeats), then gather so every process holds all rows in dataset order. `with_reading` (a model with a
+    reading head): each line's greedy decoding too."""
     raw = accelerator.unwrap_model(model)
     device, dim = accelerator.device, raw.image_head.output_dim
     batches = line_batches(dataset.buckets, batch_size, accelerator.process_index, accelerator.num_processes)
     images, texts, indices, n_corrupt = [], [], [], 0
+    with_reading = with_reading and raw.reading_head is not None
+    read: list[tuple[int, str]] = []
     for batch in embed_batches(raw, dataset, batches, collate, num_workers, device, with_text=with_text,
-                               autocast=accelerator.autocast):
+                               autocast=accelerator.autocast, with_reading=with_reading):
         n_corrupt += len(batch.failed)
+        if with_reading:
+            read += zip(batch.indices.tolist(), batch.readings, strict=True)
         images.append(batch.image)
         if with_text:
             texts.append(batch.text)
@@ -78,11 +86,16 @@ def embed_dataset(
     keep = index >= 0
     order = torch.argsort(index[keep])
     n_corrupt_total = int(accelerator.reduce(torch.tensor(n_corrupt, device=device), "sum"))
+    readings = None
+    if with_reading:  # strings: gathered as objects, then put in the rows' order
+        by_index = dict(gather_object(read) if accelerator.num_processes > 1 else read)
+        readings = [by_index[i] for i in index[keep][order].tolist()]
     return EmbeddedLines(
         image=image[keep][order].cpu(),
         text=text[keep][order].cpu() if with_text else torch.empty(0),
         indices=index[keep][order].cpu(),
         n_corrupt=n_corrupt_total,
+        readings=readings,
     )
 
 
@@ -150,18 +163,45 @@ def validate(accelerator, model, dataset, collate, text_ids, cfg, plan: Validati
     lines actually embedded) are computed on the first call and kept in `plan.embedded_levels`.
     `on_ranked(embedded, ranks)`: called on every process with the embedded lines and the whole-gallery ranks
     (`metrics.retrieval_ranks`) the metrics came from (the W&B panels, lineclip.panels)."""
-    emb = embed_dataset(accelerator, model, dataset, collate, eval_batch_size(cfg), cfg.data.num_workers)
+    reads = reading_measured(accelerator.unwrap_model(model))
+    emb = embed_dataset(accelerator, model, dataset, collate, eval_batch_size(cfg), cfg.data.num_workers,
+                        with_reading=reads)
     ranks = retrieval_ranks(emb.image, emb.text, text_ids[emb.indices])
     metrics = ranks_metrics(ranks)
     if on_ranked is not None:
         on_ranked(emb, ranks)
-    if plan is not None:
-        lines = plan.restrict(emb.indices.numpy())
+    lines = plan.restrict(emb.indices.numpy()) if plan is not None else None
+    if lines is not None:
         phrase_emb = embed_texts(accelerator, model, lines.phrases, cfg) if lines.phrases else None
         metrics.update(lines.metrics(emb.image, emb.text, phrase_emb))
         if cfg.trainer.val_levels:
             plan.embedded_levels = {f"val_{k}": v for k, v in lines.levels().items()}
+    if emb.readings is not None:
+        from lineclip.reading import readable_text
+        from lineclip.transcripts import reading_metrics
+
+        texts = [dataset.records[int(i)].text for i in emb.indices]
+        metrics.update(reading_metrics(emb.readings, texts, text_ids[emb.indices].numpy(), lines,
+                                       references=[readable_text(t) for t in texts]))
     return {f"val_{k}": v for k, v in metrics.items()}
+
+
+_warned_no_rapidfuzz = False
+
+
+def reading_measured(model: torch.nn.Module) -> bool:
+    """Whether validation decodes the reading head: it has one, and rapidfuzz (lineclip[ocr]) is there to
+    measure it (else one warning per process, and no val_cer)."""
+    global _warned_no_rapidfuzz
+    if getattr(model, "reading_head", None) is None:
+        return False
+    from lineclip.transcripts import rapidfuzz_missing
+
+    missing = rapidfuzz_missing()
+    if missing is not None and not _warned_no_rapidfuzz:
+        _warned_no_rapidfuzz = True
+        logging.getLogger("lineclip.validation").warning("no val_cer or decode-then-match: %s", missing)
+    return missing is None
 
 
 def eval_batch_size(cfg: DictConfig) -> int:
