@@ -99,6 +99,24 @@ def evaluate(run: Path, manifest: Path, name: str) -> str:
     return printed.stdout
 
 
+def write_reading_head(run: Path, dest: Path) -> None:
+    """The CTC reading head of the run's last training state, saved beside the bundle in `dest` with that bundle's
+    fingerprint (lineclip.reading.save_reading_head), so evaluate and validation can report CER and
+    decode-then-match from it. Taken from the training state because a run saves the head beside its own final
+    bundle only, and the shipped copy is another bundle (its config has the paths scrubbed)."""
+    from safetensors.torch import load_file
+
+    from lineclip.bundle import BundleRef, model_fingerprint
+    from lineclip.reading import ReadingHead, save_reading_head
+
+    state = sorted(run.glob("checkpoint_step_*_training_state"))[-1] / "model.safetensors"
+    weights = {k.removeprefix("reading_head."): v for k, v in load_file(state).items() if k.startswith("reading_head.")}
+    config = json.loads((dest / "training_config.json").read_text())
+    head = ReadingHead(weights["norm.weight"].shape[0], int(config["config"]["loss"]["reading_frames_per_column"]))
+    head.load_state_dict(weights)
+    save_reading_head(head, dest, model_fingerprint(BundleRef(dest, "")))
+
+
 def ship(run: Path, card: str) -> Path:
     dest = ROOT / "lineclip" / "assets" / "readers" / "cpu_reader"
     if dest.exists():
@@ -112,6 +130,7 @@ def ship(run: Path, card: str) -> Path:
     (dest / "training_config.json").write_text(config.replace(str(run.parent), "<pretrain_reader --work>"),
                                               encoding="utf-8")
     (dest / "README.md").write_text(card, encoding="utf-8")
+    write_reading_head(run, dest)
     return dest
 
 
