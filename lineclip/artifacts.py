@@ -112,7 +112,10 @@ def check_output_path(path: str | Path, option: str, replace_corpus: bool = Fals
         if is_corpus_dir(parent) and name in CORPUS_FILES:
             raise OutputPathError(f"{option}={path}: {child} belongs to the corpus in {parent}; choose another path")
     if target.is_dir():
-        if is_run_dir(target):
+        # A corpus dir holds faiss_embeddings.npy as a run dir does; its corpus.json (never in a run dir) tells it
+        # apart, and foreign_entries below still refuses one that holds anything else (a run's bundle, ...).
+        own_corpus = replace_corpus and corpus_dir_files(target) is not None
+        if is_run_dir(target) and not own_corpus:
             raise OutputPathError(f"{option}={path} is a training run dir; lineclip never writes over one")
         if not replace_corpus:
             raise OutputPathError(f"{option}={path} is a directory")

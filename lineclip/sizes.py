@@ -4,8 +4,10 @@ manifest's validated lines and their sizes so that the next run starts without p
 The line cache is an Arrow IPC file, `.<manifest name>.lineclip-<key>.arrow` beside the manifest (or, where that
 dir is not writable, in `<run dir>/line_cache/`): the manifest's usable rows as a LineTable, the image size of
 every line, and the manifest report (bad rows per reason). It is keyed by what the rows depend on: the
-manifest's path, size and modification time, the dirs relative image paths resolve against (dataset dir,
-working dir), `data.max_text_bytes`, `data.max_image_pixels` and the cache format. It is memory-mapped, not
+manifest's path, size, modification time and a hash of its first and last 64 KiB, the dirs relative image paths
+resolve against (dataset dir, working dir), `data.max_text_bytes`, `data.max_image_pixels` and the cache format;
+a cache whose key matches is still checked like a shard index (lineclip.lines.table_problem) and against its row
+counts. It is memory-mapped, not
 read: every process (ranks and their loader workers) shares one copy in the page cache, and only the lines a
 batch needs are ever touched. A cache whose key does not match, or that does not parse, is rebuilt.
 What it cannot see: images replaced or deleted after it was written, without the manifest changing. Such a
