@@ -732,7 +732,7 @@ def test_two_runs_into_one_dir_the_second_is_refused_and_a_crash_leaves_no_claim
         before = tree(out)
         for extra in ((), ("trainer.overwrite=true",)):
             line = one_error(*replay("train", train_args(data, out, "trainer.seed=2", *extra)))
-            assert "is in use by another lineclip.train" in line and artifacts.RUN_LOCK in line
+            assert f"is in use by another lineclip.train (pid {run_a.pid})" in line and artifacts.RUN_LOCK in line
             assert tree(out) == before
     finally:
         run_a.kill()
@@ -754,8 +754,8 @@ def test_a_finished_run_releases_its_dir(trained, tmp_path):
     run, _ = trained
     lock = run / artifacts.RUN_LOCK
     assert lock.read_bytes() == b""
-    with open(lock, "rb") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the subprocess that trained it has released it
+    with open(lock, "r+b") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the subprocess that trained it has released it
 
 
 def corpus_copy(hnsw_corpus: Path, target: Path) -> Path:
