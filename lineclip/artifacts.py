@@ -4,6 +4,7 @@ and what marks a dir as a run's or a corpus's own, so that no command writes ove
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -14,7 +15,6 @@ import pandas as pd
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
-# The bundle's entry names, which a run dir holds too (re-exported: artifacts.CONFIG reads as "a run's config").
 from lineclip.bundle import (  # noqa: F401
     BACKBONE,
     BUNDLE_ENTRIES,
@@ -25,6 +25,9 @@ from lineclip.bundle import (  # noqa: F401
     TEXT_HEAD,
     TRAINING_STATE,
 )
+
+# The bundle's entry names, which a run dir holds too (re-exported: artifacts.CONFIG reads as "a run's config").
+from lineclip.files import foreign_entries
 from lineclip.lines import LineRecord, LineTable
 
 EMBEDDINGS = "faiss_embeddings.npy"
@@ -33,9 +36,11 @@ META_COLUMNS = ("sample_id", "doc_id", "page_id", "line_id", "text", "image_path
 DATA_REPORT = "data_report.json"
 # The training run's corpus export at work: each process's part, then the merged file (lineclip.validation).
 CORPUS_EXPORT = ".staging_corpus"
+# The empty file whose flock claims a run dir for the one lineclip.train writing into it (lineclip.checkpoint).
+RUN_LOCK = ".lineclip_run.lock"
 # What else lineclip.train (and Hydra, W&B) keep in a run dir besides bundles.
 # The reading head (lineclip.reading) is saved beside the final bundle, never in it.
-RUN_FILES = (EMBEDDINGS, EMBEDDINGS_META, DATA_REPORT, "train.log", "wandb_run_id", ".hydra", "wandb",
+RUN_FILES = (EMBEDDINGS, EMBEDDINGS_META, DATA_REPORT, "train.log", "wandb_run_id", ".hydra", "wandb", RUN_LOCK,
              "reading_head.safetensors", "reading_head.json")
 # A lineclip.index corpus dir's own files (lineclip.corpus).
 CORPUS_FILES = (EMBEDDINGS, EMBEDDINGS_META, "corpus.json", "text_embeddings.npy", "index.faiss")
@@ -58,7 +63,7 @@ def run_entries(directory: str | Path) -> list[str]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    hydra_own = {".hydra", "train.log", "wandb", "wandb_run_id"}
+    hydra_own = {".hydra", "train.log", "wandb", "wandb_run_id", RUN_LOCK}  # the lock: any run's, even a refused one
     try:
         names = os.listdir(directory)
     except OSError:  # an unlistable dir is no run of ours
@@ -109,16 +114,69 @@ def check_output_path(path: str | Path, option: str, replace_corpus: bool = Fals
         if is_corpus_dir(parent) and name in CORPUS_FILES:
             raise OutputPathError(f"{option}={path}: {child} belongs to the corpus in {parent}; choose another path")
     if target.is_dir():
-        if is_run_dir(target):
+        # A corpus dir holds faiss_embeddings.npy as a run dir does; its corpus.json (never in a run dir) tells it
+        # apart, and foreign_entries below still refuses one that holds anything else (a run's bundle, ...).
+        own_corpus = replace_corpus and corpus_dir_files(target) is not None
+        if is_run_dir(target) and not own_corpus:
             raise OutputPathError(f"{option}={path} is a training run dir; lineclip never writes over one")
         if not replace_corpus:
             raise OutputPathError(f"{option}={path} is a directory")
-        if not (target / "corpus.json").is_file():
-            raise OutputPathError(f"{option}={path} exists and is not a lineclip.index corpus dir; refusing to "
-                                  "replace it")
+        problem = foreign_entries(target, "lineclip.index corpus dir", corpus_dir_files(target))
+        if problem:
+            raise OutputPathError(f"{option}={path} {problem}")
     elif target.exists() and replace_corpus:
         raise OutputPathError(f"{option}={path} exists and is not a directory")
     return target
+
+
+# How lineclip.search's page and lineclip.evaluate's report begin: what marks an existing file as one they wrote.
+SEARCH_PAGE_START = '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>lineclip search</title>'
+EVAL_REPORT_KEYS = ("manifest", "bundle", "manifest_report", "lineclip_version")
+_MAX_REPORT_BYTES = 256 << 20  # larger than any report lineclip.evaluate writes: not read to be recognised
+
+
+def written_by_lineclip(path: Path, kind: str) -> bool:
+    """True when the regular file `path` is a `kind` output ("search" page or "eval" report) that lineclip wrote
+    (by its content, not its name). Anything else (another program's file, a FIFO, a dir) is False."""
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        if kind == "search":
+            with open(path, "rb") as handle:
+                return handle.read(len(SEARCH_PAGE_START.encode())) == SEARCH_PAGE_START.encode()
+        if path.stat().st_size > _MAX_REPORT_BYTES:
+            return False
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and all(key in report for key in EVAL_REPORT_KEYS)
+
+
+def check_replaceable(path: Path, option: str, kind: str) -> None:
+    """The rule for a command's output file (search.output, eval.output): a new path is written; an existing one is
+    replaced only when lineclip itself wrote it there (a page or report of an earlier run: re-running a command
+    updates its output), never a file of anyone else's, which stays as it was."""
+    if (path.exists() or path.is_symlink()) and not written_by_lineclip(path, kind):
+        what = "lineclip.search page" if kind == "search" else "lineclip.evaluate report"
+        raise OutputPathError(f"{option}={path} exists and is not a {what}; lineclip replaces only its own "
+                              "outputs: remove it or choose another path")
+
+
+def corpus_dir_files(directory: Path) -> set[str] | None:
+    """The files lineclip.index writes into a corpus dir, by its corpus.json (kind, text embeddings); None when
+    corpus.json is not one lineclip.index wrote."""
+    try:
+        info = json.loads((directory / "corpus.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(info, dict) or "lineclip_version" not in info or info.get("kind") not in ("flat", "ivf", "hnsw"):
+        return None
+    own = set(CORPUS_FILES)
+    if not info.get("text_embeddings", True):
+        own.discard("text_embeddings.npy")
+    if info["kind"] == "flat":
+        own.discard("index.faiss")
+    return own
 
 
 def corpus_meta(records: Sequence[LineRecord], rows: np.ndarray | None = None) -> pd.DataFrame:

@@ -202,7 +202,8 @@ class LineDataset(torch.utils.data.Dataset):
         # fails) or "too_large_image". Such lines are never sampled; the trainer counts them by kind or, in error
         # mode, stops.
         problems = np.flatnonzero(sizes[:, 0] < 0)
-        self.image_problems: dict[int, str] = {int(i): IMAGE_PROBLEMS[int(sizes[i, 0])] for i in problems}
+        self.image_problems: dict[int, str] = {int(i): IMAGE_PROBLEMS.get(int(sizes[i, 0]), "unreadable_image")
+                                              for i in problems}
         self.buckets = self._bucket_array(sizes)
         self.unreadable_indices: list[int] = problems.tolist()
         self.n_unreadable_headers = len(self.unreadable_indices)

@@ -149,8 +149,8 @@ def check_bundle(ref: BundleRef) -> dict[str, Any]:
     config_path = ref.path(CONFIG)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot read {config_path}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested 100,000 deep
+        raise BundleError(f"cannot read {config_path}: {first_line(exc)}") from None
     if not isinstance(config, dict) or config.get("mode") != "line_clip":
         raise BundleError(f"{config_path} is not a line_clip training config (mode={config.get('mode')!r})"
                           if isinstance(config, dict) else f"{config_path} does not hold a JSON object")

@@ -14,11 +14,16 @@ into place last, so `latest` only ever sees complete checkpoints.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
+import os
 import random
 import shutil
 import signal
+import stat
+import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -310,6 +315,73 @@ def training_state_dir(staging: Path) -> Path:
     return staging / TRAINING_STATE
 
 
+RUN_LOCK = artifacts.RUN_LOCK
+_held_locks: dict[str, int] = {}  # run dir -> the descriptor whose flock claims it, for this process's run
+
+
+def _check_writable(output_dir: Path) -> None:
+    probe = output_dir / f".lineclip_write_probe_{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ResumeError(f"run dir {output_dir} is not writable ({first_line(exc)})") from None
+
+
+def lock_run_dir(output_dir: Path) -> None:
+    """Claim `output_dir` for this process's run, atomically, before anything in it is looked at: an exclusive
+    lock on `<run dir>/.lineclip_run.lock`, held until the run ends (release_run_dirs) or the process dies, when
+    the kernel releases it, so a crashed run never leaves a stale claim. A POSIX record lock (fcntl), not flock:
+    it belongs to this process only, so DataLoader workers forked during the run never hold it after the run
+    ended, and NFS servers honour it. The file stays (empty): deleting it would let a second process lock a new
+    file while a third still holds the old one. A second lineclip.train into the same dir stops here with one
+    line, before it reads, writes or removes anything. Where the file system has no locks at all, a warning, and
+    the dir is not guarded against a concurrent run."""
+    _check_writable(output_dir)
+    path = output_dir / RUN_LOCK
+    key = str(output_dir.resolve())
+    if key in _held_locks:
+        raise ResumeError(f"run dir {output_dir} is already used by a run of this process")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0),
+                     0o644)
+    except OSError as exc:
+        raise ResumeError(f"cannot create the run dir's lock {path} ({first_line(exc)})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ResumeError(f"{path} is not a regular file; refusing to use run dir {output_dir}")
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            log.warning("cannot lock run dir %s (%s): a second run started into it at the same time would not be "
+                        "refused", output_dir, first_line(exc))
+        else:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise ResumeError(f"run dir {output_dir} is in use by another lineclip.train{holder} (it holds {path}); "
+                              "wait for it to end, or choose another hydra.run.dir") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    _held_locks[key] = fd
+
+
+def _lock_holder(fd: int) -> str:
+    """` (pid N)` of the process holding the lock on `fd`'s file, where the kernel says (F_GETLK)."""
+    try:
+        query = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
+        kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except (OSError, struct.error):
+        return ""
+    return f" (pid {pid})" if kind != fcntl.F_UNLCK and pid > 0 else ""
+
+
+def release_run_dirs() -> None:
+    """Release this process's run dir claims (the end of train(); an exit or a crash releases them as well)."""
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])
+
+
 def claim_run_dir(output_dir: Path, resume: str | None, resume_from: Path | None, overwrite: bool,
                   remove: bool = True) -> None:
     """Make sure a run may write into `output_dir`, before any model is built: the dir must be writable, and if it
@@ -319,12 +391,7 @@ def claim_run_dir(output_dir: Path, resume: str | None, resume_from: Path | None
     deletes."""
     if resume and overwrite:
         raise ResumeError("trainer.resume and trainer.overwrite=true contradict each other: give one")
-    probe = output_dir / f".lineclip_write_probe_{__import__('os').getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ResumeError(f"run dir {output_dir} is not writable ({first_line(exc)})") from None
+    _check_writable(output_dir)
     found = artifacts.run_entries(output_dir)
     if not found:
         return

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from lineclip import artifacts
-from lineclip.files import as_write_error, first_non_regular
+from lineclip.files import as_write_error, first_line, first_non_regular
 
 if TYPE_CHECKING:
     import faiss
@@ -169,7 +169,7 @@ class Corpus:
         """corpus.json, or for a training run dir what its final training_config.json says about its corpus."""
         path = directory / CORPUS_INFO
         if path.exists():
-            info = json.loads(path.read_text(encoding="utf-8"))
+            info = _read_json(path)
             if not isinstance(info, dict):
                 raise CorpusError(f"corpus {directory}: {CORPUS_INFO} does not hold a JSON object")
             kind = info.get("kind", "flat")
@@ -186,7 +186,7 @@ class Corpus:
         if not config_path.exists():
             raise CorpusError(f"corpus {directory} has embeddings but neither {CORPUS_INFO} nor a final "
                               f"{artifacts.CONFIG} (an interrupted save?); rebuild it with lineclip.index")
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = _read_json(config_path)
         if not isinstance(config, dict):
             raise CorpusError(f"corpus {directory}: {config_path.name} does not hold a JSON object")
         info = {"kind": "flat", "source": "training run", "bundle": str(directory)}
@@ -336,6 +336,14 @@ def merge_parts(directory: Path, world: int, dim: int, output: Path, chunk_rows:
         rows_path.unlink()
         indices_path.unlink()
     return order
+
+
+def _read_json(path: Path) -> Any:
+    """A corpus's JSON file, or CorpusError naming it (not JSON, not UTF-8, or nested too deep for Python)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CorpusError(f"cannot read {path}: {first_line(exc)}") from None
 
 
 def write_corpus(

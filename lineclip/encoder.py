@@ -103,8 +103,8 @@ def _mean_std(backbone_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]
     try:
         blob = json.loads(path.read_text(encoding="utf-8"))
         return tuple(float(v) for v in blob["image_mean"]), tuple(float(v) for v in blob["image_std"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"cannot read image_mean/image_std from {path}: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise BundleError(f"cannot read image_mean/image_std from {path}: {first_line(exc)}") from None
 
 
 def default_device() -> str:

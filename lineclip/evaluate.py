@@ -407,7 +407,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_manifest_args(cfg)
     if not cfg.eval.ks or min(cfg.eval.ks) < 1 or cfg.eval.chunk_size < 1:
         raise UsageError("eval.ks must be positive integers and eval.chunk_size >= 1")
-    from lineclip.artifacts import check_output_path
+    from lineclip.artifacts import check_output_path, check_replaceable
     from lineclip.bundle import check_bundle, resolve_bundle
     from lineclip.encoder import load_encoder
     from lineclip.manifest import read_manifest
@@ -439,7 +439,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _check_fields(records, "eval.group_key", [cfg.eval.group_key] if cfg.eval.group_key else [])
     _check_fields(records, "eval.gallery_by", gallery_by)
     output = Path(cfg.eval.output) if cfg.eval.output else default_output(ref.directory, ref.prefix, cfg.manifest)
-    check_output_path(output, "eval.output", inputs=[cfg.manifest])  # never a run's or a corpus's own file
+    resolved = check_output_path(output, "eval.output", inputs=[cfg.manifest])  # never a run's or corpus's own
+    check_replaceable(resolved, "eval.output", "eval")  # nor a file lineclip did not write
     encoder = load_encoder(cfg.run_dir, device=cfg.device)
     started = time.perf_counter()
     result = evaluate_records(encoder, records, cfg.eval.group_key, list(cfg.eval.ks), cfg.eval.chunk_size,

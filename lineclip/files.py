@@ -38,6 +38,25 @@ def first_non_regular(paths: Sequence[str | Path]) -> Path | None:
     return None
 
 
+def foreign_entries(directory: Path, what: str, own: set[str] | None) -> str | None:
+    """Why `directory` may not be replaced (overwrite=true), or None: every entry in it must be one of `own`, the
+    files lineclip wrote there by its own record (a corpus.json, a shards.json), each a regular file. So a dir
+    that merely holds a file of that name keeps everything else a person put there. `own` None: no such record."""
+    if own is None:
+        return f"exists and is not a {what} (no record of lineclip's files in it); refusing to replace it"
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as exc:
+        return f"cannot be listed ({exc.strerror}); refusing to replace it"
+    foreign = [e.name + ("/" if e.is_dir(follow_symlinks=False) else "") for e in entries
+               if e.name not in own or not e.is_file(follow_symlinks=False)]
+    if not foreign:
+        return None
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    return (f"holds what lineclip did not write there ({shown}); refusing to replace it: overwrite replaces only a "
+            f"{what} as lineclip left it")
+
+
 def remove_staging(staging: str | Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 

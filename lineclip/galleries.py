@@ -1,7 +1,7 @@
 """Retrieval settings that knowing a line's collection cannot satisfy, and the levels of the known shortcuts.
 
 Shared by `lineclip.evaluate` and training validation; pure (embeddings and per-line arrays in, dicts out),
-except `image_aspects`, which reads image headers.
+except `image_aspects`, which reads the image headers the scan has not.
 
 - whole gallery: every line against every line (lineclip.metrics.retrieval_metrics);
 - within-group galleries (`gallery_by`: page_id, doc_id, collection or any manifest field): each query is
@@ -141,18 +141,20 @@ def _score_tiers(scores: Mapping[str, np.ndarray]) -> dict[str, Callable[[slice]
     return {name: (lambda rows, matrix=matrix: -matrix[rows].astype(np.float64)) for name, matrix in scores.items()}
 
 
-def image_aspects(paths: Sequence[str]) -> np.ndarray:
-    """Width / height of each image from its header (NaN where it cannot be read)."""
-    from PIL import Image
+def image_aspects(paths: Sequence[str], sizes: np.ndarray | None = None) -> np.ndarray:
+    """Width / height of each image (NaN where it cannot be read). `sizes`: the [N, 2] (width, height) the header
+    scan already found (lineclip.sizes; codes below 0 for unusable images): each header is read once, and only
+    lines without a size are read here, by the same reader (pixel limit, regular files only; never raises)."""
+    from lineclip.sizes import SIZE_UNKNOWN, header_row
 
     out = np.full(len(paths), np.nan)
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-            out[i] = width / height if height > 0 else np.nan
-        except (OSError, ValueError):
-            pass
+    known = np.full((len(paths), 2), SIZE_UNKNOWN, np.int64) if sizes is None else np.asarray(sizes, np.int64)
+    for i in range(len(paths)):
+        width, height = (int(v) for v in known[i])
+        if width == SIZE_UNKNOWN:
+            width, height = header_row(paths[i], None)  # no limit: a size, not pixels, is all that is read
+        if width > 0 and height > 0:
+            out[i] = width / height
     return out
 
 
@@ -315,7 +317,8 @@ class ValidationPlan:
         texts = [r.text for r in records]
         names = level_names(levels)
         plan = cls(ids=text_ids(texts), lengths=text_bytes(texts), collection=optional_codes(records, collection_field),
-                   aspects=image_aspects([r.image_path for r in records]) if "length" in names else None,
+                   aspects=image_aspects([r.image_path for r in records], getattr(records, "sizes", None))
+                   if "length" in names else None,
                    with_phrases=phrases, level_names=names)
         for key in gallery_by:
             codes = optional_codes(records, key)

@@ -10,8 +10,11 @@ demand. Reading manifests into tables is lineclip.manifest's job; shards build t
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import mmap
+import os
+import stat
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -230,7 +233,60 @@ class LineTable(Sequence[LineRecord]):
         return (LineTable, (self.table, self.manifest, self.sources, None, self.sizes_checked, self.images))
 
 
+# `extra` as LineTable writes it: "" or json.dumps of a flat object of strings (", " and ": " separators).
+_JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'
+_EXTRA_PATTERN = (r"^(?:\{(?:" + _JSON_STRING + ": " + _JSON_STRING + "(?:, " + _JSON_STRING + ": " + _JSON_STRING
+                  + r")*)?\})?$")
+
+
+def table_problem(table: pa.Table, size_codes: Sequence[int] = ()) -> str | None:
+    """What makes a LineTable read from a file (a line cache, a shard index) unusable, or None: the checks the
+    manifest parser applies to every row (a non-empty text, unique ids, an `extra` that is a JSON object of
+    strings), no nulls, and per line a size (width, height > 0) or, when `size_codes` allows, one of those codes
+    in both columns. Vectorised (Arrow compute): a 10M-line table is checked in seconds, not minutes."""
+    for name in table.column_names:
+        if table.column(name).null_count:
+            return f"column {name} has nulls"
+    if not len(table):
+        return None
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table.column("text"))), 0)
+    if pc.any(blank).as_py():
+        return f"row {pc.index(blank, True).as_py()}: empty text"
+    ids = table.column("sample_id")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        twice = counts.filter(pc.greater(counts.field("counts"), 1))
+        return f"duplicated sample_id {twice.field('values')[0].as_py()!r}"
+    good = pc.match_substring_regex(table.column("extra"), _EXTRA_PATTERN)
+    if not pc.all(good).as_py():
+        return f"row {pc.index(good, False).as_py()}: extra is not a JSON object of strings"
+    width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
+    ok = (width > 0) & (height > 0)
+    for code in size_codes:
+        ok |= (width == code) & (height == code)
+    if not ok.all():
+        row = int(np.flatnonzero(~ok)[0])
+        return f"row {row}: width/height {int(width[row])}/{int(height[row])} is neither a size nor a known code"
+    return None
+
+
+def open_arrow_file(path: str | os.PathLike) -> pa.ipc.RecordBatchFileReader:
+    """An Arrow IPC file (a line cache, a shard index), memory-mapped read-only (shared with every process that
+    maps it). Only a regular file is mapped: the open does not wait on a FIFO (O_NONBLOCK) and fstat refuses it
+    and devices (pa.memory_map would block on a FIFO forever). OSError or ArrowInvalid for anything else."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO or a device?); refusing to read it", str(path))
+        if info.st_size == 0:
+            raise OSError(errno.EINVAL, "an empty file", str(path))
+        mapped = mmap.mmap(fd, info.st_size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)  # the mapping keeps the file's pages; the descriptor is not needed
+    return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped)))
+
+
 def open_cached_table(path: str, manifest: str) -> LineTable:
-    with pa.memory_map(path) as source:
-        table = pa.ipc.open_file(source).read_all()
+    table = open_arrow_file(path).read_all()
     return LineTable(table, manifest, cache_path=path, sizes_checked=True)

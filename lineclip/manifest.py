@@ -222,9 +222,15 @@ def _extra_value(value: Any) -> str | None:
     return None  # lists, objects and null are not groupable scalars
 
 
+_INT32_MAX = 2**31 - 1  # the table's width/height columns are int32
+
+
 def _pixel_count(value: Any) -> int:
-    """A manifest's `width`/`height` when it is a positive integer, else -1 (unknown: read the header)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else -1
+    """A manifest's `width`/`height` when it is a positive integer the table can hold, else -1 (unknown: read the
+    header). A value past int32 (`"width": 99999999999`) is no image's size: the header decides, as for a missing
+    one, instead of Arrow refusing the whole batch."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _INT32_MAX
+    return value if ok else -1
 
 
 # One usable row as the table stores it: sample_id, image_path, text, doc_id, page_id, line_id, extra (JSON

@@ -120,7 +120,10 @@ def tibetan_from_wylie(text: str) -> tuple[str, list[str]]:
     if any("\u0f00" <= ch <= "\u0fff" for ch in text):
         return text, ["this is Tibetan script, not Wylie: search it as Tibetan"]
     warnings: list[str] = []
-    tibetan = _ewts_converter(pyewts).toUnicode(text, warnings)
+    try:
+        tibetan = _ewts_converter(pyewts).toUnicode(text, warnings)
+    except Exception as exc:  # noqa: BLE001 - pyewts fails on some input (`M`: IndexError): a warning like its own
+        return "", [f"the converter failed on it ({type(exc).__name__})"]
     return normalize_query(tibetan), [" ".join(str(w).split()) for w in warnings]
 
 
@@ -300,9 +303,10 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     ref = resolve_bundle(cfg.run_dir)
     check_bundle(ref)
     if cfg.search.html and cfg.search.output:
-        from lineclip.artifacts import check_output_path
+        from lineclip.artifacts import check_output_path, check_replaceable
 
-        check_output_path(cfg.search.output, "search.output", inputs=[cfg.query_image or ""])
+        output = check_output_path(cfg.search.output, "search.output", inputs=[cfg.query_image or ""])
+        check_replaceable(output, "search.output", "search")
     text, wylie = query_text(cfg) if cfg.query_image is None else (None, None)
     if wylie is not None:
         print(f"query_wylie {wylie!r} searched as {text}")

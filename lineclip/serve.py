@@ -343,12 +343,32 @@ def render_page(label: str, query: Query | None = None, results: Results | None 
 # ----------------------------------------------------------------------------------------------------- app
 
 
+# Digits a page or row number may have: more is no page or row of any corpus (and int() of 4,300+ digits raises).
+_MAX_DIGITS = 12
+
+
+def _number(value: str) -> int | None:
+    """`value` as a non-negative number when it is ASCII digits only (str.isdigit also takes '²' and other Unicode
+    digits, which int() refuses), else None."""
+    if not value or len(value) > _MAX_DIGITS or not value.isascii() or not value.isdigit():
+        return None
+    return int(value)
+
+
 def _page_number(value: str | None) -> int:
     if value is None:
         return 1
-    if not value.isdigit() or int(value) < 1:
-        raise PageError(400, f"page={value!r} is not a page number (1, 2, ...)")
-    return int(value)
+    number = _number(value)
+    if number is None or number < 1:
+        raise PageError(400, f"page={value[:20]!r} is not a page number (1, 2, ...)")
+    return number
+
+
+def _row_number(value: str) -> int:
+    number = _number(value)
+    if number is None:
+        raise PageError(404, f"no corpus line {value[:20]!r}")
+    return number
 
 
 def build_app(engine: LineSearch) -> Any:
@@ -421,10 +441,11 @@ def build_app(engine: LineSearch) -> Any:
         return _picture(request, None, "PNG", "image/png")
 
     def _picture(request: Request, size: tuple[int, int] | None, fmt: str, media_type: str) -> Response:
-        path = engine.row_path(request.path_params["row"])  # the corpus's own recorded path, by row only
+        row = _row_number(request.path_params["row"])
+        path = engine.row_path(row)  # the corpus's own recorded path, by row only
         data = line_picture(path, size, fmt)
         if data is None:
-            raise PageError(404, f"the image of corpus line {request.path_params['row']} cannot be read")
+            raise PageError(404, f"the image of corpus line {row} cannot be read")
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     def upload_picture(request: Request) -> Response:
@@ -454,8 +475,10 @@ def build_app(engine: LineSearch) -> Any:
     routes = [
         Route("/", home, methods=["GET"]),
         Route("/image", image_search, methods=["POST"]),
-        Route("/thumb/{row:int}", thumbnail, methods=["GET"]),
-        Route("/line/{row:int}", full_line, methods=["GET"]),
+        # {row} as text, parsed by _row_number: Starlette's int convertor takes any digits and int() fails on
+        # 5,000 of them (a 500); here any row that is not one is a 404.
+        Route("/thumb/{row}", thumbnail, methods=["GET"]),
+        Route("/line/{row}", full_line, methods=["GET"]),
         Route("/upload/{key:str}", upload_picture, methods=["GET"]),
         Route("/font/tibetan.ttf", font, methods=["GET"]),
     ]

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from lineclip.cli import UsageError, hydra_command, run_command
 from lineclip.config import register_configs
-from lineclip.lines import TABLE_SCHEMA, LineTable
+from lineclip.files import foreign_entries
+from lineclip.lines import TABLE_SCHEMA, LineTable, open_arrow_file, table_problem
 from lineclip.manifest import DEFAULT_MAX_TEXT_BYTES, ON_BAD_ROW_CHOICES, ManifestError, ManifestReport
 from lineclip.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_image, open_regular
 from lineclip.sizes import IMAGE_PROBLEMS, load_line_table
@@ -95,11 +96,14 @@ def write_shards(manifest: str | Path, out_dir: str | Path, shard_size: int = 10
     if on_bad_row not in ON_BAD_ROW_CHOICES:
         raise UsageError(f"on_bad_row={on_bad_row!r} is not one of {', '.join(ON_BAD_ROW_CHOICES)}")
     out = Path(os.path.abspath(os.path.expanduser(str(out_dir))))
-    if out.exists():
+    if out.exists() or out.is_symlink():
         if not overwrite:
             raise UsageError(f"out_dir={out} already exists (overwrite=true replaces a shard dir)")
-        if not (out / SHARDS_FILE).is_file():
+        if not out.is_dir() or out.is_symlink() or not (out / SHARDS_FILE).is_file():
             raise UsageError(f"out_dir={out} is not a shard dir (no {SHARDS_FILE}): not replacing it")
+        problem = foreign_entries(out, "shard dir", _own_files(out))
+        if problem:
+            raise UsageError(f"out_dir={out} {problem}")
     table, report = load_line_table(manifest, dataset_dir, on_bad_row, max_text_bytes, max_pixels or 0,
                                     scan_workers=scan_workers, progress=progress)
     for reason in IMAGE_PROBLEM_REASONS:
@@ -190,12 +194,15 @@ class ShardImages:
 
     def __init__(self, shard_paths: Sequence[str], locations: np.ndarray) -> None:
         self.shard_paths = list(shard_paths)
-        self.locations = locations  # [N, 3] int64: shard, offset, nbytes
+        self.locations = locations  # [N, 4] int64: shard, offset, nbytes, the line's key in its shard dir
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
     def read(self, index: int) -> bytes:
-        shard, offset, nbytes = (int(v) for v in self.locations[index])
+        """The image bytes of line `index`. The tar header just before them is read too and must name this line's
+        member (its key, then the image suffix) with this size: an index whose offset points at another line's
+        member fails here (OSError: the line is counted as corrupt) instead of training on the wrong image."""
+        shard, offset, nbytes, key = (int(v) for v in self.locations[index])
         if self._pid != os.getpid():  # a forked loader worker: its own descriptors
             self._fds, self._pid = {}, os.getpid()
         fd = self._fds.get(shard)
@@ -203,14 +210,23 @@ class ShardImages:
             with open_regular(self.shard_paths[shard]) as handle:
                 fd = os.dup(handle.fileno())
             self._fds[shard] = fd
-        data = os.pread(fd, nbytes, offset)
+        block = os.pread(fd, 512 + nbytes, offset - 512)
+        header, data = block[:512], block[512:]
         if len(data) != nbytes:
             raise OSError(f"{self.shard_paths[shard]}: {len(data)} of {nbytes} bytes at offset {offset} (truncated)")
+        name = header[:100].split(b"\0", 1)[0]
+        try:
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"-1", 8)
+        except ValueError:
+            size = -1
+        if not name.startswith(f"{key:09d}.".encode()) or name.endswith(b".json") or size != nbytes:
+            raise OSError(f"{self.shard_paths[shard]}@{offset}: the member there is {name[:40]!r} of {size} bytes, "
+                          f"not line {key:09d}'s image of {nbytes} bytes (a damaged index)")
         return data
 
     def load(self, index: int, max_pixels: int | None) -> Image.Image:
         """The line image decoded as lineclip.preprocess.load_image decodes a file (EXIF orientation, pixel limit)."""
-        shard, offset, _ = (int(v) for v in self.locations[index])
+        shard, offset = (int(v) for v in self.locations[index][:2])
         return decode_image(io.BytesIO(self.read(index)), max_pixels, f"{self.shard_paths[shard]}@{offset}")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -243,20 +259,94 @@ def shard_dirs(spec: str) -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
-def _read_summary(directory: Path) -> dict[str, Any]:
+def _own_files(directory: Path) -> set[str] | None:
+    """The files lineclip.shard wrote into a shard dir, by its shards.json; None when that is not one it wrote."""
     try:
-        summary = json.loads((directory / SHARDS_FILE).read_text())
-        if summary.get("format") != SHARD_FORMAT or summary.get("version") != SHARD_VERSION:
-            raise ValueError(f"not a {SHARD_FORMAT} v{SHARD_VERSION} summary")
-        for shard in summary["shards"]:
-            path = directory / shard["name"]
-            if Path(shard["name"]).name != shard["name"] or not path.is_file():
+        summary = _read_summary(directory, check_files=False)
+    except ManifestError:
+        return None
+    return {SHARDS_FILE, INDEX_FILE, *(shard["name"] for shard in summary["shards"])}
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _summary_problem(summary: Any) -> str | None:
+    """What makes a shards.json other than what write_shards writes, or None (types and ranges of every field
+    that reading uses: a file is data, checked rather than trusted)."""
+    if not isinstance(summary, dict):
+        return f"not a JSON object (a JSON {type(summary).__name__})"
+    if summary.get("format") != SHARD_FORMAT or summary.get("version") != SHARD_VERSION:
+        return f"not a {SHARD_FORMAT} v{SHARD_VERSION} summary"
+    for key, test, kind in (("manifest", lambda v: isinstance(v, str), "a string"), ("n_lines", _count, "a count"),
+                            ("shards", lambda v: isinstance(v, list), "a list"),
+                            ("report", lambda v: isinstance(v, dict), "a JSON object")):
+        if not test(summary.get(key)):
+            return f"{key} is missing or not {kind}"
+    names = set()
+    for i, shard in enumerate(summary["shards"]):
+        if not isinstance(shard, dict) or not isinstance(shard.get("name"), str):
+            return f"shards[{i}] has no name"
+        name = shard["name"]
+        if Path(name).name != name or name in (".", "..", SHARDS_FILE, INDEX_FILE) or name in names:
+            return f"shards[{i}] name {name[:80]!r} is not a shard file of this dir"
+        names.add(name)
+        if not _count(shard.get("n_lines")) or not _count(shard.get("bytes")):
+            return f"shard {name}: n_lines and bytes must be counts (integers >= 0)"
+    if sum(shard["n_lines"] for shard in summary["shards"]) != summary["n_lines"]:
+        return "the shards' n_lines do not add up to n_lines"
+    report = summary["report"]
+    if not _count(report.get("rows_total")):
+        return "report.rows_total is not a count"
+    for key, kind in (("skipped", _count), ("first_bad", lambda v: isinstance(v, str))):
+        table = report.get(key)
+        if not isinstance(table, dict) or not all(kind(v) for v in table.values()):
+            return f"report.{key} is not a JSON object of {'counts' if key == 'skipped' else 'strings'}"
+    return None
+
+
+def _read_summary(directory: Path, check_files: bool = True) -> dict[str, Any]:
+    path = directory / SHARDS_FILE
+    try:
+        with open_regular(path) as handle:  # a FIFO would block the read
+            summary = json.loads(handle.read().decode("utf-8"))
+        problem = _summary_problem(summary)
+        if problem:
+            raise ValueError(problem)
+        for shard in summary["shards"] if check_files else ():
+            shard_path = directory / shard["name"]
+            if not shard_path.is_file():
                 raise ValueError(f"shard {shard['name']} is missing")
-            if path.stat().st_size != shard["bytes"]:
-                raise ValueError(f"shard {shard['name']} has {path.stat().st_size} bytes, not {shard['bytes']}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ManifestError(f"{directory / SHARDS_FILE}: {exc}") from None
+            if shard_path.stat().st_size != shard["bytes"]:
+                raise ValueError(f"shard {shard['name']} has {shard_path.stat().st_size} bytes, shards.json says "
+                                 f"{shard['bytes']} (cut short or replaced)")
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep for Python
+        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, RecursionError) else str(exc)
+        raise ManifestError(f"{path}: {' '.join(reason.split())}") from None
     return summary
+
+
+def _locations_problem(where: np.ndarray, shards: list[dict[str, Any]]) -> str | None:
+    """What is wrong with an index's (shard, offset, nbytes) rows, or None: each line's data must lie inside its
+    shard at a tar block boundary after its header, and the lines must follow each other through the shards in
+    order without overlapping (write_shards writes them so), so that no line can point at another's member."""
+    if not len(where):
+        return None
+    shard, offset, nbytes = where[:, 0], where[:, 1], where[:, 2]
+    if shard.min() < 0 or shard.max() >= len(shards):
+        return f"row {int(np.flatnonzero((shard < 0) | (shard >= len(shards)))[0])}: points at no shard"
+    sizes = np.array([s["bytes"] for s in shards], dtype=np.int64)[shard]
+    bad = (offset < 512) | (offset % 512 != 0) | (nbytes < 0) | (offset + nbytes > sizes)
+    if bad.any():
+        return f"row {int(np.flatnonzero(bad)[0])}: offset/nbytes outside its shard's members"
+    # In order: shard never decreases; within a shard each line starts after the previous one's data and its
+    # JSON member (at least a header block each).
+    same = shard[1:] == shard[:-1]
+    out_of_order = (shard[1:] < shard[:-1]) | (same & (offset[1:] < offset[:-1] + nbytes[:-1] + 2 * 512))
+    if out_of_order.any():
+        return f"row {int(np.flatnonzero(out_of_order)[0]) + 1}: its offset is not after the previous line's members"
+    return None
 
 
 def load_shards(spec: str, on_bad_row: str = "skip") -> tuple[LineTable, ManifestReport]:
@@ -268,14 +358,17 @@ def load_shards(spec: str, on_bad_row: str = "skip") -> tuple[LineTable, Manifes
     for part, directory in enumerate(shard_dirs(spec)):
         summary = _read_summary(directory)
         try:
-            table = pa.ipc.open_file(pa.memory_map(str(directory / INDEX_FILE))).read_all()
+            table = open_arrow_file(directory / INDEX_FILE).read_all()
             if not table.schema.remove_metadata().equals(INDEX_SCHEMA) or len(table) != summary["n_lines"]:
                 raise ValueError("its columns or line count do not match shards.json")
             where = np.stack([table.column(c).to_numpy().astype(np.int64) for c in ("shard", "offset", "nbytes")], 1)
-            if len(where) and (where[:, 0].min() < 0 or where[:, 0].max() >= len(summary["shards"])):
-                raise ValueError("a line points at no shard")
+            problem = _locations_problem(where, summary["shards"]) or table_problem(table.select(TABLE_SCHEMA.names))
+            if problem:
+                raise ValueError(problem)
         except (OSError, ValueError, pa.ArrowException) as exc:
-            raise ManifestError(f"{directory / INDEX_FILE}: {exc}") from None
+            raise ManifestError(f"{directory / INDEX_FILE}: {' '.join(str(exc).split())}") from None
+        # Per line its key in the dir (its row): the member at its offset must carry it (ShardImages.read).
+        where = np.concatenate([where, np.arange(len(where), dtype=np.int64)[:, None]], axis=1)
         where[:, 0] += len(paths)
         paths += [str(directory / shard["name"]) for shard in summary["shards"]]
         tables.append(table.select(TABLE_SCHEMA.names))

@@ -4,8 +4,10 @@ manifest's validated lines and their sizes so that the next run starts without p
 The line cache is an Arrow IPC file, `.<manifest name>.lineclip-<key>.arrow` beside the manifest (or, where that
 dir is not writable, in `<run dir>/line_cache/`): the manifest's usable rows as a LineTable, the image size of
 every line, and the manifest report (bad rows per reason). It is keyed by what the rows depend on: the
-manifest's path, size and modification time, the dirs relative image paths resolve against (dataset dir,
-working dir), `data.max_text_bytes`, `data.max_image_pixels` and the cache format. It is memory-mapped, not
+manifest's path, size, modification time and a hash of its first and last 64 KiB, the dirs relative image paths
+resolve against (dataset dir, working dir), `data.max_text_bytes`, `data.max_image_pixels` and the cache format;
+a cache whose key matches is still checked like a shard index (lineclip.lines.table_problem) and against its row
+counts. It is memory-mapped, not
 read: every process (ranks and their loader workers) shares one copy in the page cache, and only the lines a
 batch needs are ever touched. A cache whose key does not match, or that does not parse, is rebuilt.
 What it cannot see: images replaced or deleted after it was written, without the manifest changing. Such a
@@ -32,7 +34,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from lineclip.files import usable_cpus
-from lineclip.lines import TABLE_SCHEMA, LineTable, StringColumn, open_cached_table
+from lineclip.lines import TABLE_SCHEMA, LineTable, StringColumn, open_arrow_file, open_cached_table, table_problem
 from lineclip.manifest import (
     BAD_ROW_REASONS,
     ManifestReport,
@@ -41,14 +43,15 @@ from lineclip.manifest import (
     optional_path,
     read_line_table,
 )
-from lineclip.preprocess import TooManyPixels, header_size
+from lineclip.preprocess import TooManyPixels, header_size, open_regular
 
 logger = logging.getLogger(__name__)
 
 # Size codes below 0 (both width and height): why a line's image cannot be used, found from its header.
 SIZE_UNKNOWN, SIZE_UNREADABLE, SIZE_EMPTY, SIZE_TOO_LARGE = -1, -2, -3, -4
 IMAGE_PROBLEMS = {SIZE_UNREADABLE: "unreadable_image", SIZE_EMPTY: "empty_image", SIZE_TOO_LARGE: "too_large_image"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key holds a hash of the manifest's first and last bytes
+_ENDS_BYTES = 1 << 16  # bytes hashed at each end of the manifest for the key: its first and last rows
 # Smaller manifests are read and scanned in about a second: no cache file for them (the bundled demo set's dir is
 # inside the package, and a test's tmp dir should not collect caches either).
 CACHE_MIN_ROWS = 10_000
@@ -161,14 +164,28 @@ def cache_key(manifest: Path, dataset_dir: str | None, max_text_bytes: int | Non
     """What a cached table depends on; any change makes the cache stale."""
     stat = manifest.stat()
     return {"version": CACHE_VERSION, "manifest": str(manifest), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "ends_sha256": _ends_digest(manifest, stat.st_size),
             "resolve_dirs": image_search_dirs(manifest, optional_path(dataset_dir)), "max_text_bytes": max_text_bytes,
             "max_image_pixels": max_pixels}
+
+
+def _ends_digest(manifest: Path, size: int) -> str:
+    """A hash of the manifest's first and last 64 KiB (its first and last rows): a manifest edited there keeps
+    neither its cache, even where the edit kept its size and mtime (`cp -p`, `rsync -t`, a clock reset). The rows
+    in between are not read: that would cost the full read the cache exists to avoid (README, Security)."""
+    digest = hashlib.sha256()
+    with open_regular(manifest) as handle:
+        digest.update(handle.read(_ENDS_BYTES))
+        if size > _ENDS_BYTES:
+            handle.seek(max(_ENDS_BYTES, size - _ENDS_BYTES))
+            digest.update(handle.read(_ENDS_BYTES))
+    return digest.hexdigest()
 
 
 def cache_name(manifest: Path, key: dict[str, Any]) -> str:
     # Everything but size and mtime goes into the name, so a run with another dataset_dir keeps its own cache
     # instead of rebuilding the other's; an edited manifest replaces its file.
-    stable = {k: v for k, v in key.items() if k not in ("size", "mtime_ns")}
+    stable = {k: v for k, v in key.items() if k not in ("size", "mtime_ns", "ends_sha256")}
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:12]
     return f".{manifest.name}.lineclip-{digest}.arrow"
 
@@ -176,23 +193,30 @@ def cache_name(manifest: Path, key: dict[str, Any]) -> str:
 def read_cache(path: Path, key: dict[str, Any]) -> tuple[LineTable, ManifestReport] | None:
     """The cached table and report when `path` holds a cache of exactly `key`, else None (missing, stale or not a
     cache: it is data like the manifest, checked rather than trusted)."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     try:
-        source = pa.memory_map(str(path))
-        reader = pa.ipc.open_file(source)
+        reader = open_arrow_file(path)  # a FIFO or device is refused, not waited on
         meta = json.loads((reader.schema.metadata or {}).get(b"lineclip", b"{}"))
-        if meta.get("key") != key:
+        if not isinstance(meta, dict) or meta.get("key") != key:
             logger.info("line cache %s is stale (the manifest or the settings changed); rebuilding it", path)
             return None
         table = reader.read_all()
         if not table.schema.remove_metadata().equals(TABLE_SCHEMA):
             raise ValueError("unexpected columns")
         report = ManifestReport(**meta["report"])
-        if set(report.skipped) != set(BAD_ROW_REASONS) or report.rows_used != len(table):
-            raise ValueError("report does not match the table")
-    except (OSError, ValueError, TypeError, KeyError, pa.ArrowException) as exc:
-        logger.warning("ignoring line cache %s (%s); rebuilding it", path, exc)
+        skipped = report.skipped
+        if (set(skipped) != set(BAD_ROW_REASONS) or not all(type(v) is int and v >= 0 for v in skipped.values())
+                or report.rows_used != len(table) or report.rows_total != report.rows_used + sum(skipped.values())):
+            raise ValueError("its row counts do not match its table")
+        line_nos = table.column("line_no").to_numpy()
+        if len(line_nos) and (line_nos[0] < 1 or (np.diff(line_nos) <= 0).any()):
+            raise ValueError("its line numbers are not the manifest's, in order")
+        problem = table_problem(table, tuple(IMAGE_PROBLEMS))
+        if problem:
+            raise ValueError(problem)
+    except (OSError, ValueError, TypeError, KeyError, RecursionError, pa.ArrowException) as exc:
+        logger.warning("ignoring line cache %s (%s); rebuilding it", path, " ".join(f"{exc}".split())[:300])
         return None
     return LineTable(table, key["manifest"], cache_path=str(path)), report
 

@@ -27,9 +27,18 @@ import lineclip
 from lineclip import artifacts, bundle
 from lineclip.batch import TrainTexts
 from lineclip.bundle import BundleError, check_bundle, resolve_bundle
-from lineclip.checkpoint import Checkpointer, TrainingDiverged, claim_run_dir, resolve_resume
+from lineclip.checkpoint import (
+    Checkpointer,
+    ResumeError,
+    TrainingDiverged,
+    claim_run_dir,
+    lock_run_dir,
+    release_run_dirs,
+    resolve_resume,
+)
 from lineclip.config import ConfigError, check_config
 from lineclip.data import build_data, load_lines
+from lineclip.files import first_line
 from lineclip.galleries import ValidationPlan
 from lineclip.loss import (
     ContrastiveOutput,
@@ -125,12 +134,23 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
     if cfg.model.gradient_checkpointing:
         model.image_backbone.gradient_checkpointing_enable()
         model.text_encoder.gradient_checkpointing_enable()
-    processor = build_image_processor(image_path, cfg.preprocess.target_height)
+    # A bundle's (or a hub id's) tokenizer or processor that is damaged, foreign (BertTokenizer) or not JSON:
+    # transformers raises anything from ValueError to JSONDecodeError; one line naming the dir.
+    where = f"model.init_from={cfg.model.init_from}: " if init is not None else ""
+    error = BundleError if init is not None else ConfigError
+    try:
+        processor = build_image_processor(image_path, cfg.preprocess.target_height)
+    except Exception as exc:  # noqa: BLE001
+        raise error(f"{where}cannot load the image processor of {image_path}: {first_line(exc)}") from None
+    try:
+        tokenizer = build_tokenizer(text_path)
+    except Exception as exc:  # noqa: BLE001
+        raise error(f"{where}cannot load the tokenizer of {text_path}: {first_line(exc)}") from None
     if cfg.preprocess.image_mean is not None:
         processor.image_mean = list(cfg.preprocess.image_mean)
     if cfg.preprocess.image_std is not None:
         processor.image_std = list(cfg.preprocess.image_std)
-    return model, processor, build_tokenizer(text_path)
+    return model, processor, tokenizer
 
 
 def param_groups(model: DualEncoder, cfg: DictConfig) -> list[dict[str, Any]]:
@@ -404,6 +424,17 @@ def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     # second): all of them write where the main process says.
     output_dir = Path(broadcast_object_list([str(cfg.output_dir or "outputs/run")])[0])
     output_dir.mkdir(parents=True, exist_ok=True)
+    # The main process claims the dir (a flock held for the run's life) before anything in it is read; every
+    # process learns whether it did, so that none is left waiting for a main process that stopped.
+    refused = None
+    if accelerator.is_main_process:
+        try:
+            lock_run_dir(output_dir)
+        except ResumeError as exc:
+            refused = str(exc)
+    refused = broadcast_object_list([refused])[0]
+    if refused is not None:
+        raise ResumeError(refused)
     resume_from = resolve_resume(cfg.trainer.resume, output_dir) if cfg.trainer.resume else None
     claim_run_dir(output_dir, cfg.trainer.resume, resume_from, cfg.trainer.overwrite, accelerator.is_main_process)
     if accelerator.is_main_process:  # only now: a refused run must not overwrite the record of the run it found
@@ -414,7 +445,15 @@ def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
 
 
 def train(cfg: DictConfig) -> TrainResult:
-    """Train one run into `cfg.output_dir` (Hydra's run dir): setup, the loop, the final artifacts."""
+    """Train one run into `cfg.output_dir` (Hydra's run dir): setup, the loop, the final artifacts. The run dir's
+    claim (setup_run) is released when the run ends, however it ends."""
+    try:
+        return _train(cfg)
+    finally:
+        release_run_dirs()
+
+
+def _train(cfg: DictConfig) -> TrainResult:
     # ---- setup: run dir, data, model, optimizer and schedule, checkpointer
     accelerator, output_dir, resume_from = setup_run(cfg)
     world = accelerator.num_processes

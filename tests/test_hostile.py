@@ -703,3 +703,444 @@ def test_a_refused_run_leaves_the_record_of_the_run_it_found(trained, tmp_path):
                           env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 2 and "already holds a run" in proc.stdout + proc.stderr, proc.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in (copy / ".hydra").iterdir()} == record
+
+
+# ------------------------------------------------------------------------- round 3 (issue 22, issue 26 item 6)
+
+
+def test_two_runs_into_one_dir_the_second_is_refused_and_a_crash_leaves_no_claim(tmp_path):
+    """Run A (a real `python -m lineclip.train`) is stopped (SIGSTOP) right after it claimed the dir; run B into the
+    same dir, this process, is refused before it reads, writes or removes anything, with or without overwrite.
+    Then A is killed (SIGKILL: a crash, no cleanup of its own): the kernel releases its claim and run C, with
+    overwrite, trains there."""
+    import time
+
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "lineclip.train", *train_args(data, out)[:-1], f"hydra.run.dir={out}",
+            "trainer.max_steps=4", "trainer.checkpoint_every_steps=2", "trainer.seed=1"]
+    with open(tmp_path / "a.log", "w") as log:
+        run_a = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "WANDB_MODE": "disabled"})
+    try:
+        deadline = time.monotonic() + 300
+        # .hydra/config.yaml is written only once the dir is claimed (lineclip.trainer.setup_run)
+        while not (out / ".hydra" / "config.yaml").exists() and run_a.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run_a.send_signal(signal.SIGSTOP)
+        assert run_a.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+        before = tree(out)
+        for extra in ((), ("trainer.overwrite=true",)):
+            line = one_error(*replay("train", train_args(data, out, "trainer.seed=2", *extra)))
+            assert f"is in use by another lineclip.train (pid {run_a.pid})" in line and artifacts.RUN_LOCK in line
+            assert tree(out) == before
+    finally:
+        run_a.kill()
+        run_a.wait(timeout=60)
+    assert (out / artifacts.RUN_LOCK).exists()  # the lock file stays; its flock died with the process
+    assert replay("train", train_args(data, out, "trainer.seed=2", "trainer.overwrite=true", "trainer.max_steps=2",
+                                      "trainer.export_embeddings=false")) == (0, [])
+    config = json.loads((out / artifacts.CONFIG).read_text())
+    assert config["global_step"] == 2 and config["seed"] == 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 2  # nothing of run A's steps 3-4
+
+
+def test_a_finished_run_releases_its_dir(trained, tmp_path):
+    """The claim is the run's, not the dir's: a run that ended (here in this process) leaves the dir free, so
+    resume continues it at once; the lock file holds no data (the tree compare stays exact)."""
+    import fcntl
+
+    run, _ = trained
+    lock = run / artifacts.RUN_LOCK
+    assert lock.read_bytes() == b""
+    with open(lock, "r+b") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the subprocess that trained it has released it
+
+
+def corpus_copy(hnsw_corpus: Path, target: Path) -> Path:
+    shutil.copytree(hnsw_corpus, target)
+    return target
+
+
+@pytest.mark.parametrize("extra", ["file", "dir", "no_record"])
+def test_index_overwrite_replaces_only_what_lineclip_index_wrote(trained, hnsw_corpus, tmp_path, extra):
+    run, data = trained
+    corpus = corpus_copy(hnsw_corpus, tmp_path / "corpus")
+    if extra == "file":
+        (corpus / "notes.txt").write_text("mine")
+    elif extra == "dir":
+        (corpus / "photos").mkdir()
+        (corpus / "photos" / "a.jpg").write_bytes(b"x")
+    else:  # a dir that merely holds a file named corpus.json
+        for path in corpus.iterdir():
+            path.unlink()
+        (corpus / "corpus.json").write_text('{"mine": true}')
+        (corpus / "thesis.tex").write_text("keep")
+    before = tree(corpus)
+    line = one_error(*replay("index", [f"run_dir={run}", f"manifest={data['eval']}", f"index.output={corpus}",
+                                       "index.overwrite=true"]))
+    assert "index.output" in line and "refusing to replace it" in line and tree(corpus) == before
+    if extra == "file":
+        assert "notes.txt" in line
+        (corpus / "notes.txt").unlink()  # as lineclip.index left it: replaced
+        assert replay("index", [f"run_dir={run}", f"manifest={data['eval']}", f"index.output={corpus}",
+                                "index.overwrite=true"]) == (0, [])
+        assert json.loads((corpus / "corpus.json").read_text())["kind"] == "flat"
+
+
+@pytest.fixture(scope="module")
+def shard_dir(trained, tmp_path_factory):
+    from lineclip.shard import write_shards
+
+    _, data = trained
+    out = tmp_path_factory.mktemp("shards") / "train"
+    write_shards(data["train"], out, shard_size=3, dataset_dir=str(data["root"]), progress=False)
+    return out
+
+
+def test_shard_overwrite_replaces_only_what_lineclip_shard_wrote(trained, shard_dir, tmp_path):
+    from lineclip.shard import build
+
+    _, data = trained
+    target = tmp_path / "shards"
+    shutil.copytree(shard_dir, target)
+    (target / "mine.txt").write_text("keep")
+    before = tree(target)
+    args = [f"manifest={data['train']}", f"out_dir={target}", f"dataset_dir={data['root']}", "overwrite=true"]
+    line = one_error(*run_capturing_errors(build, compose("shard", args)))
+    assert "mine.txt" in line and "refusing to replace it" in line and tree(target) == before
+    (target / "mine.txt").unlink()
+    assert run_capturing_errors(build, compose("shard", [*args, "shard_size=4"])) == (0, [])
+    assert json.loads((target / "shards.json").read_text())["shard_size"] == 4
+
+
+@pytest.mark.parametrize("command", ["search", "evaluate"])
+def test_outputs_replace_only_files_lineclip_wrote(trained, tmp_path, command):
+    run, data = trained
+    name, option = ("s.html", "search.output") if command == "search" else ("e.json", "eval.output")
+    target = tmp_path / name
+    args = ["query=x"] if command == "search" else [f"manifest={data['eval']}", f"dataset_dir={data['root']}"]
+    for foreign in (b"<html>my notes</html>", b'{"mine": 1}', b""):
+        target.write_bytes(foreign)
+        line = one_error(*replay(command, [f"run_dir={run}", *args, f"{option}={target}"]))
+        assert f"{option}={target} exists and is not a lineclip" in line and target.read_bytes() == foreign
+    target.unlink()
+    assert replay(command, [f"run_dir={run}", *args, f"{option}={target}"]) == (0, [])
+    first = target.read_bytes()
+    assert replay(command, [f"run_dir={run}", *args, f"{option}={target}"]) == (0, [])  # its own: replaced
+    assert target.read_bytes() != first  # (a new timestamp)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_val_header_past_every_limit_is_counted_not_re_read(tmp_path):
+    """A 69-byte PNG claiming 2147483647 x 1 pixels in the val manifest: the header scan counts it
+    (too_large_image) and validation's length level reuses the scan's sizes instead of opening it again."""
+    data = make_dataset(tmp_path / "data")
+    (tmp_path / "data" / "eval" / "lines" / "bomb.png").write_bytes(png_header(2147483647, 1))
+    rows = data["eval"].read_text().splitlines()
+    rows.append(json.dumps({**json.loads(rows[-1]), "id": "bomb", "line_path": "eval/lines/bomb.png"}))
+    data["eval"].write_text("\n".join(rows) + "\n")
+    args = [*train_args(data, tmp_path / "run", "trainer.max_steps=1", "trainer.export_embeddings=false")]
+    args[3] = f"data.val_manifest={data['eval']}"
+    assert replay("train", args) == (0, [])
+    skipped = json.loads((tmp_path / "run" / artifacts.DATA_REPORT).read_text())["val"]["skipped"]
+    assert skipped["too_large_image"] + skipped["unreadable_image"] == 1  # PIL's own bomb limit may come first
+
+
+def test_galleries_aspects_come_from_the_scan(tmp_path):
+    from lineclip import galleries
+
+    (tmp_path / "bomb.png").write_bytes(png_header(2147483647, 1))
+    paths = [str(tmp_path / "bomb.png"), str(tmp_path / "bomb.png"), str(tmp_path / "missing.png")]
+    aspects = galleries.image_aspects(paths, np.array([[300, 60], [-4, -4], [-1, -1]]))
+    assert aspects[0] == 5.0 and np.isnan(aspects[1:]).all()  # the scan's sizes; the unknown one read safely
+    assert np.isnan(galleries.image_aspects(paths[:1])).all()  # read here: refused, not raised
+
+
+def test_a_manifest_width_past_int32_is_read_from_the_header(trained, tmp_path):
+    run, data = trained
+    rows = [json.loads(x) for x in data["eval"].read_text().splitlines()]
+    rows[0]["width"], rows[1]["height"] = 99999999999, -(2**40)
+    manifest = tmp_path / "eval" / "meta" / "lines.jsonl"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    assert replay("evaluate", [f"run_dir={run}", f"manifest={manifest}", f"dataset_dir={data['root']}",
+                               f"eval.output={tmp_path / 'e.json'}"]) == (0, [])
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["manifest_report"]["rows_used"] == len(rows) and report["images_unreadable"] == 0
+
+
+def test_wylie_the_converter_fails_on_is_one_line(trained, tmp_path):
+    run, _ = trained
+    line = one_error(*replay("search", [f"run_dir={run}", "query_wylie=M", f"search.output={tmp_path / 's.html'}"]))
+    assert "query_wylie='M' does not convert cleanly" in line and "IndexError" in line
+    assert not (tmp_path / "s.html").exists()
+
+
+def test_serve_answers_odd_numbers_and_wylie_with_4xx(trained):
+    pytest.importorskip("starlette", reason="the serve extra is not installed")
+    from starlette.testclient import TestClient
+    from usage_support import compose_config
+
+    from lineclip.serve import LineSearch, build_app
+
+    engine = LineSearch.load(compose_config("serve", [f"run_dir={trained[0]}", "device=cpu"]))
+    client = TestClient(build_app(engine), raise_server_exceptions=False)
+    tibetan = json.loads(trained[1]["train"].read_text().splitlines()[0])["text"][:6]
+    for params, status, message in (
+        ({"q": "M", "script": "wylie"}, 400, "the Wylie does not convert cleanly"),
+        ({"q": tibetan, "page": "²"}, 400, "is not a page number"),
+        ({"q": tibetan, "page": "9" * 5000}, 400, "is not a page number"),
+        ({"q": tibetan, "page": "٣"}, 400, "is not a page number"),
+    ):
+        response = client.get("/", params=params)
+        assert (response.status_code, message in html_text(response.text)) == (status, True), params
+    for url in ("/thumb/" + "9" * 5000, "/line/" + "1" * 40, "/thumb/²", "/line/-0"):
+        response = client.get(url)
+        assert response.status_code == 404 and "no corpus line" in response.text, url
+    assert client.get("/thumb/0").status_code == 200
+
+
+def html_text(page: str) -> str:
+    import html
+
+    return html.unescape(page)
+
+
+# -- shard dirs (data.format=shards): a damaged summary or index is one line, a FIFO never blocks
+
+
+def shard_train_args(data: dict[str, Path], shards: Path, out: Path, *extra: str) -> list[str]:
+    return [*train_args(data, out, "data.format=shards", f"data.train_shards={shards}", "data.val_shards=null",
+                        "data.val_manifest=null", *extra)]
+
+
+def rewrite_index(directory: Path, change: Callable[[dict[str, list]], None]) -> None:
+    import pyarrow as pa
+
+    from lineclip.shard import INDEX_FILE, INDEX_SCHEMA
+
+    table = pa.ipc.open_file(pa.memory_map(str(directory / INDEX_FILE))).read_all()
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    change(columns)
+    new = pa.table(columns, schema=INDEX_SCHEMA)
+    with pa.OSFile(str(directory / INDEX_FILE), "wb") as sink, pa.ipc.new_file(sink, INDEX_SCHEMA) as writer:
+        writer.write_table(new)
+
+
+def _swap_offsets(c: dict[str, list]) -> None:
+    c["offset"][0], c["offset"][1] = c["offset"][1], c["offset"][0]
+    c["nbytes"][0], c["nbytes"][1] = c["nbytes"][1], c["nbytes"][0]
+
+
+def _set(column: str, row: int, value: Any) -> Callable[[dict[str, list]], None]:
+    def change(c: dict[str, list]) -> None:
+        c[column][row] = value
+    return change
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("summary_list", "shards.json: not a JSON object (a JSON list)"),
+    ("summary_no_shards", "shards is missing or not a list"),
+    ("summary_rows_total", "report.rows_total is not a count"),
+    ("summary_deep", "RecursionError"),
+    ("summary_bytes_string", "shard shard-000000.tar: n_lines and bytes must be counts"),
+    ("summary_bytes_wrong", "shard shard-000000.tar has "),
+    ("index_size_code", "row 2: width/height -7/-7 is neither a size nor a known code"),
+    ("index_extra", "row 1: extra is not a JSON object of strings"),
+    ("index_empty_text", "row 3: empty text"),
+    ("index_duplicate_id", "duplicated sample_id"),
+    ("index_swapped_offsets", "row 1: its offset is not after the previous line's members"),
+    ("index_offset_outside", "row 0: offset/nbytes outside its shard's members"),
+    ("index_fifo", "not a regular file"),
+])
+def test_damaged_shard_dirs_are_one_line(trained, shard_dir, tmp_path, alarm, damage, expected):
+    _, data = trained
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    summary_path = shards / "shards.json"
+    summary = json.loads(summary_path.read_text())
+    if damage == "summary_list":
+        summary_path.write_text(json.dumps([summary]))
+    elif damage == "summary_no_shards":
+        del summary["shards"]
+        summary_path.write_text(json.dumps(summary))
+    elif damage == "summary_rows_total":
+        summary["report"]["rows_total"] = "many"
+        summary_path.write_text(json.dumps(summary))
+    elif damage == "summary_deep":
+        summary_path.write_text("[" * 100000 + "]" * 100000)
+    elif damage.startswith("summary_bytes"):
+        size = summary["shards"][0]["bytes"]
+        summary["shards"][0]["bytes"] = str(size) if damage == "summary_bytes_string" else size + 512
+        summary_path.write_text(json.dumps(summary))
+        expected += f"{size} bytes, shards.json says {size + 512}" if damage == "summary_bytes_wrong" else ""
+    elif damage == "index_size_code":
+        rewrite_index(shards, lambda c: (_set("width", 2, -7)(c), _set("height", 2, -7)(c)))
+    elif damage == "index_extra":
+        rewrite_index(shards, _set("extra", 1, "{not json"))
+    elif damage == "index_empty_text":
+        rewrite_index(shards, _set("text", 3, "  "))
+    elif damage == "index_duplicate_id":
+        rewrite_index(shards, lambda c: _set("sample_id", 4, c["sample_id"][0])(c))
+    elif damage == "index_swapped_offsets":
+        rewrite_index(shards, _swap_offsets)
+    elif damage == "index_offset_outside":
+        rewrite_index(shards, _set("offset", 0, 10**9))
+    else:
+        (shards / "index.arrow").unlink()
+        os.mkfifo(shards / "index.arrow")
+    before = tree_without_fifos(shards)
+    line = one_error(*replay("train", shard_train_args(data, shards, tmp_path / "run")))
+    assert expected in line, line
+    assert tree_without_fifos(shards) == before
+
+
+def test_an_index_offset_at_another_member_is_a_counted_corrupt_line(trained, shard_dir, tmp_path):
+    """An offset that passes the index's order checks (the last line pointing at its own JSON member) still never
+    hands the model the wrong bytes: the tar header before them must name the line's image."""
+    import tarfile
+
+    from lineclip.batch import LineDataset
+    from lineclip.preprocess import LineImageTransform
+    from lineclip.shard import load_shards
+
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    summary = json.loads((shards / "shards.json").read_text())
+    last = summary["shards"][-1]["name"]
+    with tarfile.open(shards / last) as tar:
+        member = tar.getmembers()[-1]  # the last line's JSON
+    assert member.name.endswith(".json")
+
+    def point_at_json(c: dict[str, list]) -> None:
+        c["offset"][-1], c["nbytes"][-1] = member.offset_data, member.size
+
+    rewrite_index(shards, point_at_json)
+    lines, _ = load_shards(str(shards))
+    with pytest.raises(OSError, match=r"the member there is b'000000007.json'"):
+        lines.images.read(len(lines) - 1)
+    assert len(lines.images.read(0)) > 0  # the others read as written
+    dataset = LineDataset(lines, LineImageTransform("bdrc"))
+    assert dataset[len(lines) - 1].get("corrupt") == "corrupt_image"
+
+
+# -- the line cache
+
+
+def cache_manifest(data: dict[str, Path], path: Path, n: int = 120) -> Path:
+    rows = [json.loads(x) for x in data["train"].read_text().splitlines()]
+    out = []
+    for i in range(n):
+        row = dict(rows[i % len(rows)])
+        row.update(id=f"r{i:04d}", text=f"{row['text']}{i:04d}", line_path=str(data["root"] / row["line_path"]))
+        out.append(json.dumps(row, ensure_ascii=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def _cache_of(manifest: Path) -> Path:
+    (cache,) = [p for p in manifest.parent.iterdir() if p.name.endswith(".arrow")]
+    return cache
+
+
+def _rewrite_cache(cache: Path, change: Callable[[dict[str, list]], None]) -> None:
+    """The cache with its columns changed and its metadata (its key) kept: what anyone able to write the cache dir
+    can make."""
+    import pyarrow as pa
+
+    reader = pa.ipc.open_file(pa.memory_map(str(cache)))
+    schema, table = reader.schema, reader.read_all()
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    change(columns)
+    new = pa.table(columns, schema=schema)
+    with pa.OSFile(str(cache), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_table(new)
+
+
+@pytest.mark.parametrize("damage", ["size_code", "extra", "truncated", "fifo", "counts"])
+def test_a_damaged_line_cache_is_ignored_and_rebuilt(trained, tmp_path, alarm, caplog, damage):
+    import pyarrow as pa
+
+    from lineclip.sizes import load_line_table
+
+    manifest = cache_manifest(trained[1], tmp_path / "m" / "lines.jsonl")
+    first, _ = load_line_table(manifest, progress=False, cache_min_rows=100)
+    expected = [(r.sample_id, r.text) for r in first]
+    del first
+    cache = _cache_of(manifest)
+    if damage == "size_code":
+        _rewrite_cache(cache, lambda c: (_set("width", 5, -7)(c), _set("height", 5, -7)(c)))
+    elif damage == "extra":
+        _rewrite_cache(cache, _set("extra", 5, "[1, 2]"))
+    elif damage == "truncated":
+        blob = cache.read_bytes()
+        cache.write_bytes(blob[: len(blob) // 2])
+    elif damage == "fifo":
+        cache.unlink()
+        os.mkfifo(cache)
+    else:
+        reader = pa.ipc.open_file(pa.BufferReader(cache.read_bytes()))  # a copy: the file is rewritten below
+        meta = json.loads(reader.schema.metadata[b"lineclip"])
+        meta["report"]["rows_total"] += 5
+        schema = reader.schema.with_metadata({"lineclip": json.dumps(meta)})
+        table = reader.read_all().replace_schema_metadata(None)
+        with pa.OSFile(str(cache), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table)
+    with caplog.at_level(logging.WARNING, logger="lineclip"):  # a FIFO is refused, not waited on (alarm)
+        again, _ = load_line_table(manifest, progress=False, cache_min_rows=100)
+    assert [(r.sample_id, r.text) for r in again] == expected
+    assert any("ignoring line cache" in r.getMessage() for r in caplog.records)
+
+
+def test_a_line_cache_of_an_edited_manifest_with_the_same_size_and_mtime_is_not_used(trained, tmp_path):
+    """`cp -p` of an edited manifest (same length, same mtime): the key's hash of the manifest's first and last rows
+    sees the edit."""
+    from lineclip.sizes import load_line_table
+
+    manifest = cache_manifest(trained[1], tmp_path / "m" / "lines.jsonl")
+    load_line_table(manifest, progress=False, cache_min_rows=100)
+    stat = manifest.stat()
+    lines = manifest.read_text().splitlines()
+    lines[-1] = lines[-1].replace("0119", "9110")  # the last row's text, same bytes count
+    manifest.write_text("\n".join(lines) + "\n")
+    os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert manifest.stat().st_size == stat.st_size and manifest.stat().st_mtime_ns == stat.st_mtime_ns
+    again, _ = load_line_table(manifest, progress=False, cache_min_rows=100)
+    assert again[len(again) - 1].text.endswith("9110")
+
+
+# -- damaged bundles
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("bert", "has a BertTokenizer"),
+    ("tokenizer_config_not_json", "cannot load the tokenizer of"),
+])
+def test_init_from_a_bundle_with_a_foreign_or_broken_tokenizer_is_one_line(trained, tmp_path, damage, expected):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    config = copy / artifacts.TEXT_ENCODER / "tokenizer_config.json"
+    if damage == "bert":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "tokenizer_class": "BertTokenizer"}))
+    else:
+        config.write_text("{not json")
+    before = tree(copy)
+    line = one_error(*replay("train", train_args(data, tmp_path / "new", f"model.init_from={copy}",
+                                                 "trainer.max_steps=1")))
+    assert line.startswith(f"model.init_from={copy}: cannot load the tokenizer of") and expected in line
+    assert tree(copy) == before
+
+
+@pytest.mark.parametrize("command", ["search", "index"])
+def test_a_deeply_nested_training_config_is_one_line(trained, tmp_path, command):
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    (copy / artifacts.CONFIG).write_text("[" * 100000 + "]" * 100000)
+    before = tree(copy)
+    args = ["query=x", f"search.output={tmp_path / 's.html'}"] if command == "search" else \
+        [f"manifest={data['eval']}", f"index.output={tmp_path / 'idx'}"]
+    line = one_error(*replay(command, [f"run_dir={copy}", *args]))
+    assert f"cannot read {copy / artifacts.CONFIG}: RecursionError" in line and tree(copy) == before

@@ -147,7 +147,7 @@ def test_line_images_are_served_by_row_from_the_corpus_paths_only(client, engine
     from starlette.routing import Route
 
     params = {r.path: set(r.param_convertors) for r in client.app.routes if isinstance(r, Route)}
-    assert params == {"/": set(), "/image": set(), "/thumb/{row:int}": {"row"}, "/line/{row:int}": {"row"},
+    assert params == {"/": set(), "/image": set(), "/thumb/{row}": {"row"}, "/line/{row}": {"row"},
                       "/upload/{key:str}": {"key"}, "/font/tibetan.ttf": set()}
     assert client.get("/font/tibetan.ttf").content[:4] == b"\x00\x01\x00\x00"  # the bundled TrueType font
 
