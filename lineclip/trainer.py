@@ -374,11 +374,33 @@ def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
     return [bool(v > 0) for v in summed.tolist()]
 
 
+# How launchers tell a process the number of processes: torchrun (and accelerate's torchrun path), then MPI's.
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started; a launch that asked for more but started one is refused.
+
+    `accelerate launch --num_processes 2` without `--multi_gpu` (or a config whose distributed_type is MULTI_CPU)
+    starts ONE process through its "simple" launcher, which expects mpirun to start the rest; it still sets
+    MASTER_ADDR (only when more than one process was asked for) and ACCELERATE_USE_CPU, but no world size. That
+    process would train alone while the user believes two gather each other's negatives."""
+    for var in _WORLD_SIZE_VARS:
+        if os.environ.get(var):
+            return int(os.environ[var])
+    if "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ:
+        raise ConfigError("accelerate launch asked for several processes but started one (without --multi_gpu it "
+                          "expects mpirun to start the others): on CPUs use --config_file launch/cpu_2proc.yaml, "
+                          "on GPUs --multi_gpu or launch/single_node_multi_gpu.yaml, or torchrun "
+                          "(README, Multi-GPU)")
+    return 1
+
+
 def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     """The accelerator (checked against the launcher), the run dir every process writes to, claimed for this run,
     and the training state to resume from (None: a fresh start). Seeds every generator."""
     check_config(cfg)
-    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    launched_world = launched_world_size()
     accelerator = Accelerator(
         # Without this, accelerate treats torchrun workers on a CPU-only machine as N independent runs.
         cpu=launched_world > 1 and not torch.cuda.is_available(),
