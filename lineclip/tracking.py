@@ -43,8 +43,10 @@ def wandb_mode(cfg: DictConfig) -> str:
             return "online"
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         pass
-    log.warning("W&B: no credentials (WANDB_API_KEY or ~/.netrc); logging offline to the run dir "
-                "(`wandb sync` uploads it later; logger=none turns logging off)")
+    # INFO, not a warning: offline is the documented default without credentials (the demo's first run), and
+    # nothing is lost; it is still said once, as W&B's own lines that follow say too.
+    log.info("W&B: no credentials (WANDB_API_KEY or ~/.netrc); logging offline to the run dir "
+             "(`wandb sync` uploads it later; logger=none turns logging off)")
     return "offline"
 
 

@@ -1,4 +1,9 @@
-"""`python -m lineclip.train [overrides]`: the Hydra entry point (config tree in `conf/`, primary `train.yaml`)."""
+"""`python -m lineclip.train [group=option ...] [key=value ...]`: train a dual encoder that matches Tibetan line
+images with their transcriptions, and write its checkpoints, final bundle and corpus embeddings into a run dir
+(printed when the run starts); with no arguments, on the demo lines bundled in the package.
+
+The Hydra entry point: config tree in `conf/`, primary `train.yaml`.
+"""
 
 from __future__ import annotations
 

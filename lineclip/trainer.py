@@ -21,14 +21,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 import lineclip
 from lineclip import artifacts, bundle
 from lineclip.batch import TrainTexts
 from lineclip.bundle import BundleError, check_bundle, resolve_bundle
 from lineclip.checkpoint import Checkpointer, TrainingDiverged, claim_run_dir, resolve_resume
-from lineclip.config import ConfigError, check_config
+from lineclip.cli import Progress
+from lineclip.config import ConfigError, check_config, manifests_from_layout
 from lineclip.data import build_data, load_lines
 from lineclip.galleries import ValidationPlan
 from lineclip.loss import (
@@ -399,6 +399,8 @@ def launched_world_size() -> int:
 def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     """The accelerator (checked against the launcher), the run dir every process writes to, claimed for this run,
     and the training state to resume from (None: a fresh start). Seeds every generator."""
+    for key, path in manifests_from_layout(cfg).items():
+        log.info("%s: %s (the layout under data.dataset_dir)", key, path)
     check_config(cfg)
     launched_world = launched_world_size()
     accelerator = Accelerator(
@@ -421,7 +423,10 @@ def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     claim_run_dir(output_dir, cfg.trainer.resume, resume_from, cfg.trainer.overwrite, accelerator.is_main_process)
     if accelerator.is_main_process:  # only now: a refused run must not overwrite the record of the run it found
         artifacts.write_launch_record(output_dir, cfg)
+        log.info("run dir: %s", output_dir.resolve())  # the one place a run says where everything goes
     accelerator.wait_for_everyone()
+    if cfg.trainer.cpu_threads and accelerator.device.type == "cpu":
+        torch.set_num_threads(cfg.trainer.cpu_threads)
     set_seed(cfg.trainer.seed)
     return accelerator, output_dir, resume_from
 
@@ -461,8 +466,10 @@ def train(cfg: DictConfig) -> TrainResult:
              "global batch (gathered)" if opt.gather else "local batch")
 
     # ---- the loop
-    bar = tqdm(total=total_steps, initial=state.step, desc="train",
-               disable=not (accelerator.is_main_process and cfg.trainer.progress_bar))
+    # A bar on a terminal, log lines every 10% otherwise; and after the first logged steps, the time to go.
+    bar = Progress(total_steps, initial=state.step, desc="train", unit="step",
+                   enabled=accelerator.is_main_process and cfg.trainer.progress_bar,
+                   first_at=cfg.trainer.log_every_steps)
     postfix: dict[str, str] = {}
     pending: list[dict[str, Any]] = []  # micro-batches of the current grad-cache step
     bad_in_a_row, interrupted, collapse_warned = 0, False, False
@@ -585,6 +592,9 @@ def train(cfg: DictConfig) -> TrainResult:
                 data_report["export_skipped_images"] = len(train_records) - len(corpus.indices)
         checkpointer.save_final(corpus, train_records)
         panels.log_bundle("", state.step)
+        if accelerator.is_main_process:
+            log.info("done: the bundle, corpus and logs are in %s (use it as run_dir= of evaluate, index, search, "
+                     "serve)", output_dir.resolve())
     panels.close()
     finish_tracking(accelerator)
     return TrainResult(output_dir, state.val_metrics, opt.schedule, state.checkpoints, world,
