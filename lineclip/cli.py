@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -113,6 +114,43 @@ def quote_overrides(args: Sequence[str], free_text: Collection[str] = ()) -> lis
     return out
 
 
+# Hydra's flags that take the next word as their value; `--info` takes one of _INFO_VALUES, or none.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+_INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def split_value(args: Sequence[str]) -> str | None:
+    """One line for words of the command line that are no `key=value` (nor a flag or its value), else None.
+
+    Such a word is nearly always the rest of a value the shell split at a space (`query=སངས་རྒྱས། ཆོས།`,
+    `query_wylie=bkra shis`), which Hydra reports as `LexerNoViableAltException` or `missing EQUAL`: this says
+    to quote it, with the whole value quoted as it was meant."""
+    previous, last_override = "", None
+    words: list[str] = []
+    for arg in [*args, "--"]:
+        flag_value = previous in _FLAGS_WITH_VALUE or (previous in ("--info", "-i") and arg in _INFO_VALUES)
+        previous = arg
+        if flag_value:
+            continue
+        stray = not arg.startswith(("-", "~")) and _OVERRIDE.fullmatch(arg) is None
+        if stray:
+            words.append(arg)
+            continue
+        if words:
+            break
+        last_override = _OVERRIDE.fullmatch(arg)
+    if not words:
+        return None
+    if last_override is None:
+        return (f"'{words[0]}' is not key=value: quote a value that has spaces, e.g. query='སངས་རྒྱས། ཆོས།'; "
+                "--help lists the options")
+    key = f"{last_override['prefix']}{last_override['key']}"
+    whole = " ".join([last_override["value"], *words])
+    return (f"'{words[0]}' is not key=value: the shell split the value of {key} at a space; quote the whole value: "
+            f"{key}={shlex.quote(whole)}")
+
+
 def command_help(name: str) -> str:
     """The `--help` header of `lineclip.<name>`: what the command does and how it is called, from the first
     paragraph of its module's docstring (`usage`: what it does), the one place that says it."""
@@ -183,13 +221,21 @@ def hydra_command(config_name: str, free_text: Collection[str] = ()) -> Callable
         OmegaConf.register_new_resolver("lineclip_help", command_help)
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[..., Any]:
-        hydra_main = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)
+        @functools.wraps(task)
+        def started(cfg: DictConfig) -> Any:
+            # A sign of life before the heavy imports (PyTorch, transformers, FAISS): tens of seconds on a busy
+            # machine, during which a command would otherwise print nothing at all.
+            log.info("lineclip.%s: starting (loading PyTorch and the model libraries)", config_name)
+            return task(cfg)
+
+        hydra_main = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(started)
 
         @functools.wraps(task)
         def main(cfg_passthrough: DictConfig | None = None) -> Any:
-            if cfg_passthrough is None:  # run from the command line: Hydra parses sys.argv
+            completing = {"-sc", "--shell-completion"} & set(sys.argv[1:])  # Hydra's own words follow
+            if cfg_passthrough is None and not completing:  # run from the command line: Hydra parses sys.argv
                 args = quote_overrides(sys.argv[1:], free_text)
-                unknown = unknown_option(config_name, args)
+                unknown = split_value(sys.argv[1:]) or unknown_option(config_name, args)
                 if unknown is not None:
                     print(f"error: {unknown}", file=sys.stderr)
                     sys.exit(2)

@@ -7,7 +7,6 @@ The Hydra entry point: config tree in `conf/`, primary `train.yaml`.
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig
 
 from lineclip.cli import hydra_command
@@ -30,6 +29,8 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     finally:
+        import torch  # here: a module-level import would delay the command's first line by seconds
+
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
