@@ -30,6 +30,7 @@ from lineclip.checkpoint import Checkpointer, TrainingDiverged, claim_run_dir, r
 from lineclip.cli import Progress
 from lineclip.config import ConfigError, check_config, manifests_from_layout
 from lineclip.data import build_data, load_lines
+from lineclip.files import usable_cpus
 from lineclip.galleries import ValidationPlan
 from lineclip.loss import (
     ContrastiveOutput,
@@ -401,6 +402,10 @@ def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     and the training state to resume from (None: a fresh start). Seeds every generator."""
     for key, path in manifests_from_layout(cfg).items():
         log.info("%s: %s (the layout under data.dataset_dir)", key, path)
+    if cfg.data.num_workers > usable_cpus():  # more would only contend (and PyTorch warns about each loader)
+        log.info("data.num_workers=%d is more than the %d CPUs this process may use: %d loader workers",
+                 cfg.data.num_workers, usable_cpus(), usable_cpus())
+        cfg.data.num_workers = usable_cpus()
     check_config(cfg)
     launched_world = launched_world_size()
     accelerator = Accelerator(

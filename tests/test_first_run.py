@@ -126,6 +126,7 @@ def test_the_demo_defaults_cause_no_warning(compose_cfg):
     assert 2 * cfg.trainer.eval_every_steps <= min_steps  # validated more than once: W&B draws curves
     # the collapse remedies of conf/experiment/cpu_read.yaml, and none of it outside the demo
     assert list(cfg.preprocess.image_mean) == [1.0, 1.0, 1.0] and cfg.loss.temperature == 0.2
+    assert cfg.model.backbone_lr_multiplier == 0.1  # the blind image tower moves slower
     real = compose_cfg("data=openpecha")
     assert real.text.max_length == 256 and real.optim.warmup_steps == 1000 and real.preprocess.image_mean is None
 
