@@ -1,0 +1,60 @@
+"""The reader lineclip ships (`model.init_from=lineclip:cpu_reader`, lineclip/assets/readers/cpu_reader): a complete
+bundle with its model card, loaded by the path every bundle takes, and it reads synthetic lines it never saw."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from usage_support import compose_cfg
+
+from lineclip.bundle import check_bundle, resolve_bundle, shipped_bundle_dir
+from lineclip.config import check_config
+from lineclip.encoder import LineEncoder
+from lineclip.synth import generate
+from lineclip.trainer import build_model
+
+READER = shipped_bundle_dir("cpu_reader")
+
+
+def test_lineclip_names_resolve_to_the_packaged_bundle_and_its_card():
+    ref = resolve_bundle("lineclip:cpu_reader")
+    assert ref.directory == READER and ref.prefix == ""
+    config = check_bundle(ref)
+    assert config["patch_multiple"] == 4 and config["target_height"] == 32
+    card = (READER / "README.md").read_text()
+    assert "experiments/quality/pretrain_reader.py" in card and "Learning curve" in card
+    assert "/work/" not in (READER / "training_config.json").read_text()  # no paths of the machine it was made on
+
+
+def test_init_from_the_shipped_reader_loads_its_weights(tmp_path):
+    manifest = tmp_path / "lines.jsonl"
+    manifest.write_text("")
+    cfg = compose_cfg("experiment=cpu_read_real", f"data.train_manifest={manifest}", "data.val_manifest=null",
+                      "data.dataset_dir=null")
+    check_config(cfg)
+    model, _, _ = build_model(cfg)
+    shipped = load_file(READER / "text_hierarchy_vit_backbone" / "model.safetensors")
+    mine = model.image_backbone.state_dict()
+    assert shipped.keys() == mine.keys() and all(torch.equal(shipped[k], mine[k]) for k in shipped)
+    text = load_file(READER / "text_hierarchy_clip_text_encoder" / "model.safetensors")
+    assert all(torch.equal(text[k], model.text_encoder.state_dict()[k]) for k in text)
+
+
+@pytest.mark.slow
+def test_the_shipped_reader_finds_unseen_synthetic_lines_far_above_chance(tmp_path):
+    # 200 clean short lines rendered with a seed the reader never trained on; only their eval split (pages the
+    # corpus split holds out for every seed's eval) is used: 40 lines, chance R@10 = 0.25.
+    generate(compose_cfg(f"out_dir={tmp_path / 'synth'}", "n_lines=400", "seed=7", "height=[32,32]", "p_short=1.0",
+                         "short_aspect=[2.0,5.0]", "degradation=0", "p_neighbours=0", "p_frame=0", "p_border=0",
+                         "p_jpeg=0", "p_binarized=1.0", "p_yig_mgo=0", "workers=1", "progress=false",
+                         config_name="synth"))
+    manifest = tmp_path / "synth" / "eval" / "meta" / "lines.jsonl"
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    encoder = LineEncoder.load("lineclip:cpu_reader", device="cpu")
+    images = encoder.encode_images([str(tmp_path / "synth" / r["line_path"]) for r in rows])
+    texts = encoder.encode_texts([r["text"] for r in rows])
+    ranks = np.argsort(-(texts @ images.T), axis=1)
+    hits = np.mean([i in ranks[i, :10] for i in range(len(rows))])
+    assert hits >= 2 * min(1.0, 10 / len(rows))
