@@ -112,17 +112,15 @@ def _collection_tiers(collection: np.ndarray | None,
 
 
 def image_aspects(paths: Sequence[str]) -> np.ndarray:
-    """Width / height of each image from its header (NaN where it cannot be read)."""
-    from PIL import Image
+    """Width / height of each image from its header (NaN where it cannot be read), as training reads headers
+    (lineclip.preprocess.header_size: raster formats only, regular files only, the pixel limit)."""
+    from lineclip.preprocess import header_size
 
     out = np.full(len(paths), np.nan)
     for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-            out[i] = width / height if height > 0 else np.nan
-        except (OSError, ValueError):
-            pass
+        size = header_size(path)
+        if not isinstance(size, BaseException) and size[1] > 0:
+            out[i] = size[0] / size[1]
     return out
 
 
