@@ -162,6 +162,18 @@ def image_size(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMA
         return (height, width) if exif_orientation(image) in (5, 6, 7, 8) else (width, height)
 
 
+def bytes_per_sample(mode: str) -> int:
+    """Bytes of one decoded sample in a Pillow mode: 2 for 16-bit grey (I;16*), 4 for 32-bit (I, F), else 1."""
+    return 2 if mode.startswith("I;16") else 4 if mode in ("I", "F") else 1
+
+
+def image_header(path: str | os.PathLike) -> tuple[int, int, str]:
+    """(width, height, mode) of a line image file from its header, as stored (no EXIF turn); nothing decoded.
+    Raises only DECODE_ERRORS (and FileNotFoundError, NotARegularFile: OSErrors)."""
+    with open_regular(path) as handle, _decoding(path), open_image(handle) as image:
+        return image.width, image.height, image.mode
+
+
 def header_size(item: str | os.PathLike | Image.Image,
                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int] | BaseException:
     """`image_size` that never raises for a bad file: the (width, height) the model sees, or the exception that
