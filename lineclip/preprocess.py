@@ -70,8 +70,8 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 
 # The raster formats a line image may be in; no other Pillow plugin is ever tried. Pillow would otherwise open
 # EPS (running Ghostscript on the file's PostScript when `gs` is on PATH), and a dozen formats no scan comes in.
-# Pillow's names: MPO is how it names a JPEG with a multi-picture extension (some cameras write them).
-LINE_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "TIFF", "WEBP", "BMP", "GIF", "PPM", "JPEG2000")
+# Pillow's plugin names (a JPEG with a multi-picture extension opens through JPEG's and reads as MPO).
+LINE_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "TIFF", "WEBP", "BMP", "GIF", "PPM", "JPEG2000")
 # Modes the transform converts itself; a decoded image in any other (LAB, HSV ...) is converted to RGB at decode
 # time, where a failure is a counted bad image rather than an error in the middle of a batch.
 _TRANSFORM_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I",
