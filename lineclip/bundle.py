@@ -157,21 +157,115 @@ def check_bundle(ref: BundleRef) -> dict[str, Any]:
     absent = [key for key in REQUIRED_KEYS if key not in config]
     if absent:
         raise BundleError(f"{config_path} lacks {', '.join(absent)}")
+    check_embedding_config(config, config_path)
     return config
 
 
+# Far above any real line (a 70 px high, 65536 px wide line; 64 KiB of text), far below what would allocate
+# gigabytes per image or text: a training_config.json past these was not written by a training run.
+MAX_SIDE = 65_536
+MAX_TEXT_LENGTH = 65_536
+# The training config key each of a bundle's top-level geometry keys was written from (bundle.workbench_keys).
+_RESOLVED = {"target_height": ("preprocess", "target_height"), "max_width": ("preprocess", "max_width"),
+             "width_buckets": ("preprocess", "width_buckets"), "patch_multiple": ("preprocess", "patch_multiple"),
+             "image_preprocess_pipeline": ("preprocess", "pipeline"), "text_max_length": ("text", "max_length")}
+
+
+def check_embedding_config(config: dict[str, Any], path: Path) -> None:
+    """The keys of a bundle's training_config.json that decide what an embedding is, checked as lineclip.config
+    checks a training config (types, positive sizes, a known pipeline, target_height a multiple of the patch,
+    non-empty ascending buckets), within MAX_SIDE / MAX_TEXT_LENGTH, and equal to the resolved config the run
+    recorded beside them (`config`), where it did: an edited copy of one of them is refused in one line."""
+    from lineclip.preprocess import PIPELINES
+
+    def is_size(value: Any, most: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most
+
+    def refuse(message: str) -> BundleError:
+        return BundleError(f"{path}: {message}")
+
+    for key in ("target_height", "max_width", "patch_multiple"):
+        if not is_size(config[key], MAX_SIDE):
+            raise refuse(f"{key} must be an integer in 1..{MAX_SIDE}, got {config[key]!r:.40}")
+    if config["target_height"] % config["patch_multiple"]:
+        raise refuse(f"target_height {config['target_height']} is not a multiple of patch_multiple "
+                     f"{config['patch_multiple']}")
+    buckets = config["width_buckets"]
+    if not (isinstance(buckets, list) and buckets and all(is_size(b, MAX_SIDE) for b in buckets)
+            and buckets == sorted(buckets)):
+        raise refuse(f"width_buckets must be a non-empty ascending list of integers in 1..{MAX_SIDE}, got "
+                     f"{buckets!r:.60}")
+    if config["image_preprocess_pipeline"] not in PIPELINES:
+        raise refuse(f"image_preprocess_pipeline {config['image_preprocess_pipeline']!r:.40} is not one of "
+                     f"{', '.join(PIPELINES)}")
+    if "text_max_length" in config and not is_size(config["text_max_length"], MAX_TEXT_LENGTH):
+        raise refuse(f"text_max_length must be an integer in 1..{MAX_TEXT_LENGTH}, got "
+                     f"{config['text_max_length']!r:.40}")
+    resolved = config.get("config")
+    for key, (group, name) in _RESOLVED.items():
+        section = resolved.get(group) if isinstance(resolved, dict) else None
+        if key in config and isinstance(section, dict) and name in section and section[name] != config[key]:
+            raise refuse(f"{key} {config[key]!r:.40} differs from the run's own config {group}.{name} "
+                         f"{section[name]!r:.40} (an edited file?)")
+
+
 def heads_fingerprint(directory: str | Path, prefix: str = "") -> str:
-    """A short hash of a bundle's two projection heads: they change at every training step, so two bundles with
-    equal heads embed alike. Corpora record it so that a search never mixes embeddings of two models."""
+    """A short hash of a bundle's two projection heads only: the fingerprint corpora recorded before `FINGERPRINT`
+    (16 hex digits, no version), still accepted for them (`fingerprint_matches`)."""
     digest = hashlib.sha256()
     for entry in (IMAGE_HEAD, TEXT_HEAD):
         digest.update((Path(directory) / f"{prefix}{entry}").read_bytes())
     return digest.hexdigest()[:16]
 
 
-def model_fingerprint(ref: BundleRef) -> str:
-    """`heads_fingerprint` of the bundle at `ref`."""
-    return heads_fingerprint(ref.directory, ref.prefix)
+FINGERPRINT = "v2"  # the prefix of fingerprints that cover every file of both towers, both heads and the geometry
+# The keys of training_config.json that change what an embedding is (preprocessing geometry, the text cut).
+EMBEDDING_KEYS = ("target_height", "max_width", "width_buckets", "patch_multiple", "image_preprocess_pipeline",
+                  "text_max_length")
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(directory: Path, prefix: str, config: dict[str, Any]) -> str:
+    """A hash of the hashes of every file that shapes an embedding: all files of the backbone dir (weights, config,
+    preprocessor_config.json's mean/std) and of the text encoder dir, both heads, and the EMBEDDING_KEYS of the
+    training config. Two bundles with equal fingerprints embed alike; replacing any one of these files (a
+    checkpoint's backbone put beside the final heads) changes it."""
+    lines = []
+    for entry in (BACKBONE, TEXT_ENCODER, IMAGE_HEAD, TEXT_HEAD):
+        root = directory / f"{prefix}{entry}"
+        files = sorted(p for p in root.rglob("*") if not p.is_dir()) if root.is_dir() else [root]
+        for path in files:
+            name = entry if path == root else f"{entry}/{path.relative_to(root).as_posix()}"
+            lines.append(f"{name}\t{_file_hash(path) if path.is_file() else 'not a regular file'}")
+    lines.append(json.dumps({k: config.get(k) for k in EMBEDDING_KEYS}, sort_keys=True))
+    return f"{FINGERPRINT}:" + hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:32]
+
+
+def model_fingerprint(ref: BundleRef, config: dict[str, Any] | None = None) -> str:
+    """The fingerprint of the bundle at `ref` (`config`: its training config, read if not given), as a corpus
+    records the model that embedded it."""
+    return _fingerprint(ref.directory, ref.prefix, check_bundle(ref) if config is None else config)
+
+
+def fingerprint_matches(recorded: str, ref: BundleRef, current: str | None = None) -> bool:
+    """Whether a corpus's recorded fingerprint is the bundle's. A corpus written before FINGERPRINT recorded the
+    heads only: it is compared on those, with a warning that the towers were not checked (rebuild it to have
+    them checked). `current`: the bundle's model_fingerprint, if already computed."""
+    if recorded.startswith(f"{FINGERPRINT}:"):
+        return recorded == (current or model_fingerprint(ref))
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "the corpus records an older fingerprint of the projection heads only: the towers and preprocessing of "
+        "%s are not checked against it (rebuild the corpus with lineclip.index to have them checked)", ref.label)
+    return recorded == heads_fingerprint(ref.directory, ref.prefix)
 
 
 @contextlib.contextmanager
@@ -311,7 +405,7 @@ def _save_bundle(output_dir: Path, prefix: str, staging: Path, model: DualEncode
     if corpus is not None or not prefix:
         # The final bundle says whether the run dir's corpus is its own: None (not exported) or the fingerprint.
         training_config = {**training_config, "corpus": None if corpus is None else {
-            **corpus, "fingerprint": heads_fingerprint(staging)}}
+            **corpus, "fingerprint": _fingerprint(staging, "", training_config)}}
     (staging / CONFIG).write_text(json.dumps(training_config, indent=2, ensure_ascii=False, default=str))
     (output_dir / f"{prefix}{CONFIG}").unlink(missing_ok=True)  # the old bundle stops looking complete first
     for entry in (*extra_entries, *BUNDLE_ENTRIES):  # config last: its presence marks the bundle complete

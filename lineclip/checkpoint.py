@@ -18,8 +18,10 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -106,21 +108,121 @@ class TrainerState:
         (directory / TRAINER_STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def load(cls, directory: Path) -> TrainerState:
+    def load(cls, directory: Path, limits: ResumeLimits | None = None) -> TrainerState:
+        """The state in `directory`, every field checked (types, then ranges against the checkpoint it belongs to
+        and, with `limits`, this run's data) before any of it is used."""
         path = directory / TRAINER_STATE_FILE
         blob = load_json(path)
         known = {f.name for f in fields(cls)}
         try:
             if set(blob) - known:
                 raise TypeError(f"unknown key(s) {', '.join(sorted(set(blob) - known))}")
-            state = cls(**blob)
-            if not all(isinstance(getattr(state, k), int) for k in ("step", "epoch", "batches_done_in_epoch")):
+            if not all(_is_int(blob.get(k, 0)) for k in ("step", "epoch", "batches_done_in_epoch")):
                 raise TypeError("step, epoch and batches_done_in_epoch must be integers")
-            if not all(isinstance(i, int) for i in state.corrupt_indices):
-                raise TypeError("corrupt_indices must be integers")
+            if not _is_int(blob.get("bad_steps", 0)):
+                raise TypeError("bad_steps must be an integer")
+            if not _int_list(blob.get("corrupt_indices", [])) or not _int_list(blob.get("checkpoints", [])):
+                raise TypeError("corrupt_indices and checkpoints must be lists of integers")
+            if not _metrics(blob.get("val_metrics", {})):
+                raise TypeError("val_metrics must map names to numbers")
+            history = blob.get("val_history", [])
+            if not isinstance(history, list) or not all(_metrics(row) and _is_int(row.get("step")) for row in history):
+                raise TypeError("val_history must be a list of {step, metric: number} objects")
+            run_id = blob.get("wandb_run_id")
+            if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
+                raise TypeError("wandb_run_id must be null or a W&B run id (letters, digits, '_', '-')")
         except TypeError as exc:
             raise CheckpointError(f"{path} is not a lineclip trainer state: {exc}") from None
+        state = cls(**blob)
+        state._check_ranges(path, _checkpoint_steps_of(directory), limits)
         return state
+
+    def _check_ranges(self, path: Path, recorded: list[tuple[str, int]], limits: ResumeLimits | None) -> None:
+        """The loop position must be the checkpoint's own (the step in its name and its config's global_step):
+        a step past the run's end would skip training and replace the final model with this checkpoint's, a
+        negative one would re-run steps and write checkpoints under new names. The data position must fit the
+        run's epoch; the counters, the step."""
+        def refuse(message: str) -> CheckpointError:
+            return CheckpointError(f"{path}: {message}; not resuming from an edited or foreign training state")
+
+        step = self.step
+        for where, expected in recorded:
+            if step != expected:
+                raise refuse(f"step {step} is not the step {expected} of its checkpoint ({where})")
+        if self.bad_steps < 0:
+            raise refuse(f"bad_steps {self.bad_steps} is negative")
+        if any(not 1 <= c <= step for c in self.checkpoints) or self.checkpoints != sorted(set(self.checkpoints)):
+            raise refuse(f"checkpoints must be ascending steps in 1..{step}")
+        if len(self.val_history) > step or any(not 1 <= row["step"] <= step for row in self.val_history):
+            raise refuse(f"val_history rows must have steps in 1..{step}")
+        if limits is None:
+            if self.epoch < 0 or self.batches_done_in_epoch < 0:
+                raise refuse("epoch and batches_done_in_epoch must be >= 0")
+            return
+        if any(not 0 <= i < limits.n_lines for i in self.corrupt_indices):
+            raise CheckpointError(f"{path}: corrupt_indices outside this run's {limits.n_lines} train lines "
+                                  "(another manifest?)")
+        # trainer.max_bad_steps in a row stop the run: between two good steps there are fewer.
+        if self.bad_steps > limits.max_bad_steps * (step + 1):
+            raise refuse(f"bad_steps {self.bad_steps} is more than {step} steps can have skipped "
+                         f"(trainer.max_bad_steps={limits.max_bad_steps} in a row stop a run)")
+        if not 0 <= self.batches_done_in_epoch <= limits.batches_per_epoch:
+            raise refuse(f"batches_done_in_epoch {self.batches_done_in_epoch} is not within this run's "
+                         f"{limits.batches_per_epoch} batches an epoch")
+        # Every step took micro_per_step readable batches and every finished epoch at least one: a bound, not the
+        # exact count (corrupt-only batches and skipped steps make that unknowable), but a sound one.
+        most = (step + self.bad_steps) * limits.micro_per_step + 1
+        if not 0 <= self.epoch <= most:
+            raise refuse(f"epoch {self.epoch} is not within 0..{most} (step {step}, {self.bad_steps} bad steps)")
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+@dataclass(frozen=True)
+class ResumeLimits:
+    """What a resumed state must fit besides its own checkpoint: this run's train lines and batches per epoch (per
+    process), and micro-batches per optimizer step."""
+
+    n_lines: int
+    batches_per_epoch: int
+    micro_per_step: int = 1
+    max_bad_steps: int = 10
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
+def _metrics(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_number(v) for k, v in value.items())
+
+
+def _checkpoint_steps_of(directory: Path) -> list[tuple[str, int]]:
+    """The step a training state dir belongs to, as its name says and as its bundle's config records it."""
+    found = []
+    step = checkpoint_step(directory.name)
+    if step is not None:
+        found.append((directory.name, step))
+        config = load_json(directory.parent / f"{checkpoint_prefix(step)}{CONFIG}")
+        recorded = config.get("global_step")
+        if not _is_int(recorded):
+            raise CheckpointError(f"{directory.parent / f'{checkpoint_prefix(step)}{CONFIG}'}: global_step "
+                                  f"{recorded!r} is not an integer")
+        found.append((f"{checkpoint_prefix(step)}{CONFIG}", recorded))
+    return found
 
 
 def _require_regular(path: Path) -> None:
@@ -135,7 +237,7 @@ def load_json(path: Path) -> dict[str, Any]:
     _require_regular(path)
     try:
         blob = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
         raise CheckpointError(f"refusing {path}: not a readable JSON file ({first_line(exc)})") from None
     if not isinstance(blob, dict):
         raise CheckpointError(f"refusing {path}: not a JSON object")
@@ -193,10 +295,124 @@ def save_training_state(directory: Path, accelerator: Any, model: torch.nn.Modul
     torch.save(rng_state(), directory / rng_file(accelerator.process_index))
 
 
+_SCHEDULER_KEYS = {"base_lrs", "last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step",
+                   "lr_lambdas", "verbose"}
+
+
+def check_scheduler_state(blob: dict[str, Any], path: Path, n_groups: int, step: int) -> dict[str, Any]:
+    """scheduler.json as LambdaLR writes it, every field checked: the lrs one finite number per optimizer group, the
+    position the trainer state's step. Returned as the attributes to set: LambdaLR.load_state_dict would update
+    the scheduler's `__dict__` (and its lambdas' `__dict__`) with whatever keys the file holds."""
+    def refuse(message: str) -> CheckpointError:
+        return CheckpointError(f"refusing {path}: {message}")
+
+    unknown = set(blob) - _SCHEDULER_KEYS
+    if unknown:
+        raise refuse(f"unknown key(s) {', '.join(sorted(unknown))}")
+    for key in ("base_lrs", "_last_lr"):
+        lrs = blob.get(key)
+        if not (isinstance(lrs, list) and len(lrs) == n_groups and all(_finite(v) and v >= 0 for v in lrs)):
+            raise refuse(f"{key} must be {n_groups} finite numbers >= 0, one per optimizer group; got {lrs!r:.80}")
+    if blob.get("last_epoch") != step or not _is_int(blob.get("last_epoch")):
+        raise refuse(f"last_epoch {blob.get('last_epoch')!r:.40} is not the trainer state's step {step}")
+    if not (_is_int(blob.get("_step_count", step + 1)) and 0 <= blob.get("_step_count", step + 1) <= step + 1):
+        raise refuse(f"_step_count {blob.get('_step_count')!r:.40} is not within 0..{step + 1}")
+    lambdas = blob.get("lr_lambdas", [None] * n_groups)
+    if not (isinstance(lambdas, list) and len(lambdas) == n_groups and all(v is None for v in lambdas)):
+        raise refuse("lr_lambdas must be null per group (lineclip's schedule is code, not state)")
+    if not all(isinstance(blob.get(k, False), bool) for k in ("_is_initial", "_get_lr_called_within_step", "verbose")):
+        raise refuse("_is_initial, _get_lr_called_within_step and verbose must be booleans")
+    return {"base_lrs": [float(v) for v in blob["base_lrs"]], "_last_lr": [float(v) for v in blob["_last_lr"]],
+            "last_epoch": step, "_step_count": blob.get("_step_count", step + 1),
+            **{k: blob[k] for k in ("_is_initial", "_get_lr_called_within_step") if k in blob}}
+
+
+def check_optimizer_state(blob: Any, path: Path, optimizer: Any, step: int) -> None:
+    """optimizer.pt against this run's optimizer: one saved group per group (same parameter count, same flags,
+    finite lr/eps/betas/weight decay in range), and per parameter AdamW's moments of the parameter's shape, finite,
+    with a step count within the trainer state's step."""
+    def refuse(message: str) -> CheckpointError:
+        return CheckpointError(f"refusing {path}: {message}")
+
+    if not isinstance(blob, dict) or set(blob) != {"state", "param_groups"}:
+        raise refuse("not an optimizer state dict (keys state, param_groups)")
+    groups, saved = optimizer.param_groups, blob["param_groups"]
+    if not isinstance(saved, list) or len(saved) != len(groups):
+        raise refuse(f"{len(saved) if isinstance(saved, list) else 'no'} parameter groups, this run has {len(groups)}")
+    params: dict[int, torch.Tensor] = {}
+    for i, (group, old) in enumerate(zip(groups, saved, strict=True)):
+        if not isinstance(old, dict) or set(old) != set(group):
+            raise refuse(f"group {i} does not have this run's keys ({', '.join(sorted(group))})")
+        ids = old["params"]
+        if not _int_list(ids) or len(ids) != len(group["params"]) or any(pid in params for pid in ids):
+            raise refuse(f"group {i} lists other parameters than this run's {len(group['params'])}")
+        params.update(zip(ids, group["params"], strict=True))
+        for key in ("lr", "initial_lr", "weight_decay"):
+            if key in old and not (_finite(old[key]) and old[key] >= 0):
+                raise refuse(f"group {i}: {key} {old[key]!r:.40} is not a finite number >= 0")
+        if not (_finite(old.get("eps")) and old["eps"] > 0):
+            raise refuse(f"group {i}: eps {old.get('eps')!r:.40} is not a finite number > 0")
+        betas = old.get("betas")
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas)):
+            raise refuse(f"group {i}: betas {betas!r:.40} are not two numbers in [0, 1)")
+        flags = [k for k in group if k not in ("params", "lr", "initial_lr", "weight_decay", "eps", "betas")]
+        changed = [k for k in flags if old[k] != group[k] or type(old[k]) is not type(group[k])]
+        if changed:  # implementation switches (fused, foreach, amsgrad ...): this run's code decides them, not a file
+            raise refuse(f"group {i}: {', '.join(changed)} differ from this run's optimizer")
+    state = blob["state"]
+    if not isinstance(state, dict) or any(k not in params for k in state):
+        raise refuse("state for parameters the groups do not list")
+    for key, moments in state.items():
+        param = params[key]
+        if not isinstance(moments, dict) or not set(moments) <= {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}:
+            raise refuse(f"parameter {key}: not AdamW's state (step, exp_avg, exp_avg_sq)")
+        count = moments.get("step")
+        if not (isinstance(count, torch.Tensor) and count.numel() == 1 and 0 <= float(count) <= step):
+            raise refuse(f"parameter {key}: step is not a number within 0..{step}")
+        for name, value in moments.items():
+            if name == "step":
+                continue
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == param.shape):
+                raise refuse(f"parameter {key}: {name} is not a float tensor of shape {tuple(param.shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise refuse(f"parameter {key}: {name} holds non-finite values")
+
+
+def check_scaler_state(blob: dict[str, Any], path: Path) -> None:
+    """scaler.json (fp16): GradScaler's five numbers, in range."""
+    ok = (set(blob) == {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+          and _finite(blob["scale"]) and blob["scale"] > 0 and _finite(blob["growth_factor"])
+          and blob["growth_factor"] > 1 and _finite(blob["backoff_factor"]) and 0 < blob["backoff_factor"] < 1
+          and _is_int(blob["growth_interval"]) and blob["growth_interval"] >= 1
+          and _is_int(blob["_growth_tracker"]) and blob["_growth_tracker"] >= 0)
+    if not ok:
+        raise CheckpointError(f"refusing {path}: not a GradScaler state (scale > 0, growth_factor > 1, "
+                              "0 < backoff_factor < 1, integer growth_interval >= 1 and _growth_tracker >= 0)")
+
+
+def check_rng_state(blob: Any, path: Path) -> None:
+    """The shape of `rng_state()`'s output, checked before any generator is touched."""
+    try:
+        py, npy = blob["python"], blob["numpy"]
+        ok = (isinstance(blob, dict) and _is_int(py["version"]) and isinstance(py["state"], torch.Tensor)
+              and py["state"].dtype == torch.int64 and py["state"].shape == (625,)
+              and (py["gauss"] is None or _finite(py["gauss"])) and npy["kind"] == "MT19937"
+              and isinstance(npy["keys"], torch.Tensor) and npy["keys"].shape == (624,)
+              and _is_int(npy["pos"]) and 0 <= npy["pos"] <= 624 and _is_int(npy["has_gauss"])
+              and _finite(npy["cached_gaussian"]) and isinstance(blob["torch"], torch.Tensor)
+              and blob["torch"].dtype == torch.uint8 and blob["torch"].shape == torch.get_rng_state().shape
+              and isinstance(blob["cuda"], list) and all(isinstance(t, torch.Tensor) for t in blob["cuda"]))
+    except (KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"refusing {path}: not a lineclip RNG state")
+
+
 def load_training_state(directory: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                        strict: bool = True, n_lines: int | None = None) -> TrainerState:
+                        strict: bool = True, limits: ResumeLimits | None = None) -> TrainerState:
     """Model, optimizer, scheduler, scaler, this process's RNG and the loop position, through loaders that run no
-    code. Files of other formats (accelerate's `*.pkl`/`*.bin` from older lineclip versions) are never opened."""
+    code. Files of other formats (accelerate's `*.pkl`/`*.bin` from older lineclip versions) are never opened.
+    Every file is read and checked before anything is loaded into the run: a refused state changes nothing."""
     from safetensors.torch import load_model
 
     model_path = directory / MODEL_FILE
@@ -207,20 +423,21 @@ def load_training_state(directory: Path, accelerator: Any, model: torch.nn.Modul
                 f"from its bundle with model.init_from instead)") if legacy else ""
         raise CheckpointError(f"{directory} has no {MODEL_FILE}{hint}")
     _require_regular(model_path)
-    state = TrainerState.load(directory)  # before any weight is touched: a bad state changes nothing
-    if n_lines is not None and any(not 0 <= i < n_lines for i in state.corrupt_indices):
-        raise CheckpointError(f"{directory / TRAINER_STATE_FILE}: corrupt_indices outside this run's {n_lines} "
-                              "train lines (another manifest?)")
-    scheduler_state = load_json(directory / SCHEDULER_FILE)
+    state = TrainerState.load(directory, limits)
+    scheduler_path = directory / SCHEDULER_FILE
+    scheduler_state = check_scheduler_state(load_json(scheduler_path), scheduler_path, len(optimizer.param_groups),
+                                            state.step)
     optimizer_state = load_tensors(directory / OPTIMIZER_FILE)
+    check_optimizer_state(optimizer_state, directory / OPTIMIZER_FILE, optimizer, state.step)
     scaler_path = directory / SCALER_FILE
     scaler_state = load_json(scaler_path) if accelerator.scaler is not None and scaler_path.exists() else None
+    if scaler_state is not None:
+        check_scaler_state(scaler_state, scaler_path)
     rng_path = directory / rng_file(accelerator.process_index)
     rng = None
     try:
         rng = load_tensors(rng_path)
-        if not isinstance(rng, dict):
-            raise CheckpointError(f"refusing {rng_path}: not a lineclip RNG state")
+        check_rng_state(rng, rng_path)
     except CheckpointError as err:
         if strict:
             raise CheckpointError(f"{err}; trainer.resume_strict=false resumes without it (not reproducible)") from None
@@ -232,12 +449,13 @@ def load_training_state(directory: Path, accelerator: Any, model: torch.nn.Modul
         raise CheckpointError(f"refusing {model_path}: {first_line(exc)}") from None
     try:
         optimizer.load_state_dict(optimizer_state)
-        scheduler.load_state_dict(scheduler_state)
         if scaler_state is not None:
             accelerator.scaler.load_state_dict(scaler_state)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{directory}: optimizer/scheduler state does not fit this run ({first_line(exc)})") \
             from None
+    for key, value in scheduler_state.items():  # named attributes only, never the file's keys into __dict__
+        setattr(scheduler, key, value)
     if rng is not None:
         try:
             set_rng_state(rng, rng_path)
@@ -435,10 +653,14 @@ class Checkpointer:
         self.corrupt = torch.zeros(n_lines, dtype=torch.bool)
         self.stop_requested = False
 
-    def resume(self, directory: Path) -> None:
-        """Model, optimizer, scheduler, scaler, this process's RNG and the loop position: no pickle."""
+    def resume(self, directory: Path, batches_per_epoch: int) -> None:
+        """Model, optimizer, scheduler, scaler, this process's RNG and the loop position: no pickle, every field
+        checked against this run (`batches_per_epoch`: this process's) before any is loaded."""
+        limits = ResumeLimits(len(self.corrupt), batches_per_epoch,
+                              int(self.run_info["schedule"]["micro_batches_per_step"]),
+                              int(self.cfg.trainer.max_bad_steps))
         self.state = load_training_state(directory, self.accelerator, self.model, self.optimizer, self.scheduler,
-                                         strict=self.cfg.trainer.resume_strict, n_lines=len(self.corrupt))
+                                         strict=self.cfg.trainer.resume_strict, limits=limits)
         self.corrupt[self.state.corrupt_indices] = True
         log.info("resumed from %s at step %d (epoch %d, batch %d of it)", directory.name, self.state.step,
                  self.state.epoch, self.state.batches_done_in_epoch)

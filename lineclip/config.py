@@ -241,6 +241,12 @@ class ServeConfig(ModelArgs):
     max_results: int = 200
     # Uploads above this are refused (413) before any decoding; real line images are 10-200 kB.
     max_upload_bytes: int = 8_000_000
+    # ... and above this many pixels (a 16-bit image's count double, a 32-bit one's four times: the bytes its
+    # decoding holds), refused (400) from the header before decoding. A long line at 300 dpi is ~0.1-1 M; a small
+    # compressed file can claim 40 M pixels and cost a gigabyte and tens of seconds to decode.
+    max_upload_pixels: int = 4_000_000
+    # Uploads decoded and embedded at once; more wait their turn, so memory is bounded by this many uploads.
+    upload_workers: int = 1
     # Longer queries are refused (400) before encoding; the model reads only text_max_length bytes anyway.
     max_query_chars: int = 2000
     thumb_height: int = 64  # px; result lines are shown at most this tall (the link opens the full image)

@@ -223,7 +223,7 @@ class Corpus:
 
     def check_model(self, encoder: LineEncoder) -> None:
         """Fail (one line) if this corpus was embedded by another model than `encoder`."""
-        from lineclip.bundle import BundleError, check_bundle, model_fingerprint, resolve_bundle
+        from lineclip.bundle import BundleError, check_bundle, fingerprint_matches, model_fingerprint, resolve_bundle
 
         if encoder.dim != self.dim:
             raise CorpusError(f"corpus {self.directory} has {self.dim}-dim embeddings, the model gives {encoder.dim}")
@@ -237,7 +237,7 @@ class Corpus:
                 log.warning("corpus %s does not say which model embedded it; assuming %s", self.directory,
                             encoder.bundle.label if encoder.bundle else "this one")
                 return
-        if encoder.bundle is not None and expected != encoder.fingerprint():
+        if encoder.bundle is not None and not fingerprint_matches(expected, encoder.bundle, encoder.fingerprint()):
             raise CorpusError(
                 f"corpus {self.directory} was embedded by another model ({self.info.get('bundle')}) than "
                 f"{encoder.bundle.label}; build an index with this model: python -m lineclip.index "

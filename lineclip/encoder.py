@@ -241,6 +241,7 @@ class LineEncoder:
         self.text_max_length = text_max_length
         self.training_config = training_config
         self.bundle = bundle
+        self._fingerprint: str | None = None
         self.max_image_pixels = _max_image_pixels(training_config)
 
     @classmethod
@@ -270,7 +271,13 @@ class LineEncoder:
         return int(self.model.image_head.output_dim)
 
     def fingerprint(self) -> str | None:
-        return model_fingerprint(self.bundle) if self.bundle is not None else None
+        """lineclip.bundle.model_fingerprint of the bundle this encoder was loaded from (hashed once: it reads every
+        weight file)."""
+        if self.bundle is None:
+            return None
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.bundle, self.training_config)
+        return self._fingerprint
 
     # ------------------------------------------------------------------------------------------- images
 

@@ -86,6 +86,14 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
+def is_blank(text: str) -> bool:
+    """A text that shows nothing: empty, or only whitespace and format characters (Unicode category Cf: zero-width
+    space U+200B, joiners U+200C/D, word joiner U+2060, BOM U+FEFF ...). Such a "transcription" is no line's text
+    and such a query asks for nothing; both are empty texts. `normalize_text` keeps these characters inside real
+    text (they can matter between letters), so this is a check, not a normalisation."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+
+
 @dataclass
 class ManifestReport:
     """What reading one manifest kept and skipped. ``rows_total`` counts non-blank lines, so
@@ -193,10 +201,10 @@ class _BadRow(Exception):
 
 
 def _first_string(row: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None, str | None]:
-    """(key, value) of the first alias holding a non-blank string, else (None, None)."""
+    """(key, value) of the first alias holding a non-blank string (`is_blank`), else (None, None)."""
     for key in keys:
         value = row.get(key)
-        if isinstance(value, str) and value.strip():
+        if isinstance(value, str) and not is_blank(value):
             return key, value
     return None, None
 
@@ -283,7 +291,7 @@ def _parse_row(
             raise _BadRow("empty_text", f"no non-empty string under {', '.join(present)}")
         raise _BadRow("no_text_key", "none of " + "/".join(TEXT_KEYS))
     text = normalize_text(text_value)
-    if not text:  # unreachable for a non-blank string today; kept so the non-empty invariant never rots
+    if is_blank(text):  # unreachable for a non-blank string today; kept so the non-empty invariant never rots
         raise _BadRow("empty_text", f"{text_key!r} is empty after normalisation")
     if max_text_bytes and len(text) * 4 > max_text_bytes and len(text.encode("utf-8")) > max_text_bytes:
         raise _BadRow("text_too_long", f"{len(text.encode('utf-8'))} bytes > data.max_text_bytes={max_text_bytes}")

@@ -11,11 +11,12 @@ keep a single channel until normalisation, which is where the three channels are
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -57,13 +58,24 @@ _TRANSPOSE = {
 
 
 # What a broken image file raises in PIL: truncated data and bad headers (OSError, of which
-# UnidentifiedImageError is a subclass), nonsense sizes/modes (ValueError), absurd dimensions.
+# UnidentifiedImageError is a subclass), nonsense sizes/modes (ValueError), absurd dimensions. Anything else a
+# plugin raises on hostile bytes (SyntaxError for a garbled PNG chunk, TypeError, struct.error ...) is turned into
+# UndecodableImage (a ValueError) by `open_image`'s callers here, so that these four cover every bad file.
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     UnidentifiedImageError,
     ValueError,
     Image.DecompressionBombError,
 )
+
+# The raster formats a line image may be in; no other Pillow plugin is ever tried. Pillow would otherwise open
+# EPS (running Ghostscript on the file's PostScript when `gs` is on PATH), and a dozen formats no scan comes in.
+# Pillow's plugin names (a JPEG with a multi-picture extension opens through JPEG's and reads as MPO).
+LINE_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "TIFF", "WEBP", "BMP", "GIF", "PPM", "JPEG2000")
+# Modes the transform converts itself; a decoded image in any other (LAB, HSV ...) is converted to RGB at decode
+# time, where a failure is a counted bad image rather than an error in the middle of a batch.
+_TRANSFORM_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I",
+                              "F"})
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -76,6 +88,30 @@ class NotARegularFile(OSError):
 
 class TooManyPixels(ValueError):
     """An image whose header claims more pixels than the limit; refused before its pixels are decoded."""
+
+
+class UndecodableImage(ValueError):
+    """A line image that Pillow failed on with an error other than OSError/ValueError (a SyntaxError for a garbled
+    PNG chunk, a TypeError ...): counted and skipped like any other corrupt image."""
+
+
+def open_image(handle: BinaryIO) -> Image.Image:
+    """`Image.open` restricted to LINE_IMAGE_FORMATS: the one place lineclip opens a line image (headers, pixels,
+    thumbnails, uploads, shard members). Another format is UnidentifiedImageError, before any byte of it is
+    interpreted by a plugin."""
+    return Image.open(handle, formats=LINE_IMAGE_FORMATS)
+
+
+@contextlib.contextmanager
+def _decoding(name: str | os.PathLike) -> Iterator[None]:
+    """Whatever Pillow raises on a bad file becomes one of DECODE_ERRORS (an UndecodableImage naming the file and
+    the original error), so that every caller's `except DECODE_ERRORS` skips and counts it."""
+    try:
+        yield
+    except DECODE_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SyntaxError, TypeError, struct.error, IndexError, RecursionError ...
+        raise UndecodableImage(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())}") from exc
 
 
 def open_regular(path: str | os.PathLike) -> BinaryIO:
@@ -120,10 +156,22 @@ def _check_pixels(width: int, height: int, max_pixels: int | None, path: str | o
 def image_size(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(width, height) as the model will see the image (EXIF orientation applied), from the header only. Raises
     NotARegularFile, TooManyPixels or what PIL raises on a broken header."""
-    with open_regular(path) as handle, Image.open(handle) as image:
+    with open_regular(path) as handle, _decoding(path), open_image(handle) as image:
         width, height = image.size
         _check_pixels(width, height, max_pixels, path)
         return (height, width) if exif_orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def bytes_per_sample(mode: str) -> int:
+    """Bytes of one decoded sample in a Pillow mode: 2 for 16-bit grey (I;16*), 4 for 32-bit (I, F), else 1."""
+    return 2 if mode.startswith("I;16") else 4 if mode in ("I", "F") else 1
+
+
+def image_header(path: str | os.PathLike) -> tuple[int, int, str]:
+    """(width, height, mode) of a line image file from its header, as stored (no EXIF turn); nothing decoded.
+    Raises only DECODE_ERRORS (and FileNotFoundError, NotARegularFile: OSErrors)."""
+    with open_regular(path) as handle, _decoding(path), open_image(handle) as image:
+        return image.width, image.height, image.mode
 
 
 def header_size(item: str | os.PathLike | Image.Image,
@@ -148,10 +196,12 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMA
 
 def decode_image(handle: BinaryIO, max_pixels: int | None, name: str | os.PathLike) -> Image.Image:
     """`load_image` of an open binary file (a line image inside a tar shard, lineclip.shard); `name` for errors."""
-    with Image.open(handle) as image:
+    with _decoding(name), open_image(handle) as image:
         _check_pixels(*image.size, max_pixels, name)
         orientation = exif_orientation(image)
         image.load()  # inside the try of the caller: a truncated file opens fine and fails only here
+        if image.mode not in _TRANSFORM_MODES and not image.mode.startswith("I;16"):
+            image = image.convert("RGB")  # ValueError here for a mode Pillow cannot convert: a counted bad image
         return image.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else image
 
 

@@ -133,10 +133,12 @@ def _ewts_converter(pyewts: Any) -> Any:
 
 
 def normalize_query(text: str) -> str:
-    """A query as the model reads a transcription (lineclip.manifest.normalize_text: NFC, whitespace runs)."""
-    from lineclip.manifest import normalize_text
+    """A query as the model reads a transcription (lineclip.manifest.normalize_text: NFC, whitespace runs); "" for
+    one of only invisible characters (zero-width, joiners), which asks for nothing (lineclip.manifest.is_blank)."""
+    from lineclip.manifest import is_blank, normalize_text
 
-    return normalize_text(text)
+    text = normalize_text(text)
+    return "" if is_blank(text) else text
 
 
 def query_text(cfg: DictConfig) -> tuple[str, str | None]:

@@ -115,6 +115,8 @@ class LineSearch:
     def __init__(self, encoder: LineEncoder, corpus: Corpus, cfg: DictConfig) -> None:
         self.encoder, self.corpus, self.cfg = encoder, corpus, cfg
         self._lock = threading.Lock()
+        # Decoding an upload runs outside the model lock; this bounds how many do at once (serve.upload_workers).
+        self._decoding = threading.BoundedSemaphore(max(1, int(cfg.upload_workers)))
         self._uploads: OrderedDict[str, tuple[np.ndarray, bytes | None]] = OrderedDict()
 
     @classmethod
@@ -178,7 +180,7 @@ class LineSearch:
 
     def add_upload(self, data: bytes, filename: str) -> str:
         """Embed an uploaded line image and keep it for paging; its key (content hash), or PageError(400)."""
-        from lineclip.preprocess import DECODE_ERRORS, load_image
+        from lineclip.preprocess import DECODE_ERRORS, bytes_per_sample, image_header, load_image
 
         key = hashlib.sha256(data).hexdigest()
         with self._lock:
@@ -186,17 +188,27 @@ class LineSearch:
                 self._uploads.move_to_end(key)
                 return key
         # load_image reads regular files (the same checks, pixel limit and EXIF turn as every line): a temp file.
-        with tempfile.TemporaryDirectory(prefix="lineclip_upload_") as tmp:
+        with tempfile.TemporaryDirectory(prefix="lineclip_upload_") as tmp, self._decoding:
             path = Path(tmp) / "line"
             path.write_bytes(data)
             try:
+                width, height, mode = image_header(path)
+                cost = width * height * bytes_per_sample(mode)
+                if cost > self.cfg.max_upload_pixels:
+                    depth = f", {8 * bytes_per_sample(mode)}-bit counted x{bytes_per_sample(mode)}" \
+                        if bytes_per_sample(mode) > 1 else ""
+                    raise PageError(400, f"{filename} is {width}x{height} pixels{depth}: more than this server's "
+                                         f"max_upload_pixels={self.cfg.max_upload_pixels:,} (a line image is far "
+                                         "smaller: crop it to the line)")
                 image = load_image(path, self.encoder.max_image_pixels or None)
             except DECODE_ERRORS as exc:
                 reason = _upload_error(exc, path, filename)
                 raise PageError(400, f"{filename} cannot be read as an image: {reason}") from None
             thumb = line_picture(path, (self.cfg.thumb_width, self.cfg.thumb_height))
+            with self._lock:
+                embedding = self.encoder.encode_images([image])[0]
+            del image
         with self._lock:
-            embedding = self.encoder.encode_images([image])[0]
             self._uploads[key] = (embedding, thumb)
             while len(self._uploads) > self.cfg.upload_cache:
                 self._uploads.popitem(last=False)
@@ -497,7 +509,7 @@ def check_serve_args(cfg: DictConfig) -> None:
     if not 0 <= cfg.port <= 65535:
         raise UsageError(f"port must be in 0..65535, got {cfg.port}")
     positive = ("page_size", "max_results", "max_upload_bytes", "max_query_chars", "thumb_height", "thumb_width",
-                "upload_cache")
+                "upload_cache", "max_upload_pixels", "upload_workers")
     bad = [f"{key}={cfg[key]}" for key in positive if cfg[key] < 1]
     if bad:
         raise UsageError(f"{', '.join(bad)}: must be >= 1")

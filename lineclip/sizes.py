@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 # Size codes below 0 (both width and height): why a line's image cannot be used, found from its header.
 SIZE_UNKNOWN, SIZE_UNREADABLE, SIZE_EMPTY, SIZE_TOO_LARGE = -1, -2, -3, -4
 IMAGE_PROBLEMS = {SIZE_UNREADABLE: "unreadable_image", SIZE_EMPTY: "empty_image", SIZE_TOO_LARGE: "too_large_image"}
-CACHE_VERSION = 2  # 2: the key holds a hash of the manifest's first and last bytes
+CACHE_VERSION = 3  # 2: the key holds a hash of the manifest's first and last bytes; 3: texts of only
+# invisible characters are empty_text (manifest.is_blank)
 _ENDS_BYTES = 1 << 16  # bytes hashed at each end of the manifest for the key: its first and last rows
 # Smaller manifests are read and scanned in about a second: no cache file for them (the bundled demo set's dir is
 # inside the package, and a test's tmp dir should not collect caches either).

@@ -54,9 +54,27 @@ class ProjectionHead(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> ProjectionHead:
+        """A head saved by `save` (weights_only=True). The declared dims are checked against the tensors the file
+        really holds before the head is built: a small file declaring 12000 x 12000 would otherwise allocate
+        gigabytes first and be refused only then. ValueError says what does not fit."""
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        head = cls(int(blob["input_dim"]), int(blob["output_dim"]))
-        head.load_state_dict(blob["state_dict"])
+        if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
+            raise ValueError("not a projection head (a dict with state_dict, input_dim, output_dim)")
+        dims = blob.get("input_dim"), blob.get("output_dim")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
+            raise ValueError(f"input_dim and output_dim must be positive integers, got {dims[0]!r:.40}, "
+                             f"{dims[1]!r:.40}")
+        hidden = head_hidden_dim(*dims)
+        expected = {"net.0.weight": (hidden, dims[0]), "net.0.bias": (hidden,), "net.2.weight": (dims[1], hidden),
+                    "net.2.bias": (dims[1],)}
+        state = blob["state_dict"]
+        found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) and v.is_floating_point() else None
+                 for k, v in state.items()}
+        if found != expected:
+            raise ValueError(f"its tensors {found} are not those of a head of input_dim {dims[0]}, output_dim "
+                             f"{dims[1]} ({expected})")
+        head = cls(*dims)
+        head.load_state_dict(state)
         return head
 
 

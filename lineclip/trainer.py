@@ -465,7 +465,9 @@ def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
         raise ResumeError(refused)
     resume_from = resolve_resume(cfg.trainer.resume, output_dir) if cfg.trainer.resume else None
     claim_run_dir(output_dir, cfg.trainer.resume, resume_from, cfg.trainer.overwrite, accelerator.is_main_process)
-    if accelerator.is_main_process:  # only now: a refused run must not overwrite the record of the run it found
+    # Only now: a refused run must not overwrite the record of the run it found. A resume writes it once its
+    # training state is accepted (train), since the state may still be refused.
+    if accelerator.is_main_process and resume_from is None:
         artifacts.write_launch_record(output_dir, cfg)
         log.info("run dir: %s", output_dir.resolve())  # the one place a run says where everything goes
     accelerator.wait_for_everyone()
@@ -506,7 +508,9 @@ def _train(cfg: DictConfig) -> TrainResult:
     checkpointer = Checkpointer(cfg, accelerator, output_dir, model, optimizer, scheduler, image_processor,
                                 tokenizer, len(train_records), run_info, data_report)
     if resume_from is not None:
-        checkpointer.resume(resume_from)
+        checkpointer.resume(resume_from, len(data.sampler))
+        if accelerator.is_main_process:  # only once the state is accepted: a refused resume leaves the run's record
+            artifacts.write_launch_record(output_dir, cfg)
     state = checkpointer.state
     start_tracking(accelerator, cfg, output_dir, resuming=resume_from is not None)
     panels = RunPanels(accelerator, cfg, output_dir, data, resuming=resume_from is not None)

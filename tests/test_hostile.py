@@ -192,6 +192,20 @@ def test_each_refused_file_is_named(trained, tmp_path, marker, name):
     ({"corrupt_indices": [999]}, "corrupt_indices outside this run's 8 train lines"),
     ({"step": "30"}, "step, epoch and batches_done_in_epoch must be integers"),
     ({"evil": 1}, "unknown key(s) evil"),
+    # issue 26 item 1: a loop position that is not its checkpoint's, or outside the run's epoch
+    ({"step": 10**30}, "step 1000000000000000000000000000000 is not the step 30 of its checkpoint"),
+    ({"step": -5}, "step -5 is not the step 30 of its checkpoint"),
+    ({"step": True}, "step, epoch and batches_done_in_epoch must be integers"),
+    ({"batches_done_in_epoch": -4}, "batches_done_in_epoch -4 is not within this run's 1 batches an epoch"),
+    ({"batches_done_in_epoch": 10**12}, "batches_done_in_epoch 1000000000000 is not within"),
+    ({"epoch": 10**30}, "epoch 1000000000000000000000000000000 is not within 0..31"),
+    ({"bad_steps": 10**9}, "bad_steps 1000000000 is more than 30 steps can have skipped"),
+    # issue 22 item 11: fields of the wrong type, caught at resume rather than at the first step or checkpoint
+    ({"val_history": "abc"}, "val_history must be a list"),
+    ({"checkpoints": "abc"}, "corrupt_indices and checkpoints must be lists of integers"),
+    ({"checkpoints": [10, 99]}, "checkpoints must be ascending steps in 1..30"),
+    ({"val_metrics": {"val_t2i_r1": "high"}}, "val_metrics must map names to numbers"),
+    ({"wandb_run_id": "../../x"}, "wandb_run_id must be null or a W&B run id"),
 ])
 def test_a_damaged_trainer_state_is_one_line(trained, tmp_path, change, expected):
     run, data = trained
@@ -353,7 +367,7 @@ def test_search_refuses_a_corpus_embedded_by_another_model(trained, tmp_path):
     line = one_error(*replay("search", [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's.html'}"]))
     assert "embedded by another model" in line and tree(copy) == before
     recorded = json.loads((run / artifacts.CONFIG).read_text())["corpus"]
-    assert recorded["n_lines"] == 8 and recorded["fingerprint"] == bundle.heads_fingerprint(run)
+    assert recorded["n_lines"] == 8 and recorded["fingerprint"] == bundle.model_fingerprint(bundle.resolve_bundle(run))
 
 
 def test_a_run_trained_without_export_has_no_corpus(trained, tmp_path):
@@ -1144,3 +1158,300 @@ def test_a_deeply_nested_training_config_is_one_line(trained, tmp_path, command)
         [f"manifest={data['eval']}", f"index.output={tmp_path / 'idx'}"]
     line = one_error(*replay(command, [f"run_dir={copy}", *args]))
     assert f"cannot read {copy / artifacts.CONFIG}: RecursionError" in line and tree(copy) == before
+
+
+# ------------------------------------------------------ round 3 (issue 26; issue 22 items 4 and 11)
+
+
+def _set_in(blob: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    return {**blob, **change}
+
+
+@pytest.mark.parametrize("name,damage,expected", [
+    ("trainer_state.json", "deep", "not a readable JSON file"),
+    ("scheduler.json", {"last_epoch": "x"}, "last_epoch 'x' is not the trainer state's step 30"),
+    ("scheduler.json", {"last_epoch": 10**30}, "is not the trainer state's step 30"),
+    ("scheduler.json", {"optimizer": 5}, "unknown key(s) optimizer"),
+    ("scheduler.json", {"base_lrs": []}, "base_lrs must be"),
+    ("scheduler.json", {"lr_lambdas": [{"x": 1}]}, "lr_lambdas must be null per group"),
+    ("optimizer.pt", {"lr": "abc"}, "group 0: lr 'abc' is not a finite number >= 0"),
+    ("optimizer.pt", {"eps": -1.0}, "group 0: eps -1.0 is not a finite number > 0"),
+    ("optimizer.pt", {"fused": True}, "group 0: fused differ from this run's optimizer"),
+    ("optimizer.pt", "moment_shape", "exp_avg is not a float tensor of shape"),
+    ("optimizer.pt", "moment_nan", "exp_avg_sq holds non-finite values"),
+    ("rng_state_0.pt", "rng", "not a lineclip RNG state"),
+])
+def test_every_file_of_a_training_state_is_checked_before_anything_is_loaded(trained, tmp_path, name, damage,
+                                                                             expected):
+    """Issue 22 item 11: each of these was a traceback at the first step, validation or checkpoint (LambdaLR's
+    load_state_dict updates its __dict__ with the file's keys); now one line at resume naming the file, and the
+    run dir byte for byte as it was."""
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    path = copy / f"{CKPT}{TRAINING_STATE}" / name
+    if damage == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif name == "scheduler.json":
+        path.write_text(json.dumps(_set_in(json.loads(path.read_text()), damage)))
+    elif name == "optimizer.pt":
+        blob = torch.load(path, weights_only=True)
+        if damage == "moment_shape":
+            blob["state"][0]["exp_avg"] = torch.zeros(3)
+        elif damage == "moment_nan":
+            blob["state"][0]["exp_avg_sq"] = torch.full_like(blob["state"][0]["exp_avg_sq"], float("nan"))
+        else:
+            blob["param_groups"][0] = _set_in(blob["param_groups"][0], damage)
+        torch.save(blob, path)
+    else:
+        blob = torch.load(path, weights_only=True)
+        blob["numpy"]["keys"] = blob["numpy"]["keys"][:10]
+        torch.save(blob, path)
+    before = tree(copy)
+    line = one_error(*replay("train", train_args(data, copy, "trainer.resume=latest")))
+    assert expected in line and str(path) in line, line
+    assert tree(copy) == before
+
+
+def test_a_refused_resume_leaves_the_record_of_the_run(trained, tmp_path):
+    """Issue 26 item 5: the .hydra/ record of a finished run is rewritten only once a resume is accepted."""
+    run, data = trained
+    copy = copy_run(run, tmp_path / "run")
+    state = copy / f"{CKPT}{TRAINING_STATE}" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "step": 10**30}))
+    before = tree(copy)
+    proc = subprocess.run([sys.executable, "-m", "lineclip.train", *train_args(data, copy)[:-1], "optim.lr=0.5",
+                           "trainer.resume=latest", f"hydra.run.dir={copy}"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "is not the step 30" in errors[0], output[-2000:]
+    after = tree(copy)
+    log_name = "train.log"  # Hydra's log of the refused attempt is appended (README, Security): the only change
+    assert {k: v for k, v in after.items() if k != log_name} == {k: v for k, v in before.items() if k != log_name}
+
+
+@pytest.fixture
+def ghostscript_stub(tmp_path, monkeypatch):
+    """A `gs` first on PATH that logs its arguments: Pillow's EPS plugin runs it on a file's PostScript."""
+    from PIL import EpsImagePlugin
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "gs_was_run.log"
+    bin_dir.mkdir()
+    stub = bin_dir / "gs"
+    # Pillow asks `gs --version` first (answered, so that it goes on to run it on the data), then renders.
+    stub.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n[ \"$1\" = --version ] && echo 10.02.1 && exit 0\nexit 1\n")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow looks gs up once, then caches it
+    return log
+
+
+def _eps_bytes() -> bytes:
+    buffer = io.BytesIO()
+    _demo_line().convert("L").save(buffer, format="EPS")
+    return buffer.getvalue()
+
+
+def _png_with_a_garbled_chunk() -> bytes:
+    """A good PNG header and first IDAT; the second IDAT's chunk type is garbled: Pillow raises SyntaxError while
+    decoding, not an OSError."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    width, height = 250, 56
+    compressed = zlib.compress(b"".join(b"\x00" + bytes([200]) * width for _ in range(height)))
+    half = len(compressed) // 2
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", compressed[:half]) + chunk(b"I\x00A\x01", compressed[half:]) + chunk(b"IEND", b""))
+
+
+def test_the_hostile_image_files_are_live(tmp_path, ghostscript_stub):
+    """Opened the way Pillow opens any file, the EPS does run the gs stub and the PNG raises SyntaxError: the tests
+    below, where neither may happen, prove something."""
+    (tmp_path / "x.eps").write_bytes(_eps_bytes())
+    with pytest.raises(Exception), Image.open(tmp_path / "x.eps") as image:  # noqa: B017 - whatever gs's exit 1 gives
+        image.load()
+    assert "-sDEVICE" in ghostscript_stub.read_text()
+    with pytest.raises(SyntaxError), Image.open(io.BytesIO(_png_with_a_garbled_chunk())) as image:
+        image.load()
+
+
+def test_eps_never_runs_ghostscript_and_any_decode_error_is_a_counted_skip(trained, tmp_path, ghostscript_stub):
+    """Issue 26 item 2 and issue 22 item 4: an EPS "line image" (a .jpg by name) and a PNG that fails with a
+    SyntaxError in training, in a shard member, in search and in a serve upload: skipped and counted, or one
+    line; Ghostscript never runs."""
+    from lineclip.preprocess import DECODE_ERRORS, LINE_IMAGE_FORMATS, decode_image, image_size, load_image
+
+    run, _ = trained
+    data = make_dataset(tmp_path / "data")
+    lines = sorted((tmp_path / "data" / "train" / "lines").iterdir())
+    lines[0].write_bytes(_eps_bytes())
+    lines[1].write_bytes(_png_with_a_garbled_chunk())
+    assert image_size(lines[1]) == (250, 56)  # its header is fine: only decoding finds it
+    for path in lines[:2]:
+        with pytest.raises(DECODE_ERRORS):
+            load_image(path)
+        with pytest.raises(DECODE_ERRORS):  # a shard member is decoded from its bytes by the same function
+            decode_image(io.BytesIO(path.read_bytes()), None, f"shard.tar@{path.name}")
+    assert "EPS" not in LINE_IMAGE_FORMATS
+
+    out = tmp_path / "run"
+    assert replay("train", train_args(data, out, "trainer.max_steps=2", "trainer.checkpoint_every_steps=5")) == (0, [])
+    report = json.loads((out / artifacts.DATA_REPORT).read_text())
+    assert report["train"]["skipped"]["unreadable_image"] == 1  # the EPS, refused from its header
+    assert report["corrupt_images_skipped"] == 1  # the PNG, found when its pixels were decoded
+    assert report["train"]["rows_used"] == 8 and not ghostscript_stub.exists()
+
+    for path in lines[:2]:
+        line = one_error(*replay("search", [f"run_dir={run}", f"query_image={path}",
+                                            f"search.output={tmp_path / 'q.html'}"]))
+        assert f"query_image={path} cannot be read as an image" in line
+    pytest.importorskip("starlette", reason="the serve extra is not installed")
+    from lineclip.serve import LineSearch, PageError
+
+    engine = LineSearch.load(compose("serve", [f"run_dir={run}", "device=cpu"]))
+    for path in lines[:2]:
+        with pytest.raises(PageError) as refused:
+            engine.add_upload(path.read_bytes(), "line.jpg")
+        assert refused.value.status == 400 and "cannot be read as an image" in refused.value.message
+    assert not ghostscript_stub.exists()
+
+
+def test_search_refuses_a_bundle_whose_backbone_was_replaced(trained, tmp_path, caplog):
+    """Issue 26 item 3: the corpus fingerprint covers both towers, not only the heads: the checkpoint's backbone
+    put in place of the final one is another model. A corpus that recorded the older heads-only fingerprint
+    is still searched, with a warning that the towers are not checked."""
+    run, _ = trained
+    copy = copy_run(run, tmp_path / "run")
+    recorded = json.loads((copy / artifacts.CONFIG).read_text())["corpus"]["fingerprint"]
+    assert recorded == bundle.model_fingerprint(bundle.resolve_bundle(copy)) and recorded.startswith("v2:")
+    shutil.rmtree(copy / artifacts.BACKBONE)
+    shutil.copytree(copy / f"{CKPT}{artifacts.BACKBONE}", copy / artifacts.BACKBONE)
+    before = tree(copy)
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    assert "embedded by another model" in line and tree(copy) == before
+    # a corpus from before this fingerprint: compared on its heads only, and said so
+    config = json.loads((copy / artifacts.CONFIG).read_text())
+    config["corpus"]["fingerprint"] = bundle.heads_fingerprint(copy)
+    (copy / artifacts.CONFIG).write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="lineclip"):
+        assert replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's2.html'}"]) == (0, [])
+    assert "older fingerprint of the projection heads only" in caplog.text
+
+
+def test_a_head_declaring_huge_dims_is_refused_before_it_is_built(trained, tmp_path, monkeypatch):
+    """Issue 26 item 7: a head file of ~1 KB declaring 12000 x 12000 was built (2.6 GB) before it was refused."""
+    from lineclip.towers import ProjectionHead
+
+    run, _ = trained
+    copy = copy_run(run, tmp_path / "run")
+    small = ProjectionHead(8, 4)
+    torch.save({"state_dict": small.state_dict(), "input_dim": 12000, "output_dim": 12000}, copy / artifacts.TEXT_HEAD)
+    assert (copy / artifacts.TEXT_HEAD).stat().st_size < 10_000  # a few KB declaring 12000 x 12000
+    built = []
+    original = ProjectionHead.__init__
+
+    def recording(self, input_dim, output_dim):
+        built.append((input_dim, output_dim))
+        original(self, input_dim, output_dim)
+
+    monkeypatch.setattr(ProjectionHead, "__init__", recording)
+    before = tree(copy)
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    assert artifacts.TEXT_HEAD in line and "input_dim 12000" in line
+    assert (12000, 12000) not in built and tree(copy) == before
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"width_buckets": []}, "width_buckets must be a non-empty ascending list"),
+    ({"text_max_length": 1_000_000_000}, "text_max_length must be an integer in 1..65536"),
+    ({"target_height": 57}, "target_height 57 is not a multiple of patch_multiple 14"),
+    ({"image_preprocess_pipeline": "magic"}, "image_preprocess_pipeline 'magic' is not one of"),
+    ({"width_buckets": [128]}, "width_buckets [128] differs from the run's own config preprocess.width_buckets"),
+    ({"text_max_length": 500}, "text_max_length 500 differs from the run's own config text.max_length 64"),
+])
+def test_a_bundle_config_is_validated_like_a_config(trained, tmp_path, change, expected):
+    """Issue 26 item 7: training_config.json's geometry and text_max_length decide the embeddings; an edited one
+    was searched with other results."""
+    run, _ = trained
+    copy = copy_run(run, tmp_path / "run")
+    path = copy / artifacts.CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    before = tree(copy)
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    assert expected in line and str(path) in line and tree(copy) == before
+
+
+def test_texts_of_only_invisible_characters_are_empty_texts(trained, tmp_path):
+    """Issue 26 item 8: zero-width spaces and joiners, word joiners, a BOM: no text, so the row is empty_text (and
+    the query is empty)."""
+    run, data = trained
+    rows = [json.loads(x) for x in data["eval"].read_text(encoding="utf-8").splitlines()]
+    invisible = ["\u200d\u200d", "\u200b \u200c", "\u2060", "\ufeff\u200b"]
+    for row, text in zip(rows, invisible, strict=False):
+        row["text"] = text
+    rows[4]["text"] = "\u200d" + rows[4]["text"]  # inside a real text they are kept, as before
+    manifest = tmp_path / "eval" / "meta" / "lines.jsonl"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert replay("evaluate", [f"run_dir={run}", f"manifest={manifest}", f"dataset_dir={data['root']}",
+                               f"eval.output={tmp_path / 'e.json'}"]) == (0, [])
+    report = json.loads((tmp_path / "e.json").read_text())["manifest_report"]
+    assert report["skipped"]["empty_text"] == 4 and report["rows_used"] == len(rows) - 4
+    assert report["first_bad"]["empty_text"] == f"{manifest}:1"
+    line = one_error(*replay("search", [f"run_dir={run}", "query='\u200d\u2060'",
+                                        f"search.output={tmp_path / 's.html'}"]))
+    assert "query is empty" in line
+
+
+def _sixteen_bit_png(width: int, height: int, seed: int = 0) -> bytes:
+    pixels = np.zeros((height, width), dtype=np.uint16)
+    pixels[seed::50] = 60000
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_serve_uploads_are_bounded_before_decoding_and_decoded_one_at_a_time(trained, monkeypatch):
+    """Issue 26 item 4: a ~80 KB 16-bit PNG of 39.6 M pixels took 12 s and 1.8 GB to decode, four at once 5 GB.
+    Now the header is refused (16-bit pixels count double against serve.max_upload_pixels) before any decoding,
+    and uploads within it are decoded one at a time (serve.upload_workers=1)."""
+    import threading
+
+    pytest.importorskip("starlette", reason="the serve extra is not installed")
+    import lineclip.preprocess
+    from lineclip.serve import LineSearch, PageError
+
+    run, _ = trained
+    engine = LineSearch.load(compose("serve", [f"run_dir={run}", "device=cpu"]))
+    decoding, most, original = [0], [0], lineclip.preprocess.load_image
+    lock = threading.Lock()
+
+    def counting(path, max_pixels=None):
+        with lock:
+            decoding[0] += 1
+            most[0] = max(most[0], decoding[0])
+        try:
+            threading.Event().wait(0.2)  # long enough for the other threads to arrive, were they let in
+            return original(path, max_pixels)
+        finally:
+            with lock:
+                decoding[0] -= 1
+
+    monkeypatch.setattr(lineclip.preprocess, "load_image", counting)
+    bomb = _sixteen_bit_png(9000, 4400)
+    assert len(bomb) < 100_000
+    with pytest.raises(PageError) as refused:
+        engine.add_upload(bomb, "scan.png")
+    assert refused.value.status == 400 and "9000x4400 pixels, 16-bit counted x2" in refused.value.message
+    assert "max_upload_pixels=4,000,000" in refused.value.message and most == [0]  # never decoded
+    with pytest.raises(PageError, match="1500x1500 pixels, 16-bit"):  # 2.25 M pixels, 4.5 M counted
+        engine.add_upload(_sixteen_bit_png(1500, 1500), "big16.png")
+    uploads = [_sixteen_bit_png(1200, 60, seed) for seed in range(3)]
+    keys: list[str] = []
+    threads = [threading.Thread(target=lambda d=d: keys.append(engine.add_upload(d, "line.png"))) for d in uploads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(keys) == sorted(hashlib.sha256(d).hexdigest() for d in uploads) and most == [1]
