@@ -19,6 +19,11 @@ per process (the main one, the parse/scan pools, the loader workers) the kernel'
 cache). Also the trainer's per-phase timing line from train.log (`start-up phases: ...`).
 
     python experiments/bench_scale.py [--rows 1000000] [--src DIR] [--skip-warm] [--workdir DIR]
+    python experiments/bench_scale.py --cache-build-only --rows N [--src DIR]
+
+`--cache-build-only`: the cold line-cache build alone (lineclip.sizes.load_line_table with the trainer's settings:
+parse, header scan, cache write), as its own process under /usr/bin/time -v, for the memory of that phase at
+several N (the one that grew with the number of rows).
 
 `--src DIR` runs the command against the lineclip checkout in DIR (PYTHONPATH=DIR), e.g. a checkout of an older
 commit, for a before/after pair on the same box and manifest. The last line printed is one JSON object.
@@ -139,7 +144,7 @@ def _gnu_time(stderr: str) -> dict[str, float]:
 
 
 def _phases(run_dir: Path) -> dict[str, float]:
-    logs = sorted(run_dir.glob("outputs/*/*/train.log"))
+    logs = sorted(run_dir.glob("outputs/*/*/train.log"), key=lambda path: path.stat().st_mtime)
     if not logs:
         return {}
     found = re.search(r"start-up phases \(s\): (.*)", logs[-1].read_text(errors="ignore"))
@@ -150,10 +155,10 @@ def _phases(run_dir: Path) -> dict[str, float]:
 
 
 def train_run(manifest: Path, demo: Path, run_dir: Path, src: Path | None, workers: int) -> dict[str, object]:
-    """The issue's command in a fresh working dir `run_dir`, with this environment (+ PYTHONPATH=src)."""
-    if run_dir.exists():
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-    run_dir.mkdir(parents=True)
+    """The issue's command in the working dir `run_dir`, with this environment (+ PYTHONPATH=src). The cold and
+    the warm run share it, as a user's two runs from one dir do: the working dir is one of the dirs relative image
+    paths resolve against, so it is part of the line cache's key (another dir, another cache)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "lineclip.train", "data=openpecha",
            f"data.dataset_dir={demo}", f"data.train_manifest={manifest}", "data.val_manifest=null", "logger=none",
            "trainer.max_steps=2", "trainer.export_embeddings=false", "trainer.checkpoint_every_steps=1000",
@@ -178,6 +183,43 @@ def train_run(manifest: Path, demo: Path, run_dir: Path, src: Path | None, worke
     return result
 
 
+_CACHE_BUILD = """
+import sys
+import lineclip
+from lineclip.sizes import load_line_table
+print(lineclip.__file__, file=sys.stderr)
+table, report = load_line_table(sys.argv[1], sys.argv[2], max_text_bytes=8192, max_pixels=40_000_000,
+                                progress=False)
+assert report.rows_used == len(table), report.summary()
+"""
+
+
+def cache_build_run(manifest: Path, demo: Path, src: Path | None) -> dict[str, object]:
+    """The cold line-cache build alone (parse, header scan, cache write: what a first run does before the model),
+    as its own process with the trainer's settings (all CPUs for the parse pool and the scan)."""
+    clear_cache(manifest)
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-c", _CACHE_BUILD, str(manifest), str(demo)]
+    start = time.perf_counter()
+    # In the manifest's dir: `python -c` puts the working dir first on sys.path, before PYTHONPATH (from a
+    # checkout's root it would import that checkout's lineclip, whatever --src says).
+    proc = subprocess.Popen(cmd, cwd=manifest.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            text=True)
+    monitor = TreeMonitor(proc.pid)
+    main_pid = None
+    while main_pid is None and proc.poll() is None:
+        kids = psutil.Process(proc.pid).children()
+        main_pid = kids[0].pid if kids else None
+        time.sleep(0.01)
+    _, stderr = proc.communicate()
+    result = {"wall_s": round(time.perf_counter() - start, 1), **_gnu_time(stderr), **monitor.result(main_pid or -1)}
+    if proc.returncode != 0:
+        raise SystemExit(f"cache build failed ({proc.returncode}): {stderr[-3000:]}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -187,6 +229,8 @@ def main() -> None:
     parser.add_argument("--label", default="", help="a name for this run in the output (e.g. before/after)")
     parser.add_argument("--skip-warm", action="store_true")
     parser.add_argument("--keep-cache", action="store_true", help="no cold run: the cache must exist")
+    parser.add_argument("--cache-build-only", action="store_true",
+                        help="instead of training: the cold line-cache build alone (load_line_table), its own process")
     args = parser.parse_args()
     demo = asset_dir("demo")
     manifest = args.workdir / f"issue25_{args.rows}" / "lines.jsonl"
@@ -197,11 +241,19 @@ def main() -> None:
     results: dict[str, object] = {"bench": "scale", "label": args.label, "rows": args.rows,
                                   "src": str(args.src or "PYTHONPATH"), "num_workers": args.workers,
                                   "cpus": len(os.sched_getaffinity(0)), "load_before": os.getloadavg()[0]}
+    if args.cache_build_only:
+        results["cache_build"] = cache_build_run(manifest, demo, args.src)
+        print(f"{args.label} cache build: {json.dumps(results['cache_build'])}", flush=True)
+        print(json.dumps(results))
+        return
     runs = (() if args.keep_cache else ("cold",)) + (() if args.skip_warm else ("warm",))
+    cwd = args.workdir / f"cwd_{args.label or 'run'}"
     for name in runs:
         if name == "cold":
             clear_cache(manifest)
-        run = train_run(manifest, demo, args.workdir / f"cwd_{args.label or 'run'}_{name}", args.src, args.workers)
+            if cwd.exists():
+                subprocess.run(["rm", "-rf", str(cwd)], check=True)
+        run = train_run(manifest, demo, cwd, args.src, args.workers)
         results[name] = run
         brief = {k: v for k, v in run.items() if k != "processes"}
         print(f"{args.label} {name}: {json.dumps(brief)}", flush=True)

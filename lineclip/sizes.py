@@ -244,7 +244,7 @@ def write_cache(table: LineTable, report: ManifestReport, key: dict[str, Any], d
     leave the whole file in this process's resident set."""
     name = cache_name(Path(key["manifest"]), key)
     schema = TABLE_SCHEMA.with_metadata({"lineclip": json.dumps({"key": key, "report": report.to_dict()})})
-    mapped = [TABLE_SCHEMA.get_field_index(name) for name, column in table.columns.items() if column.mapped]
+    mapped = [TABLE_SCHEMA.get_field_index(field) for field, column in table.columns.items() if column.mapped]
     for directory in dirs:
         tmp = None
         try:
