@@ -392,7 +392,7 @@ def test_seen_ids_find_exactly_the_ids_added_before():
         reference |= set(new)
     assert len(seen) == len(reference) and len(seen.runs) <= int(np.log2(len(reference))) + 1
     sorted_runs = all((np.diff(first.astype(np.float64)) >= 0).all() for first, _ in seen.runs)
-    assert sorted_runs and all(len(a[0]) > len(b[0]) for a, b in zip(seen.runs, seen.runs[1:]))
+    assert sorted_runs and all(len(a[0]) > len(b[0]) for a, b in zip(seen.runs, seen.runs[1:], strict=False))
 
 
 def test_streamed_parse_holds_one_chunk_whatever_the_number_of_rows(tmp_path, monkeypatch):
