@@ -1,29 +1,32 @@
-"""Benchmark: start-up time and memory per line of `lineclip.train` on a large generated manifest.
+"""Benchmark: a cold and a warm start of `python -m lineclip.train` on a large manifest, run as a user runs it.
 
-A manifest of N rows is generated from the bundled demo lines (160 images; every row a distinct text: the demo
-transcription plus its row number), either pointing at the 160 demo files themselves (`--images repeated`, the
-setup of issue 16's baseline: 1M rows took 134 s to two steps) or at N distinct hard links to them
-(`--images distinct`: every row its own file, as in a real dataset, still all in the page cache).
-Then, each as its own `python -m lineclip.train` process (tiny towers, `data.num_workers=2`, val off,
-`trainer.max_steps=2`, no export):
+The setup of issue 25: an N-row JSONL manifest made of the bundled demo's 160 train rows repeated (`line_path`
+absolute, `text` the demo text plus " <i>", ids `l<i>`, no width/height columns, every other demo field kept),
+the images in the page cache, no line cache; then, as its own process, exactly the issue's command:
 
-- parse: `read_line_table` alone, in this process (rows/s of the manifest parse and validation);
-- cold: no line cache: parse + header scan (each distinct file once; none with `--manifest-sizes`, where the
-  rows keep the demo's true width/height) + the cache written, then two steps;
-- warm: the same command again, with the cache.
+    /usr/bin/time -v python -m lineclip.train data=openpecha data.dataset_dir=<demo> data.train_manifest=<manifest>
+        data.val_manifest=null logger=none trainer.max_steps=2 trainer.export_embeddings=false
+        trainer.checkpoint_every_steps=1000 trainer.progress_bar=false data.num_workers=2
 
-For each run: wall time to the start of the loop (`start-up`, the trainer's "N train lines" log line), to the
-end of the first step (`first step`: the first row of metrics.jsonl, `trainer.log_every_steps=1`) and to the
-end of the process; and the peak memory of the main process and of its children (the data-loader workers; in
-the cold run also the parse and scan pool), sampled every 0.2 s from /proc: VmRSS, and its two parts RssAnon
-(private memory, copy-on-write copies included: what a process really costs) and RssFile (mapped file pages: the
-memory-mapped line cache and the libraries; page cache, shared by every process that maps the file, reclaimable).
-Per line: the peak divided by N, raw and above the same command's peak on a 1,000-row manifest (the fixed cost of
-Python, torch, the tiny towers).
+run in a fresh working dir (Hydra's default run dir `outputs/<date>/<time>` lands there), with the caller's
+environment. First cold (no line cache: parse, header scan, cache written), then the same command warm.
 
-    python experiments/bench_scale.py [--quick] [--rows 1000000] [--images repeated|distinct] [--skip-cold]
+Recorded per run: the wall time to the end of step 2 (the process end: two steps, no export), GNU time's
+"Maximum resident set size" (the largest peak of the main process and the descendants it waited for), and
+per process (the main one, the parse/scan pools, the loader workers) the kernel's own peak resident set
+(VmHWM of /proc/<pid>/status, read every 0.1 s while the process lives) with its parts at the sampled peak
+(RssAnon: private memory; RssFile: mapped file pages such as the memory-mapped line cache, shared page
+cache). Also the trainer's per-phase timing line from train.log (`start-up phases: ...`).
 
-The last line printed is one JSON object with the figures. `--quick`: 20,000 rows.
+    python experiments/bench_scale.py [--rows 1000000] [--src DIR] [--skip-warm] [--workdir DIR]
+    python experiments/bench_scale.py --cache-build-only --rows N [--src DIR]
+
+`--cache-build-only`: the cold line-cache build alone (lineclip.sizes.load_line_table with the trainer's settings:
+parse, header scan, cache write), as its own process under /usr/bin/time -v, for the memory of that phase at
+several N (the one that grew with the number of rows).
+
+`--src DIR` runs the command against the lineclip checkout in DIR (PYTHONPATH=DIR), e.g. a checkout of an older
+commit, for a before/after pair on the same box and manifest. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 import threading
@@ -41,63 +44,53 @@ from pathlib import Path
 import psutil
 
 from lineclip.config import asset_dir
-from lineclip.manifest import read_line_table
 
-BASELINE_ROWS = 1_000
-ISSUE_COLD_S = 134.0  # issue 16: 1M rows, repeated demo images, two steps, this box, before the line cache
+KINDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
 
 
-def generate(path: Path, n: int, images: str, image_dir: Path, sizes: bool) -> None:
+def generate(path: Path, n: int) -> None:
+    """The issue's manifest: the demo's train rows repeated, absolute `line_path`, text + " <i>", id `l<i>`, no
+    width/height (every image header is read, each distinct file once)."""
     demo = asset_dir("demo")
     rows = [json.loads(line) for line in (demo / "train" / "meta" / "lines.jsonl").read_text().splitlines()]
-    files = [str(demo / row["line_path"]) for row in rows]
-    if images == "distinct":
-        image_dir.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        row["line_path"] = str(demo / row["line_path"])  # the demo's paths are relative to its root
+        assert Path(row["line_path"]).is_file(), row["line_path"]
+        row.pop("width", None), row.pop("height", None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as out:
         for i in range(n):
             row = dict(rows[i % len(rows)])
-            if images == "distinct":
-                target = image_dir / f"{i // 10000:04d}" / f"{i}.jpg"
-                if i % 10000 == 0:
-                    target.parent.mkdir(exist_ok=True)
-                if not target.exists():
-                    os.link(files[i % len(rows)], target)
-                row["line_path"] = str(target)
-            else:
-                row["line_path"] = files[i % len(rows)]
-            if not sizes:  # the demo rows carry their true width/height: without them every header is read
-                row.pop("width", None), row.pop("height", None)
-            row["id"] = f"line{i}"
+            row["id"] = f"l{i}"
             row["text"] = f"{row['text']} {i}"
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 def clear_cache(manifest: Path) -> None:
-    for cache in manifest.parent.glob(f".{manifest.name}.lineclip-*.arrow"):
+    for cache in manifest.parent.glob(f".{manifest.name}.lineclip-*"):
         cache.unlink()
 
 
 def _status(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon (private memory: what a process really costs, COW copies included) and RssFile (mapped file
-    pages: the line cache, libraries; page cache that every process mapping the file shares), in bytes."""
     fields = {}
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile"):
+            if key in KINDS:
                 fields[key] = int(value.split()[0]) * 1024
     return fields
 
 
 class TreeMonitor:
-    """Peak VmRSS, RssAnon and RssFile (every 0.2 s) of a process and each of its descendants, by pid."""
-
-    KINDS = ("VmRSS", "RssAnon", "RssFile")
+    """Per process of a tree (by pid): the kernel's peak RSS (VmHWM) and, at the highest sampled VmRSS, its
+    anonymous and file-backed parts; sampled every 0.1 s."""
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
         self.peak: dict[int, dict[str, int]] = {}
+        self.names: dict[int, str] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -111,110 +104,160 @@ class TreeMonitor:
             for proc in procs:
                 try:
                     now = _status(proc.pid)
-                except (OSError, ValueError):
+                    if proc.pid not in self.names:
+                        self.names[proc.pid] = " ".join(proc.cmdline()[:3])[:60]
+                except (OSError, ValueError, psutil.Error):
                     continue
-                peak = self.peak.setdefault(proc.pid, dict.fromkeys(self.KINDS, 0))
-                for kind in self.KINDS:
-                    peak[kind] = max(peak[kind], now.get(kind, 0))
-            time.sleep(0.2)
+                peak = self.peak.setdefault(proc.pid, dict.fromkeys(KINDS, 0))
+                peak["VmHWM"] = max(peak["VmHWM"], now.get("VmHWM", 0))
+                if now.get("VmRSS", 0) >= peak["VmRSS"]:
+                    peak.update({k: now.get(k, 0) for k in ("VmRSS", "RssAnon", "RssFile")})
+            time.sleep(0.1)
 
-    def peaks(self) -> dict[str, float]:
+    def result(self, main_pid: int) -> dict[str, object]:
         self.stop.set()
         self.thread.join()
-        main = self.root.pid
-        others = [pid for pid in self.peak if pid != main]
-        out: dict[str, float] = {"n_children": len(others)}
-        for kind in self.KINDS:
-            out[f"main_{kind}"] = self.peak.get(main, {}).get(kind, 0)
-            out[f"child_{kind}"] = max((self.peak[p][kind] for p in others), default=0)
-        return out
+        procs = []
+        for pid, peak in self.peak.items():
+            if pid == self.root.pid:
+                continue  # /usr/bin/time itself
+            role = "main" if pid == main_pid else "child"
+            procs.append({"pid": pid, "role": role, **{f"{k}_mb": round(v / 2**20) for k, v in peak.items()}})
+        procs.sort(key=lambda p: (p["role"] != "main", p["pid"]))
+        children = [p for p in procs if p["role"] == "child"]
+        main = next((p for p in procs if p["role"] == "main"), {})
+        return {"main_peak_mb": main.get("VmHWM_mb", 0),
+                "child_peak_mb": max((p["VmHWM_mb"] for p in children), default=0),
+                "n_children": len(children), "processes": procs}
 
 
-def train_run(manifest: Path, run_dir: Path, workers: int, *overrides: str) -> dict[str, float]:
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "lineclip.train", "data=openpecha", f"data.dataset_dir={manifest.parent}",
-           f"data.train_manifest={manifest}", "data.val_manifest=null", "trainer.max_steps=2",
-           "trainer.export_embeddings=false", f"data.num_workers={workers}", "trainer.log_every_steps=1",
-           "trainer.progress_bar=false", "logger=none", f"hydra.run.dir={run_dir}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+def _gnu_time(stderr: str) -> dict[str, float]:
+    out = {}
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    if found:
+        out["gnu_time_max_rss_mb"] = round(int(found.group(1)) / 1024)
+    found = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", stderr)
+    if found:
+        hours, minutes, seconds = found.groups()
+        out["gnu_time_wall_s"] = round(int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds), 1)
+    return out
+
+
+def _phases(run_dir: Path) -> dict[str, float]:
+    logs = sorted(run_dir.glob("outputs/*/*/train.log"), key=lambda path: path.stat().st_mtime)
+    if not logs:
+        return {}
+    found = re.search(r"start-up phases \(s\): (.*)", logs[-1].read_text(errors="ignore"))
+    if not found:
+        return {}
+    return {name.strip(): float(value) for name, value in
+            (part.split("=") for part in found.group(1).split(", ") if "=" in part)}
+
+
+def train_run(manifest: Path, demo: Path, run_dir: Path, src: Path | None, workers: int) -> dict[str, object]:
+    """The issue's command in the working dir `run_dir`, with this environment (+ PYTHONPATH=src). The cold and
+    the warm run share it, as a user's two runs from one dir do: the working dir is one of the dirs relative image
+    paths resolve against, so it is part of the line cache's key (another dir, another cache)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "lineclip.train", "data=openpecha",
+           f"data.dataset_dir={demo}", f"data.train_manifest={manifest}", "data.val_manifest=null", "logger=none",
+           "trainer.max_steps=2", "trainer.export_embeddings=false", "trainer.checkpoint_every_steps=1000",
+           "trainer.progress_bar=false", f"data.num_workers={workers}"]
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     monitor = TreeMonitor(proc.pid)
-    startup = first_step = None
-    log, metrics = run_dir / "train.log", run_dir / "metrics.jsonl"
-    while proc.poll() is None:
-        now = time.perf_counter() - start
-        if startup is None and log.exists() and " train lines, " in log.read_text(errors="ignore"):
-            startup = now
-        if first_step is None and metrics.exists() and metrics.stat().st_size > 0:
-            first_step = now
-        time.sleep(0.05)
-    total = time.perf_counter() - start
-    peaks = monitor.peaks()
+    main_pid = None
+    while main_pid is None and proc.poll() is None:
+        kids = psutil.Process(proc.pid).children()
+        main_pid = kids[0].pid if kids else None
+        time.sleep(0.01)
+    _, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    result = {"wall_s": round(wall, 1), **_gnu_time(stderr), **monitor.result(main_pid or -1),
+              "phases_s": _phases(run_dir)}
     if proc.returncode != 0:
-        raise SystemExit(f"train failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-    return {"startup_s": startup or total, "first_step_s": first_step or total, "total_s": total, **peaks}
+        raise SystemExit(f"train failed ({proc.returncode}): {stderr[-3000:]}")
+    return result
+
+
+_CACHE_BUILD = """
+import sys
+import lineclip
+from lineclip.sizes import load_line_table
+print(lineclip.__file__, file=sys.stderr)
+table, report = load_line_table(sys.argv[1], sys.argv[2], max_text_bytes=8192, max_pixels=40_000_000,
+                                progress=False)
+assert report.rows_used == len(table), report.summary()
+"""
+
+
+def cache_build_run(manifest: Path, demo: Path, src: Path | None) -> dict[str, object]:
+    """The cold line-cache build alone (parse, header scan, cache write: what a first run does before the model),
+    as its own process with the trainer's settings (all CPUs for the parse pool and the scan)."""
+    clear_cache(manifest)
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-c", _CACHE_BUILD, str(manifest), str(demo)]
+    start = time.perf_counter()
+    # In the manifest's dir: `python -c` puts the working dir first on sys.path, before PYTHONPATH (from a
+    # checkout's root it would import that checkout's lineclip, whatever --src says).
+    proc = subprocess.Popen(cmd, cwd=manifest.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            text=True)
+    monitor = TreeMonitor(proc.pid)
+    main_pid = None
+    while main_pid is None and proc.poll() is None:
+        kids = psutil.Process(proc.pid).children()
+        main_pid = kids[0].pid if kids else None
+        time.sleep(0.01)
+    _, stderr = proc.communicate()
+    result = {"wall_s": round(time.perf_counter() - start, 1), **_gnu_time(stderr), **monitor.result(main_pid or -1)}
+    if proc.returncode != 0:
+        raise SystemExit(f"cache build failed ({proc.returncode}): {stderr[-3000:]}")
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--images", choices=("repeated", "distinct"), default="repeated")
-    parser.add_argument("--workers", type=int, default=2, help="data.num_workers")
-    parser.add_argument("--manifest-sizes", action="store_true",
-                        help="keep the demo rows' width/height (true sizes: no header scan); default: drop them")
-    parser.add_argument("--workdir", default="/tmp/lineclip_bench_scale")
-    parser.add_argument("--skip-cold", action="store_true", help="only the warm start (the cache must exist)")
-    parser.add_argument("--scan-workers", type=int, default=None,
-                        help="data.scan_workers of the cold run (1: a one-pass parse, one copy of the lines)")
-    parser.add_argument("--skip-parse", action="store_true", help="no in-process parse timing (saves its memory)")
+    parser.add_argument("--workers", type=int, default=2, help="data.num_workers (the issue: 2)")
+    parser.add_argument("--src", type=Path, default=None, help="the lineclip checkout to run (PYTHONPATH)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lineclip_bench_scale"))
+    parser.add_argument("--label", default="", help="a name for this run in the output (e.g. before/after)")
+    parser.add_argument("--skip-warm", action="store_true")
+    parser.add_argument("--keep-cache", action="store_true", help="no cold run: the cache must exist")
+    parser.add_argument("--cache-build-only", action="store_true",
+                        help="instead of training: the cold line-cache build alone (load_line_table), its own process")
     args = parser.parse_args()
-    n = 20_000 if args.quick else args.rows
-    work = Path(args.workdir)
-    kind = f"{args.images}{'_sized' if args.manifest_sizes else ''}"
-    manifest = work / f"{kind}_{n}" / "lines.jsonl"
-    baseline_manifest = work / f"{kind}_{BASELINE_ROWS}" / "lines.jsonl"
-    for path, rows in ((manifest, n), (baseline_manifest, BASELINE_ROWS)):
-        if not path.exists():
-            t = time.perf_counter()
-            generate(path, rows, args.images, work / f"images_{args.images}", args.manifest_sizes)
-            print(f"generated {rows} rows in {time.perf_counter() - t:.1f} s: {path}", flush=True)
-
-    results: dict[str, object] = {"bench": "scale", "rows": n, "images": args.images,
-                                  "manifest_sizes": args.manifest_sizes, "num_workers": args.workers,
-                                  "cpus": len(os.sched_getaffinity(0))}
-    if not args.skip_parse:
-        for workers in (1, 2):  # one pass, and the process pool (manifests of 64 MB or more)
-            t = time.perf_counter()
-            table, report = read_line_table(manifest, manifest.parent, workers=workers)
-            parse_s = time.perf_counter() - t
-            assert report.rows_used == n, report.summary()
-            del table
-            print(f"parse, {workers} process(es): {n} rows in {parse_s:.1f} s ({n / parse_s:,.0f} rows/s)", flush=True)
-            results[f"parse_{workers}proc_s"] = round(parse_s, 2)
-    train_run(baseline_manifest, work / "run_baseline", args.workers)  # cache-less (< 10k rows): the fixed cost
-    base = train_run(baseline_manifest, work / "run_baseline", args.workers)
-    runs = {}
-    if not args.skip_cold:
-        clear_cache(manifest)
-        extra = [f"data.scan_workers={args.scan_workers}"] if args.scan_workers else []
-        runs["cold"] = train_run(manifest, work / "run_cold", args.workers, *extra)
-    runs["warm"] = train_run(manifest, work / "run_warm", args.workers)
-    for name, run in runs.items():
-        row = {key: round(run[key], 1) for key in ("startup_s", "first_step_s", "total_s")}
-        for who in ("main", "child"):
-            for kind in TreeMonitor.KINDS:
-                key = f"{who}_{kind}"
-                row[f"{key}_mb"] = round(run[key] / 2**20)
-                row[f"{key}_b_per_line"] = round(run[key] / n)
-                row[f"{key}_b_per_line_above_baseline"] = round((run[key] - base[key]) / n)
-        row["n_children"] = run["n_children"]
-        results[name] = row
-        print(f"{name}: {row}", flush=True)
-    results["baseline_1000_rows_mb"] = {k: round(v / 2**20) for k, v in base.items() if k.startswith(("main", "child"))}
-    if "cold" in runs:
-        results["cold_speedup_vs_issue_134s"] = round(ISSUE_COLD_S / runs["cold"]["total_s"], 2)
+    demo = asset_dir("demo")
+    manifest = args.workdir / f"issue25_{args.rows}" / "lines.jsonl"
+    if not manifest.exists():
+        t = time.perf_counter()
+        generate(manifest, args.rows)
+        print(f"generated {args.rows} rows in {time.perf_counter() - t:.1f} s: {manifest}", flush=True)
+    results: dict[str, object] = {"bench": "scale", "label": args.label, "rows": args.rows,
+                                  "src": str(args.src or "PYTHONPATH"), "num_workers": args.workers,
+                                  "cpus": len(os.sched_getaffinity(0)), "load_before": os.getloadavg()[0]}
+    if args.cache_build_only:
+        results["cache_build"] = cache_build_run(manifest, demo, args.src)
+        print(f"{args.label} cache build: {json.dumps(results['cache_build'])}", flush=True)
+        print(json.dumps(results))
+        return
+    runs = (() if args.keep_cache else ("cold",)) + (() if args.skip_warm else ("warm",))
+    cwd = args.workdir / f"cwd_{args.label or 'run'}"
+    for name in runs:
+        if name == "cold":
+            clear_cache(manifest)
+            if cwd.exists():
+                subprocess.run(["rm", "-rf", str(cwd)], check=True)
+        run = train_run(manifest, demo, cwd, args.src, args.workers)
+        results[name] = run
+        brief = {k: v for k, v in run.items() if k != "processes"}
+        print(f"{args.label} {name}: {json.dumps(brief)}", flush=True)
+    results["load_after"] = os.getloadavg()[0]
     print(json.dumps(results))
 
 

@@ -85,10 +85,12 @@ def make_loader(dataset: LineDataset, batch_sampler: Any, collate: LineCollator,
 
 
 def load_lines(cfg: DictConfig, run_dir: str | Path | None = None, is_main: bool = True,
-               wait_for_everyone: Callable[[], None] = lambda: None) -> tuple[LineTable, LineTable, dict[str, Any]]:
+               wait_for_everyone: Callable[[], None] = lambda: None,
+               timings: dict[str, float] | None = None) -> tuple[LineTable, LineTable, dict[str, Any]]:
     """The train and val lines as LineTables with their image sizes, and the data report. From the line cache
     (lineclip.sizes) when it matches, else parsed and scanned by the main process first, then read from its
-    cache by the others (`is_main`, `wait_for_everyone`: the accelerator's)."""
+    cache by the others (`is_main`, `wait_for_everyone`: the accelerator's). `timings`: seconds per phase of
+    lineclip.sizes.load_line_table (parse, header scan, cache write or read) are added to it."""
     pixels = cfg.data.max_image_pixels or 0
 
     def read(path: str) -> tuple[LineTable, ManifestReport]:
@@ -98,7 +100,7 @@ def load_lines(cfg: DictConfig, run_dir: str | Path | None = None, is_main: bool
             return load_shards(path, cfg.data.on_bad_row)
         return load_line_table(path, cfg.data.dataset_dir, cfg.data.on_bad_row, cfg.data.max_text_bytes, pixels,
                                fallback_dir=run_dir, use_cache=cfg.data.line_cache, cache_dir=cfg.data.line_cache_dir,
-                               scan_workers=cfg.data.scan_workers, progress=is_main)
+                               scan_workers=cfg.data.scan_workers, progress=is_main, timings=timings)
 
     def read_all() -> tuple[LineTable, LineTable, dict[str, Any]]:
         train_source, val_source = cfg.data.train_manifest, cfg.data.val_manifest

@@ -223,7 +223,10 @@ class LineTable(Sequence[LineRecord]):
         sizes = np.asarray(sizes, dtype=np.int32)
         table = self.table.set_column(TABLE_SCHEMA.get_field_index("width"), "width", pa.array(sizes[:, 0]))
         table = table.set_column(TABLE_SCHEMA.get_field_index("height"), "height", pa.array(sizes[:, 1]))
-        return LineTable(table, self.manifest, self.sources, sizes_checked=True, images=self.images)
+        out = LineTable(table, self.manifest, self.sources, sizes_checked=True, images=self.images)
+        for name, column in out.columns.items():
+            column.mapped = self.columns[name].mapped  # the same buffers, so the same (mapped or not) memory
+        return out
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Loader workers started by spawn get the table by pickle: a cached table is re-mapped from its file

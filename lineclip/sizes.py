@@ -23,8 +23,9 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,15 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from lineclip.files import usable_cpus
-from lineclip.lines import TABLE_SCHEMA, LineTable, StringColumn, open_arrow_file, open_cached_table, table_problem
+from lineclip.lines import (
+    TABLE_SCHEMA,
+    LineTable,
+    StringColumn,
+    open_arrow_file,
+    open_cached_table,
+    release_mapped_pages,
+    table_problem,
+)
 from lineclip.manifest import (
     BAD_ROW_REASONS,
     ManifestReport,
@@ -59,6 +68,7 @@ CACHE_MIN_ROWS = 10_000
 SIZE_PROBE = 64  # manifest sizes checked against headers before they are trusted
 _SCAN_CHUNK = 512  # paths per task of the process pool: large enough that pickling is noise
 _PROCESS_SCAN_MIN = 20_000  # below this, threads: a process pool's start-up would cost more than it saves
+_MEMO_FILES = 1 << 16  # image sizes remembered across chunks of lines (a dict of paths: ~15 MB at most)
 
 
 def header_row(path: str, max_pixels: int | None) -> tuple[int, int]:
@@ -80,28 +90,27 @@ def _scan_chunk(paths: list[str], max_pixels: int | None) -> np.ndarray:
 
 
 def scan_sizes(paths: Sequence[str], max_pixels: int | None, workers: int | None = None,
-               progress: bool = True, desc: str = "image headers") -> np.ndarray:
+               progress: bool = True, desc: str = "image headers", pool: Executor | None = None) -> np.ndarray:
     """[N, 2] int32 (width, height) or size codes, one header read per path. Header parsing is Python (PIL), so
-    large scans use processes (`workers`, default: the usable CPUs); small ones threads, which overlap the I/O
-    of a network file system. A tqdm bar shows the rate."""
+    large scans use processes (`workers`, default: the usable CPUs; `pool`: one already started, for a scan in
+    several calls); small ones threads, which overlap the I/O of a network file system. A tqdm bar shows the rate."""
     n = len(paths)
     workers = usable_cpus() if workers is None else max(1, workers)
     out = np.empty((n, 2), dtype=np.int32)
     with tqdm(total=n, desc=desc, unit="img", disable=not progress or n < 2048, mininterval=1.0) as bar:
-        if workers > 1 and n >= _PROCESS_SCAN_MIN:
-            # fork where there is one: the children need no import and no copy of anything but their paths.
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        if workers > 1 and (n >= _PROCESS_SCAN_MIN or (pool is not None and n >= 4 * _SCAN_CHUNK)):
             starts = range(0, n, _SCAN_CHUNK)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            with contextlib.ExitStack() as stack:
+                if pool is None:
+                    pool = stack.enter_context(_process_pool(workers))
                 chunks = ([paths[i] for i in range(start, min(n, start + _SCAN_CHUNK))] for start in starts)
                 for start, sizes in zip(starts, pool.map(_scan_chunk, chunks, [max_pixels] * len(starts),
                                                            chunksize=4), strict=True):
                     out[start : start + len(sizes)] = sizes
                     bar.update(len(sizes))
         elif workers > 1 and n > 256:
-            with ThreadPoolExecutor(max_workers=min(8, workers)) as pool:
-                for i, size in enumerate(pool.map(lambda path: header_row(path, max_pixels), paths)):
+            with ThreadPoolExecutor(max_workers=min(8, workers)) as threads:
+                for i, size in enumerate(threads.map(lambda path: header_row(path, max_pixels), paths)):
                     out[i] = size
                     bar.update(1)
         else:
@@ -109,6 +118,49 @@ def scan_sizes(paths: Sequence[str], max_pixels: int | None, workers: int | None
                 out[i] = header_row(path, max_pixels)
             bar.update(n)
     return out
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    # fork where there is one: the children need no import and no copy of anything but their paths.
+    methods = multiprocessing.get_all_start_methods()
+    return ProcessPoolExecutor(max_workers=workers,
+                               mp_context=multiprocessing.get_context("fork" if "fork" in methods else None))
+
+
+def _scan_unknown(paths: StringColumn, unknown: np.ndarray, sizes: np.ndarray, max_pixels: int | None,
+                  workers: int | None, progress: bool) -> None:
+    """sizes[unknown] from the image headers, one Arrow chunk of paths at a time: each distinct file of a chunk
+    read once, and a memo of the last _MEMO_FILES files' sizes carries files shared by many lines (a page image
+    listed once per line; the scale benchmark's 160 demo files) across chunks. What is held is one chunk's
+    distinct paths as Python strings, whatever the number of lines; a memory-mapped table's pages are released
+    as they are passed."""
+    memo: dict[str, tuple[int, int]] = {}
+    workers = usable_cpus() if workers is None else max(1, workers)
+    with contextlib.ExitStack() as stack, tqdm(total=unknown.size, desc="image headers", unit="line",
+                                               disable=not progress or unknown.size < 2048, mininterval=1.0) as bar:
+        pool: Executor | None = None
+        for chunk, begin in zip(paths.chunks, paths.starts[:-1].tolist(), strict=True):
+            rows = unknown[np.searchsorted(unknown, begin) : np.searchsorted(unknown, begin + len(chunk))]
+            if not rows.size:
+                continue
+            encoded = pc.dictionary_encode(chunk.take(pa.array(rows - begin)))
+            distinct = encoded.dictionary.to_pylist()
+            new = [path for path in distinct if path not in memo]
+            if new and len(memo) + len(new) > _MEMO_FILES:
+                memo.clear()
+                new = distinct
+            if len(new) >= 4 * _SCAN_CHUNK and workers > 1 and unknown.size >= _PROCESS_SCAN_MIN and pool is None:
+                pool = stack.enter_context(_process_pool(workers))  # one pool for every chunk
+            if new:
+                memo.update(zip(new, map(tuple, scan_sizes(new, max_pixels, workers, progress=False, pool=pool)),
+                                strict=True))
+            found = np.array([memo[path] for path in distinct], dtype=np.int32).reshape(-1, 2)
+            sizes[rows] = found[encoded.indices.to_numpy(zero_copy_only=False)]
+            bar.update(rows.size)
+            if paths.mapped:
+                for buffer in chunk.buffers():
+                    if buffer is not None:
+                        release_mapped_pages(buffer)
 
 
 def complete_sizes(table: LineTable, max_pixels: int | None, workers: int | None = None,
@@ -135,13 +187,9 @@ def complete_sizes(table: LineTable, max_pixels: int | None, workers: int | None
         sizes[given & (sizes[:, 0].astype(np.int64) * sizes[:, 1] > max_pixels)] = SIZE_TOO_LARGE
     unknown = np.flatnonzero(sizes[:, 0] == SIZE_UNKNOWN)
     if unknown.size:
-        # Each distinct file once: lines cut from one image file share its header (a dataset that lists a page
-        # image once per line; and the scale benchmark's repeated demo files).
-        column = pa.chunked_array(paths.chunks, pa.string()).take(pa.array(unknown))
-        encoded = pc.dictionary_encode(column).combine_chunks()
-        distinct = encoded.dictionary
-        found = scan_sizes(StringColumn(pa.chunked_array([distinct])), max_pixels, workers, progress)
-        sizes[unknown] = found[encoded.indices.to_numpy(zero_copy_only=False)]
+        # Each distinct file once (per chunk, and a memo across chunks): lines cut from one image file share its
+        # header (a dataset that lists a page image once per line; and the scale benchmark's repeated demo files).
+        _scan_unknown(paths, unknown, sizes, max_pixels, workers, progress)
     if table.sizes_checked and np.array_equal(sizes, table.sizes):
         return table  # nothing changed: keep the memory-mapped table as it is
     return table.with_sizes(sizes)
@@ -224,9 +272,12 @@ def read_cache(path: Path, key: dict[str, Any]) -> tuple[LineTable, ManifestRepo
 
 def write_cache(table: LineTable, report: ManifestReport, key: dict[str, Any], dirs: Sequence[Path]) -> Path | None:
     """Write the cache into the first dir that takes it (temporary name, then an atomic rename, so a reader never
-    sees half a file); None when none does."""
+    sees half a file); None when none does. Written a batch at a time; where the table's string columns are a
+    memory-mapped file (a spilled parse), their pages are released once written, so writing 10M lines does not
+    leave the whole file in this process's resident set."""
     name = cache_name(Path(key["manifest"]), key)
     schema = TABLE_SCHEMA.with_metadata({"lineclip": json.dumps({"key": key, "report": report.to_dict()})})
+    mapped = [TABLE_SCHEMA.get_field_index(field) for field, column in table.columns.items() if column.mapped]
     for directory in dirs:
         tmp = None
         try:
@@ -234,7 +285,12 @@ def write_cache(table: LineTable, report: ManifestReport, key: dict[str, Any], d
             fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".tmp", dir=directory)
             os.close(fd)
             with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                writer.write_table(table.table.replace_schema_metadata(None), max_chunksize=1 << 16)
+                for batch in table.table.replace_schema_metadata(None).to_batches(max_chunksize=1 << 16):
+                    writer.write_batch(batch)
+                    for i in mapped:  # only those: releasing heap memory (the new sizes) would lose it
+                        for buffer in batch.column(i).buffers():
+                            if buffer is not None:
+                                release_mapped_pages(buffer)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # readable like the manifest (mkstemp's 0600 would hide it from others)
@@ -248,15 +304,33 @@ def write_cache(table: LineTable, report: ManifestReport, key: dict[str, Any], d
     return None
 
 
+def _writable_dir(dirs: Sequence[Path]) -> Path | None:
+    """The first of `dirs` that takes a file (where the parse is spilled and the cache then written)."""
+    for directory in dirs:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".lineclip-probe.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+            return directory
+        except OSError:
+            continue
+    return None
+
+
 def load_line_table(manifest: str | Path, dataset_dir: str | None = None, on_bad_row: str = "skip",
                     max_text_bytes: int | None = None, max_pixels: int | None = None,
                     fallback_dir: str | Path | None = None, use_cache: bool = True, cache_dir: str | None = None,
                     scan_workers: int | None = None, progress: bool = True,
-                    cache_min_rows: int = CACHE_MIN_ROWS) -> tuple[LineTable, ManifestReport]:
+                    cache_min_rows: int = CACHE_MIN_ROWS,
+                    timings: dict[str, float] | None = None) -> tuple[LineTable, ManifestReport]:
     """A manifest's lines with every image size known: from the line cache when it matches, else parsed and
     scanned, then cached (beside the manifest, else in `cache_dir`, else `fallback_dir`, e.g. the run dir).
     In `on_bad_row="error"` mode a cache that counted bad rows is not enough: the manifest is read again so that
-    the error names the row."""
+    the error names the row. A parse that will be cached is streamed into a temporary file in the cache's dir
+    (lineclip.manifest.read_line_table's `spill_dir`), so its memory does not grow with the number of rows.
+    `timings`: seconds per phase ("cache read"; or "parse", "header scan", "cache write") are added to it."""
+    clock = _Clock(timings)
     path = Path(os.path.abspath(os.path.expanduser(str(manifest))))
     dirs = [Path(cache_dir)] if cache_dir else [path.parent]
     if fallback_dir is not None:
@@ -269,13 +343,21 @@ def load_line_table(manifest: str | Path, dataset_dir: str | None = None, on_bad
                 logger.info("lines and image sizes of %s from the line cache %s", path.name,
                             directory / cache_name(path, key))
                 log_report(cached[1])
+                clock.lap("cache read")
                 return cached
+    clock.last = time.perf_counter()  # a miss: the check is part of no phase
     workers = usable_cpus() if scan_workers is None else scan_workers
-    table, report = read_line_table(path, dataset_dir, on_bad_row, max_text_bytes, workers)
+    spill_dir = _writable_dir(dirs) if key is not None else None
+    table, report = read_line_table(path, dataset_dir, on_bad_row, max_text_bytes, workers, spill_dir=spill_dir,
+                                    spill_min_rows=cache_min_rows)
+    clock.lap("parse")
     table = complete_sizes(table, max_pixels, scan_workers, progress)
+    clock.lap("header scan")
     if key is None or report.rows_total < cache_min_rows:
         return table, report
-    written = write_cache(table, report, key, dirs)
+    order = [spill_dir, *(d for d in dirs if d != spill_dir)] if spill_dir is not None else dirs
+    written = write_cache(table, report, key, order)
+    clock.lap("cache write")
     if written is None:
         logger.warning("no writable dir for the line cache of %s: the next run reads and scans it again", path.name)
         return table, report
@@ -283,6 +365,19 @@ def load_line_table(manifest: str | Path, dataset_dir: str | None = None, on_bad
     del table
     pa.default_memory_pool().release_unused()  # the parsed copy; the mapped file replaces it
     return open_cached_table(str(written), str(path)), report
+
+
+class _Clock:
+    """Seconds between laps, added up per phase into `timings` (when given)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings, self.last = timings, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def main_first(is_main: bool, wait_for_everyone: Callable[[], None], load: Callable[[], Any]) -> Any:

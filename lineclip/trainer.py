@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -477,6 +478,59 @@ def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     return accelerator, output_dir, resume_from
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (/proc; None where there is none)."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return float(uptime.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class StartupClock:
+    """Where the time to the first batch goes, phase by phase (the "start-up phases" line of train.log): the
+    imports before `train` (from the process start), then each lap; lineclip.sizes adds its own phases (parse,
+    header scan, cache write or read) into `phases`, and they are not counted again in the lap around them."""
+
+    def __init__(self) -> None:
+        age = process_age()
+        self.phases: dict[str, float] = {"imports": age} if age is not None else {}
+        self.own = set(self.phases)
+        self.inner = 0.0  # seconds of the phases added by others so far
+        self.last = time.perf_counter()
+        self.resident: dict[str, int] = {"imports": resident_mb()}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        inner = sum(seconds for name, seconds in self.phases.items() if name not in self.own)
+        self.phases[phase] = self.phases.get(phase, 0.0) + (now - self.last) - (inner - self.inner)
+        self.own.add(phase)
+        self.inner, self.last = inner, now
+        self.resident[phase] = resident_mb()
+
+    def summary(self) -> str:
+        parts = [f"{name}={seconds:.1f}" for name, seconds in self.phases.items()]
+        age = process_age()
+        if age is not None:
+            parts.append(f"total={age:.1f}")
+        memory = ", ".join(f"{name}={mb}" for name, mb in self.resident.items() if mb >= 0)
+        return f"start-up phases (s): {', '.join(parts)}\nresident MB after each phase: {memory}; " \
+               f"peak {resident_mb('VmHWM')}"
+
+
+def resident_mb(field: str = "VmRSS") -> int:
+    """This process's resident set (or its peak, VmHWM) in MB from /proc; -1 where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
 def train(cfg: DictConfig) -> TrainResult:
     """Train one run into `cfg.output_dir` (Hydra's run dir): setup, the loop, the final artifacts. The run dir's
     claim (setup_run) is released when the run ends, however it ends."""
@@ -488,13 +542,18 @@ def train(cfg: DictConfig) -> TrainResult:
 
 def _train(cfg: DictConfig) -> TrainResult:
     # ---- setup: run dir, data, model, optimizer and schedule, checkpointer
+    startup = StartupClock()
     accelerator, output_dir, resume_from = setup_run(cfg)
+    startup.lap("run setup")
     world = accelerator.num_processes
     train_records, val_records, data_report = load_lines(cfg, output_dir, accelerator.is_main_process,
-                                                         accelerator.wait_for_everyone)
+                                                         accelerator.wait_for_everyone, timings=startup.phases)
+    startup.lap("other line checks")
     model, image_processor, tokenizer = build_model(cfg)
+    startup.lap("model build")
     data = build_data(cfg, train_records, val_records, data_report, image_processor, accelerator.process_index,
                       world)
+    startup.lap("bucketing")
     model, opt = build_optimization(cfg, model, accelerator, len(data.sampler))
     optimizer, scheduler, total_steps = opt.optimizer, opt.scheduler, opt.total_steps
     run_info = {
@@ -521,6 +580,8 @@ def _train(cfg: DictConfig) -> TrainResult:
              cfg.data.batch_size, opt.micro_per_step, total_steps, opt.steps_per_epoch, opt.warmup,
              "global batch (gathered)" if opt.gather else "local batch")
 
+    startup.lap("optimizer and tracking")
+
     # ---- the loop
     # A bar on a terminal, log lines every 10% otherwise; and after the first logged steps, the time to go.
     bar = Progress(total_steps, initial=state.step, desc="train", unit="step",
@@ -537,6 +598,10 @@ def _train(cfg: DictConfig) -> TrainResult:
             data.train_texts.set_epoch(state.epoch)
             whole_epoch, readable_batches = state.batches_done_in_epoch == 0, 0
             for batch in throughput.batches(data.loader):
+                if startup is not None:  # the loader's workers started and the first batch decoded
+                    startup.lap("first batch")
+                    log.info("%s", startup.summary())
+                    startup = None
                 state.batches_done_in_epoch += 1
                 checkpointer.corrupt[batch["corrupt_indices"]] = True
                 if batch["corrupt_indices"] and cfg.data.on_bad_row == "error":

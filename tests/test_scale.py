@@ -302,3 +302,125 @@ def test_main_first_loads_on_the_main_process_before_the_others_and_never_strand
     with pytest.raises(ValueError):
         main_first(True, lambda: calls.append("barrier"), fail)
     assert calls == ["barrier"]  # the others were released, and fail on their own
+
+
+def bad_rows_manifest(path: Path, n: int = 400) -> Path:
+    """n rows of the demo lines with bad rows of every kind, duplicates of earlier rows among them (near and far)."""
+    rows = absolute_demo_rows(160)
+    lines = [json.dumps({**rows[i % 160], "id": f"r{i}"}, ensure_ascii=False) for i in range(n)]
+    lines[7] = "{broken"
+    lines[50] = json.dumps({**rows[3], "id": "r3"})  # a duplicate of line 4, chunks away
+    lines[51] = "[1, 2]"
+    lines[120] = json.dumps({"id": "x", "text": "ཀ"})
+    lines[121] = ""
+    lines[200] = json.dumps({**rows[9], "id": "r201"})  # claims the id of the row after it: that one is the dup
+    lines[300] = json.dumps({**rows[0], "id": "r299"})  # duplicates the row after it (r299 is line 300)
+    lines[301] = json.dumps({**rows[1], "id": "r299", "text": "\ud800"}, ensure_ascii=True).replace("\\\\", "\\")
+    lines[350] = json.dumps({**rows[4], "id": "r4"})  # a duplicate of a row that is itself used
+    lines[n - 1] = json.dumps({**rows[5], "line_path": "gone.jpg", "id": "last"})
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n\xff\xfe\n")
+    return path
+
+
+def test_streamed_parse_gives_the_one_shot_table_and_report(tmp_path, monkeypatch):
+    import lineclip.manifest as manifest_module
+
+    path = bad_rows_manifest(tmp_path / "m.jsonl")
+    table, report = read_line_table(path)  # one chunk of 65,536 rows: the one-shot parse
+    assert len(table.texts.chunks) == 1 and not table.texts.mapped
+    assert report.skipped["duplicate_id"] == 4 and report.rows_total == 400 and report.rows_used == 390
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    runs = {"chunks of 7": read_line_table(path, chunk_rows=7),
+            "chunks of 7, spilled": read_line_table(path, chunk_rows=7, spill_dir=spill),
+            "chunks of 1, spilled after 50": read_line_table(path, chunk_rows=1, spill_dir=spill, spill_min_rows=50)}
+    monkeypatch.setattr(manifest_module, "PARALLEL_PARSE_MIN_BYTES", 0)
+    runs["pool, chunks of 5"] = read_line_table(path, workers=3, chunk_rows=5)  # 12 ranges of ~34 lines
+    runs["pool, chunks of 5, spilled"] = read_line_table(path, workers=3, chunk_rows=5, spill_dir=spill)
+    for name, (streamed, streamed_report) in runs.items():
+        assert streamed_report.to_dict() == report.to_dict(), name
+        assert list(streamed_report.first_bad) == list(report.first_bad), name  # the order one pass meets them in
+        assert list(streamed) == list(table), name
+        assert np.array_equal(streamed.sizes, table.sizes) and np.array_equal(streamed.line_nos, table.line_nos)
+        assert streamed.texts.mapped == ("spilled" in name), name
+        chunk = {"chunks of 7": 7, "chunks of 1": 1, "pool": 5}[name.split(",")[0]]
+        assert max(len(rows) for rows in streamed.texts.chunks) <= chunk, name
+    assert list(spill.iterdir()) == []  # the spill and the pool's parts are deleted (the mappings keep them)
+    # the sizes read chunk by chunk from a spilled table (and with a memo cut short) are the headers'
+    monkeypatch.setattr(sizes_module(), "_MEMO_FILES", 5)
+    spilled = runs["chunks of 7, spilled"][0]
+    expected = scan_sizes([spilled.image_paths[i] for i in range(len(spilled))], None, workers=1, progress=False)
+    assert complete_sizes(spilled, None, workers=1, progress=False).sizes.tolist() == expected.tolist()
+
+
+def sizes_module():
+    import lineclip.sizes
+
+    return lineclip.sizes
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_streamed_parse_in_error_mode_stops_at_the_same_row_with_the_same_message(tmp_path, chunk_rows):
+    from lineclip.manifest import ManifestError
+
+    rows = absolute_demo_rows(30)
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+    lines[19] = json.dumps({**rows[19], "id": "r2"})  # line 20 repeats line 3's id, chunks later
+    lines[20] = "{broken"  # in the same chunk as line 20, after it
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError) as error:
+        read_line_table(path, on_bad_row="error", chunk_rows=chunk_rows)
+    assert str(error.value) == f"{path}:20: duplicate_id (id 'r2' already used at {path}:3)"
+    lines[19] = json.dumps(rows[19])
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError, match=r"m.jsonl:21: invalid_json"):
+        read_line_table(path, on_bad_row="error", chunk_rows=chunk_rows)
+
+
+def test_seen_ids_find_exactly_the_ids_added_before():
+    from lineclip.manifest import SeenIds, _id_digests
+
+    rng = np.random.default_rng(0)
+    seen, reference = SeenIds(), set()
+    for size in rng.integers(1, 300, 40):
+        ids = [f"id{v}" for v in rng.integers(0, 8000, size)]
+        digests = _id_digests(ids)
+        assert seen.contains(digests).tolist() == [i in reference for i in ids]
+        new = {i: d for i, d in zip(ids, digests, strict=True) if i not in reference}
+        seen.add(np.array(list(new.values()), dtype=np.uint64).reshape(-1, 2))
+        reference |= set(new)
+    assert len(seen) == len(reference) and len(seen.runs) <= int(np.log2(len(reference))) + 1
+    sorted_runs = all((np.diff(first.astype(np.float64)) >= 0).all() for first, _ in seen.runs)
+    assert sorted_runs and all(len(a[0]) > len(b[0]) for a, b in zip(seen.runs, seen.runs[1:], strict=False))
+
+
+def test_streamed_parse_holds_one_chunk_whatever_the_number_of_rows(tmp_path, monkeypatch):
+    """Memory, not time: the rows held in memory at once (the spill's own counter), and the Python heap's peak while
+    parsing (tracemalloc), for N and 4N rows: the same chunk, and a peak that grows by little more than the
+    16 bytes a row of the ids' digests (a one-shot parse's Python heap would grow with every row's ids)."""
+    import tracemalloc
+
+    import lineclip.manifest as manifest_module
+
+    spills = []
+
+    class Counted(manifest_module._Spill):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            spills.append(self)
+
+    monkeypatch.setattr(manifest_module, "_Spill", Counted)
+    peaks = {}
+    for n in (1_000, 4_000):
+        manifest = big_manifest(tmp_path / str(n), n)
+        spill = tmp_path / f"spill{n}"
+        spill.mkdir()
+        tracemalloc.start()
+        table, report = read_line_table(manifest, chunk_rows=50, spill_dir=spill)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(table) == report.rows_used == n and table.texts.mapped
+        assert spills[-1].peak_rows <= 50  # one chunk in memory, then written on
+        assert table[n - 1].text.endswith(f" {n - 1}")
+    assert peaks[4_000] < peaks[1_000] * 1.25 + 16 * 3_000 * 2, peaks

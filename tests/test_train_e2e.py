@@ -282,3 +282,17 @@ def test_reading_losses_train_and_stay_out_of_the_bundle(tmp_path, tiny_dataset)
     assert set(head["state_dict"]) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
     backbone = AutoModel.from_pretrained(out / "text_hierarchy_vit_backbone")
     assert not any("reading" in name or "bag" in name for name, _ in backbone.named_parameters())
+
+
+def test_train_log_times_the_start_up_phases(trained_run):
+    """One line says where the time to the first batch went (issue 25): each phase once, none negative, and
+    together no more than the process's age at that point."""
+    import re
+
+    line = re.search(r"start-up phases \(s\): (.*)", (trained_run / "train.log").read_text()).group(1)
+    phases = {name: float(value) for name, value in (part.split("=") for part in line.split(", "))}
+    for name in ("imports", "run setup", "parse", "header scan", "model build", "bucketing", "first batch", "total"):
+        assert name in phases, (name, line)
+    assert all(seconds >= 0 for seconds in phases.values()), line
+    total = phases.pop("total")
+    assert sum(phases.values()) <= total + 0.5, line  # the laps add up to at most the process's age
