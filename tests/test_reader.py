@@ -44,17 +44,18 @@ def test_init_from_the_shipped_reader_loads_its_weights(tmp_path):
 
 @pytest.mark.slow
 def test_the_shipped_reader_finds_unseen_synthetic_lines_far_above_chance(tmp_path):
-    # 200 clean short lines rendered with a seed the reader never trained on; only their eval split (pages the
-    # corpus split holds out for every seed's eval) is used: 40 lines, chance R@10 = 0.25.
-    generate(compose_cfg(f"out_dir={tmp_path / 'synth'}", "n_lines=400", "seed=7", "height=[32,32]", "p_short=1.0",
+    # Clean short lines from seed 0's held-out pages (the pages the reader's pretraining never trained on, see
+    # experiments/quality/pretrain_reader.py), rendered anew: the eval split of 400 lines, 40 lines.
+    generate(compose_cfg(f"out_dir={tmp_path / 'synth'}", "n_lines=400", "seed=0", "height=[32,32]", "p_short=1.0",
                          "short_aspect=[2.0,5.0]", "degradation=0", "p_neighbours=0", "p_frame=0", "p_border=0",
                          "p_jpeg=0", "p_binarized=1.0", "p_yig_mgo=0", "workers=1", "progress=false",
                          config_name="synth"))
-    manifest = tmp_path / "synth" / "eval" / "meta" / "lines.jsonl"
-    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "synth" / "eval" / "meta" / "lines.jsonl").read_text().splitlines()]
     encoder = LineEncoder.load("lineclip:cpu_reader", device="cpu")
     images = encoder.encode_images([str(tmp_path / "synth" / r["line_path"]) for r in rows])
     texts = encoder.encode_texts([r["text"] for r in rows])
-    ranks = np.argsort(-(texts @ images.T), axis=1)
-    hits = np.mean([i in ranks[i, :10] for i in range(len(rows))])
-    assert hits >= 2 * min(1.0, 10 / len(rows))
+    scores = texts @ images.T
+    ranks = np.array([(scores[i] > scores[i, i]).sum() + 1 for i in range(len(rows))])
+    # A ranker that does not read has mean rank (N+1)/2 with a standard error of ~N/sqrt(12N): 0.7x of it is
+    # ~3.4 standard errors away for N=40. Measured for the shipped reader: 9.9 of 40 (chance 20.5).
+    assert len(rows) == 40 and ranks.mean() <= 0.7 * (len(rows) + 1) / 2

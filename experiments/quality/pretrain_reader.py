@@ -117,13 +117,23 @@ def write_reading_head(run: Path, dest: Path) -> None:
     save_reading_head(head, dest, model_fingerprint(BundleRef(dest, "")))
 
 
+def final_bundle(run: Path) -> tuple[Path, str]:
+    """(dir, prefix) of the run's final bundle, or of its last checkpoint when the run was stopped after its last
+    step (the corpus export of 22k train lines takes longer than the shipped weights need)."""
+    if (run / "training_config.json").exists():
+        return run, ""
+    configs = sorted(run.glob("checkpoint_step_*_training_config.json"))
+    return run, configs[-1].name[: -len("training_config.json")]
+
+
 def ship(run: Path, card: str) -> Path:
     dest = ROOT / "lineclip" / "assets" / "readers" / "cpu_reader"
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    directory, prefix = final_bundle(run)
     for entry in BUNDLE:
-        src = run / entry
+        src = directory / f"{prefix}{entry}"
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / entry)
     # The run's own paths (this machine's data dirs) mean nothing in a user's install: name them relative to --work.
     config = (dest / "training_config.json").read_text(encoding="utf-8")
