@@ -768,11 +768,11 @@ class Checkpointer:
         save_bundle(output_dir, "", model, self.image_processor,
                     self.tokenizer, self.training_config(), extra_entries=tuple(extra), corpus=corpus_info)
         if model.reading_head is not None:  # beside the bundle, never in it (the Workbench loads the bundle)
-            from lineclip.bundle import heads_fingerprint
+            from lineclip.bundle import BundleRef, model_fingerprint
             from lineclip.reading import save_reading_head
 
             try:
-                save_reading_head(model.reading_head, output_dir, heads_fingerprint(output_dir))
+                save_reading_head(model.reading_head, output_dir, model_fingerprint(BundleRef(Path(output_dir), "")))
             except OSError as exc:
                 error = as_write_error(exc, f"the reading head in {output_dir}")
                 if error is None:
