@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers.utils import logging as hf_logging
 
-from lineclip.files import as_write_error, first_line, first_non_regular, remove_staging
+from lineclip.files import as_write_error, file_sha256, first_line, first_non_regular, remove_staging
 from lineclip.patches import patch_hw
 from lineclip.towers import DualEncoder, ProjectionHead, build_image_backbone, build_text_encoder
 
@@ -224,12 +224,6 @@ EMBEDDING_KEYS = ("target_height", "max_width", "width_buckets", "patch_multiple
                   "text_max_length")
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fingerprint(directory: Path, prefix: str, config: dict[str, Any]) -> str:
@@ -243,7 +237,7 @@ def _fingerprint(directory: Path, prefix: str, config: dict[str, Any]) -> str:
         files = sorted(p for p in root.rglob("*") if not p.is_dir()) if root.is_dir() else [root]
         for path in files:
             name = entry if path == root else f"{entry}/{path.relative_to(root).as_posix()}"
-            lines.append(f"{name}\t{_file_hash(path) if path.is_file() else 'not a regular file'}")
+            lines.append(f"{name}\t{file_sha256(path) if path.is_file() else 'not a regular file'}")
     lines.append(json.dumps({k: config.get(k) for k in EMBEDDING_KEYS}, sort_keys=True))
     return f"{FINGERPRINT}:" + hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:32]
 

@@ -4,6 +4,7 @@ worker processes import it)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -80,3 +81,12 @@ def as_write_error(exc: BaseException, what: str) -> WriteError | None:
 def usable_cpus() -> int:
     """The CPUs this process may run on (a container's or taskset's share), not all the machine has."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (a bundle's weights, an OCR'd line image)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lineclip.files import file_sha256
 from lineclip.transcripts import MatchScores, normalize_reading
 
 log = logging.getLogger("lineclip.ocr")
@@ -126,7 +127,7 @@ class Tesseract:
             )
         match = re.search(r'"([^"]+)"', langs.splitlines()[0] if langs else "")
         model = Path(match.group(1)) / f"{options.lang}.traineddata" if match else None
-        model_hash = _file_sha256(model) if model is not None and model.is_file() else "unknown"
+        model_hash = file_sha256(model) if model is not None and model.is_file() else "unknown"
         key = json.dumps(
             {
                 "format": CACHE_FORMAT,
@@ -306,17 +307,11 @@ def ocr_level(
 
 def _digest_or_error(path: str) -> tuple[str, str | None]:
     try:
-        return _file_sha256(Path(path)), None
+        return file_sha256(Path(path)), None
     except OSError as exc:
         return "", f"unreadable ({exc.strerror or exc})"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_entry(entry: Path, digest: str, modes: list[int]) -> dict[str, str] | None:
