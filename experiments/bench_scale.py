@@ -143,6 +143,22 @@ def _gnu_time(stderr: str) -> dict[str, float]:
     return out
 
 
+def _run_monitored(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, dict]:
+    """Run `cmd` (under /usr/bin/time -v) to its end, sampling the peak RSS of its process tree; the finished
+    process, its stderr and {wall_s, GNU time's fields, each process's peak}. The main process is time's first child."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    monitor = TreeMonitor(proc.pid)
+    main_pid = None
+    while main_pid is None and proc.poll() is None:
+        kids = psutil.Process(proc.pid).children()
+        main_pid = kids[0].pid if kids else None
+        time.sleep(0.01)
+    _, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    return proc, stderr, {"wall_s": round(wall, 1), **_gnu_time(stderr), **monitor.result(main_pid or -1)}
+
+
 def _phases(run_dir: Path) -> dict[str, float]:
     logs = sorted(run_dir.glob("outputs/*/*/train.log"), key=lambda path: path.stat().st_mtime)
     if not logs:
@@ -166,18 +182,8 @@ def train_run(manifest: Path, demo: Path, run_dir: Path, src: Path | None, worke
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    monitor = TreeMonitor(proc.pid)
-    main_pid = None
-    while main_pid is None and proc.poll() is None:
-        kids = psutil.Process(proc.pid).children()
-        main_pid = kids[0].pid if kids else None
-        time.sleep(0.01)
-    _, stderr = proc.communicate()
-    wall = time.perf_counter() - start
-    result = {"wall_s": round(wall, 1), **_gnu_time(stderr), **monitor.result(main_pid or -1),
-              "phases_s": _phases(run_dir)}
+    proc, stderr, result = _run_monitored(cmd, run_dir, env)
+    result["phases_s"] = _phases(run_dir)
     if proc.returncode != 0:
         raise SystemExit(f"train failed ({proc.returncode}): {stderr[-3000:]}")
     return result
@@ -202,19 +208,9 @@ def cache_build_run(manifest: Path, demo: Path, src: Path | None) -> dict[str, o
     if src is not None:
         env["PYTHONPATH"] = str(src)
     cmd = ["/usr/bin/time", "-v", sys.executable, "-c", _CACHE_BUILD, str(manifest), str(demo)]
-    start = time.perf_counter()
     # In the manifest's dir: `python -c` puts the working dir first on sys.path, before PYTHONPATH (from a
     # checkout's root it would import that checkout's lineclip, whatever --src says).
-    proc = subprocess.Popen(cmd, cwd=manifest.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                            text=True)
-    monitor = TreeMonitor(proc.pid)
-    main_pid = None
-    while main_pid is None and proc.poll() is None:
-        kids = psutil.Process(proc.pid).children()
-        main_pid = kids[0].pid if kids else None
-        time.sleep(0.01)
-    _, stderr = proc.communicate()
-    result = {"wall_s": round(time.perf_counter() - start, 1), **_gnu_time(stderr), **monitor.result(main_pid or -1)}
+    proc, stderr, result = _run_monitored(cmd, manifest.parent, env)
     if proc.returncode != 0:
         raise SystemExit(f"cache build failed ({proc.returncode}): {stderr[-3000:]}")
     return result
