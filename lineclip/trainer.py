@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import lineclip
 from lineclip import artifacts, bundle
 from lineclip.batch import TrainTexts
-from lineclip.bundle import BundleError, check_bundle, resolve_bundle
+from lineclip.bundle import BundleError, BundleRef, check_bundle, resolve_bundle
 from lineclip.checkpoint import (
     Checkpointer,
     ResumeError,
@@ -50,7 +50,7 @@ from lineclip.loss import (
 )
 from lineclip.manifest import ManifestError
 from lineclip.patches import check_patch_geometry, position_table_problem
-from lineclip.reading import bag_loss, reading_loss
+from lineclip.reading import READING_HEAD_CONFIG, bag_loss, load_reading_head, reading_loss
 from lineclip.towers import (
     DualEncoder,
     Embeddings,
@@ -128,6 +128,7 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         if cfg.loss.learnable_temperature and init_config.get("logit_scale"):
             model.logit_scale.data.fill_(math.log(init_config["logit_scale"]))
         log.info("model.init_from: towers, heads and logit scale from %s", init.label)
+        _init_reading_head(model, init)
     if cfg.model.freeze_backbone:
         model.image_backbone.requires_grad_(False)
     if cfg.text.freeze:
@@ -152,6 +153,23 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
     if cfg.preprocess.image_std is not None:
         processor.image_std = list(cfg.preprocess.image_std)
     return model, processor, tokenizer
+
+
+def _init_reading_head(model: DualEncoder, init: BundleRef) -> None:
+    """Start the CTC reading head from the one saved beside the init bundle (lineclip.reading.save_reading_head),
+    when it was trained with that bundle and has this run's frames per column: a stage 2 from a reader that
+    restarted its head would first spend its steps relearning what the tower already reads."""
+    # A head is saved beside a run's final bundle only (prefix ""), never beside its checkpoints.
+    if model.reading_head is None or init.prefix or not (init.directory / READING_HEAD_CONFIG).exists():
+        return
+    head, why = load_reading_head(init.directory, bundle.model_fingerprint(init))
+    if head is None or head.frames_per_column != model.reading_head.frames_per_column:
+        log.warning("model.init_from: reading head starts fresh: %s",
+                    why or f"the saved head has {head.frames_per_column} frames per column, the run "
+                           f"{model.reading_head.frames_per_column} (loss.reading_frames_per_column)")
+        return
+    model.reading_head.load_state_dict(head.state_dict())
+    log.info("model.init_from: reading head from %s", init.directory / READING_HEAD_CONFIG)
 
 
 def param_groups(model: DualEncoder, cfg: DictConfig) -> list[dict[str, Any]]:
