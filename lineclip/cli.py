@@ -13,9 +13,12 @@ typed as a person types it: `query=བཀྲ་ཤིས་བདེ་ལེག
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
+import math
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 log = logging.getLogger("lineclip")
@@ -111,6 +114,101 @@ def quote_overrides(args: Sequence[str], free_text: Collection[str] = ()) -> lis
     return out
 
 
+# Hydra's flags that take the next word as their value; `--info` takes one of _INFO_VALUES, or none.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+_INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def split_value(args: Sequence[str]) -> str | None:
+    """One line for words of the command line that are no `key=value` (nor a flag or its value), else None.
+
+    Such a word is nearly always the rest of a value the shell split at a space (`query=སངས་རྒྱས། ཆོས།`,
+    `query_wylie=bkra shis`), which Hydra reports as `LexerNoViableAltException` or `missing EQUAL`: this says
+    to quote it, with the whole value quoted as it was meant."""
+    previous, last_override = "", None
+    words: list[str] = []
+    for arg in [*args, "--"]:
+        flag_value = previous in _FLAGS_WITH_VALUE or (previous in ("--info", "-i") and arg in _INFO_VALUES)
+        previous = arg
+        if flag_value:
+            continue
+        stray = not arg.startswith(("-", "~")) and _OVERRIDE.fullmatch(arg) is None
+        if stray:
+            words.append(arg)
+            continue
+        if words:
+            break
+        last_override = _OVERRIDE.fullmatch(arg)
+    if not words:
+        return None
+    if last_override is None:
+        return (f"'{words[0]}' is not key=value: quote a value that has spaces, e.g. query='སངས་རྒྱས། ཆོས།'; "
+                "--help lists the options")
+    key = f"{last_override['prefix']}{last_override['key']}"
+    whole = " ".join([last_override["value"], *words])
+    return (f"'{words[0]}' is not key=value: the shell split the value of {key} at a space; quote the whole value: "
+            f"{key}={shlex.quote(whole)}")
+
+
+def command_help(name: str) -> str:
+    """The `--help` header of `lineclip.<name>`: what the command does and how it is called, from the first
+    paragraph of its module's docstring (`usage`: what it does), the one place that says it."""
+    module = importlib.import_module(f"lineclip.{name}")
+    first = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
+    usage, sep, what = first.partition("`: ")
+    if not sep:
+        usage, what = "", first
+    text = f"lineclip.{name}: {what[:1].upper()}{what[1:]}"
+    if usage:
+        text += f"\n\nUsage: {usage.replace('`', '')}"
+    return text.replace("$", "$$") + "\n"  # Hydra fills the help template with string.Template
+
+
+def _training_groups() -> set[str]:
+    from lineclip.config import conf_dir
+
+    return {p.name for p in conf_dir().iterdir() if p.is_dir() and p.name != "hydra"}
+
+
+def unknown_option(config_name: str, args: Sequence[str]) -> str | None:
+    """One line for the first override whose key the command's schema does not have, else None.
+
+    Hydra's own message for it ("Could not override 'model'. To append to your config use +model=...") sends
+    a user of `lineclip.evaluate ... model=dinov2_base` the wrong way: `+model=` only fails later. Keys under a
+    field typed as a free dict (model.config.*), `hydra.*`, and explicit `+key=` / `++key=` are left to Hydra."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    try:
+        schema = ConfigStore.instance().load(f"{config_name}_schema.yaml").node
+    except Exception:  # noqa: BLE001 - a command without a stored schema: nothing to check against
+        return None
+    groups = _training_groups()
+    for arg in args:
+        match = _OVERRIDE.fullmatch(arg)
+        if match is None or match["prefix"] or match["key"].split(".")[0] == "hydra" or "/" in match["key"]:
+            continue
+        key = match["key"].split("@")[0]
+        if config_name == "train" and key in groups:
+            continue  # a group choice: Hydra names the options when one is misspelt
+        node: Any = schema
+        for depth, part in enumerate(key.split(".")):
+            if not isinstance(node, DictConfig) or node._is_none() or OmegaConf.get_type(node) is dict:
+                break
+            if part not in node:
+                parent = ".".join(key.split(".")[:depth])
+                known = ", ".join(sorted(str(k) for k in node.keys()))
+                where = f"options of {parent}" if parent else "its options"
+                hint = ""
+                if config_name != "train" and key.split(".")[0] in groups:
+                    hint = (f" (training's config group '{key.split('.')[0]}' does not apply: the model and its "
+                            "settings come from the bundle given by run_dir=)")
+                return f"lineclip.{config_name} has no option '{key}'{hint}; {where}: {known}; --help describes them"
+            node = node._get_node(part)
+    return None
+
+
 def hydra_command(config_name: str, free_text: Collection[str] = ()) -> Callable[[Callable[[DictConfig], Any]],
                                                                                   Callable[..., Any]]:
     """`@hydra.main` for a lineclip command (config `conf/<config_name>.yaml`), with the command line passed
@@ -119,13 +217,29 @@ def hydra_command(config_name: str, free_text: Collection[str] = ()) -> Callable
 
     from lineclip.config import conf_dir  # here: lineclip.config imports this module for ModelArgs
 
+    if not OmegaConf.has_resolver("lineclip_help"):
+        OmegaConf.register_new_resolver("lineclip_help", command_help)
+
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[..., Any]:
-        hydra_main = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)
+        @functools.wraps(task)
+        def started(cfg: DictConfig) -> Any:
+            # A sign of life before the heavy imports (PyTorch, transformers, FAISS): tens of seconds on a busy
+            # machine, during which a command would otherwise print nothing at all.
+            log.info("lineclip.%s: starting (loading PyTorch and the model libraries)", config_name)
+            return task(cfg)
+
+        hydra_main = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(started)
 
         @functools.wraps(task)
         def main(cfg_passthrough: DictConfig | None = None) -> Any:
-            if cfg_passthrough is None:  # run from the command line: Hydra parses sys.argv
-                sys.argv[1:] = quote_overrides(sys.argv[1:], free_text)
+            completing = {"-sc", "--shell-completion"} & set(sys.argv[1:])  # Hydra's own words follow
+            if cfg_passthrough is None and not completing:  # run from the command line: Hydra parses sys.argv
+                args = quote_overrides(sys.argv[1:], free_text)
+                unknown = split_value(sys.argv[1:]) or unknown_option(config_name, args)
+                if unknown is not None:
+                    print(f"error: {unknown}", file=sys.stderr)
+                    sys.exit(2)
+                sys.argv[1:] = args
             return hydra_main(cfg_passthrough)
 
         return main
@@ -199,3 +313,68 @@ def write_text_atomic(target: str | Path, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(target)
+
+
+def duration(seconds: float) -> str:
+    """`45 s`, `3 min 10 s`, `2 h 05 min`: a time to go, as a person reads it."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class Progress:
+    """A progress bar on a terminal; where stderr is not one (a log file, a batch job) no bar, whose `\\r` redraws
+    would fill the log, but one log line every 10% with the rate and the time to go. `first_at`: after that many
+    units, one such line whether or not the bar is drawn (training's first ETA, which a bar shows only once its
+    rate has settled and a log never shows)."""
+
+    def __init__(self, total: int, *, desc: str, unit: str, enabled: bool = True, initial: int = 0,
+                 first_at: int | None = None, logger: logging.Logger = log) -> None:
+        import time
+
+        from tqdm.auto import tqdm
+
+        self._clock = time.monotonic
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=None if enabled else True)
+        self.total, self.done, self.desc, self.unit, self.log = total, initial, desc, unit, logger
+        self._start, self._start_done = self._clock(), initial
+        self._every = max(1, math.ceil(total / 10)) if enabled and self.bar.disable else None
+        self._first_at = initial + first_at if enabled and first_at else None
+        self._next = initial + self._every if self._every else None
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        due = self._first_at is not None and self.done >= self._first_at
+        if self._next is not None and self.done >= min(self._next, self.total):
+            due = True
+            while self._next <= self.done:
+                self._next += self._every or 1
+        if due:
+            self._first_at = None
+            self.say()
+
+    def say(self) -> None:
+        elapsed, done = self._clock() - self._start, self.done - self._start_done
+        if done <= 0:
+            return
+        pace = elapsed / done
+        left = "" if self.done >= self.total else f", about {duration(pace * (self.total - self.done))} to go"
+        rate = f"{pace:.2f} s a {self.unit}" if pace >= 1 else f"{1 / pace:.1f} {self.unit}s/s"
+        self.log.info("%s: %d/%d %ss (%d%%), %s%s", self.desc, self.done, self.total, self.unit,
+                      100 * self.done // max(1, self.total), rate, left)
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        self.bar.set_postfix(*args, **kwargs)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -171,6 +171,9 @@ class TrainerConfig:
     log_every_steps: int = 10
     export_embeddings: bool = True
     progress_bar: bool = True
+    # torch.set_num_threads on a CPU run; null: PyTorch's default (one per core). Small towers on a busy machine
+    # run faster on 1: their ops are too small to share, and a thread that waits for a descheduled sibling spins.
+    cpu_threads: int | None = None
     compile: bool = False  # torch.compile both towers (shapes are bounded by the width and text buckets)
     resume: str | None = None  # latest | a run dir | a checkpoint_step_XXXXXXX_ bundle
     resume_strict: bool = True  # false: a missing or refused RNG state warns instead of stopping the resume
@@ -348,6 +351,28 @@ def _check_numbers(cfg: DictConfig) -> None:
         raise ConfigError("trainer.resume and trainer.overwrite=true contradict each other: give one")
 
 
+# The documented OpenPecha / BDRC layout under data.dataset_dir (README, Training on your own manifests).
+LAYOUT_MANIFESTS = {"train_manifest": ("train",), "val_manifest": ("eval", "val")}
+
+
+def manifests_from_layout(cfg: DictConfig) -> dict[str, str]:
+    """Set `data.train_manifest` / `data.val_manifest` that are not given to `<dataset_dir>/<split>/meta/lines.jsonl`
+    where that file exists (train; eval, else val), so `data=openpecha data.dataset_dir=D` is enough for a dataset
+    in the documented layout. Returns what was set, for the log; explicit values are never replaced."""
+    found: dict[str, str] = {}
+    if cfg.data.format != "manifest" or not cfg.data.dataset_dir:
+        return found
+    for key, splits in LAYOUT_MANIFESTS.items():
+        if cfg.data[key]:
+            continue
+        for split in splits:
+            path = Path(cfg.data.dataset_dir) / split / "meta" / "lines.jsonl"
+            if path.is_file():
+                cfg.data[key] = found[f"data.{key}"] = str(path)
+                break
+    return found
+
+
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, before any model is built, with a one-line reason naming the field."""
     from lineclip.manifest import ON_BAD_ROW_CHOICES
@@ -367,7 +392,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
     for key in ["trainer.max_steps", "trainer.eval_every_steps", "data.eval_batch_size",
                 "trainer.keep_last_checkpoints", "data.max_text_bytes", "trainer.max_bad_steps",
-                "data.text_bucket_bytes", "data.scan_workers"]:
+                "data.text_bucket_bytes", "data.scan_workers", "trainer.cpu_threads"]:
         value = _get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be > 0 or null, got {value}")
@@ -440,7 +465,8 @@ def check_config(cfg: DictConfig) -> None:
     for key in [] if shards else ["data.train_manifest", "data.val_manifest"]:
         value = _get(cfg, key)
         if key == "data.train_manifest" and not value:
-            raise ConfigError("data.train_manifest is required (e.g. data=openpecha data.train_manifest=...)")
+            raise ConfigError("data.train_manifest is required (e.g. data=openpecha data.train_manifest=..., or "
+                              "data.dataset_dir=D holding D/train/meta/lines.jsonl)")
         if value and not os.access(value, os.R_OK):
             raise ConfigError(f"{key}={value} is not a readable file")
     if cfg.data.dataset_dir and not Path(cfg.data.dataset_dir).is_dir():

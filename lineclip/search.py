@@ -117,7 +117,7 @@ def tibetan_from_wylie(text: str) -> tuple[str, list[str]]:
     import pyewts  # a dependency of lineclip; imported here, by the two commands that take Wylie
 
     text = normalize_query(text)
-    if any("\u0f00" <= ch <= "\u0fff" for ch in text):
+    if has_tibetan_script(text):
         return text, ["this is Tibetan script, not Wylie: search it as Tibetan"]
     warnings: list[str] = []
     try:
@@ -155,7 +155,16 @@ def query_text(cfg: DictConfig) -> tuple[str, str | None]:
     text = normalize_query(str(cfg.query))
     if not text:
         raise UsageError("query is empty")
+    if not has_tibetan_script(text):  # as the search page refuses it: the model reads Tibetan script only
+        raise UsageError(f"query={text!r} has no Tibetan script: for transliteration use query_wylie='...' "
+                         "(Wylie / EWTS)")
     return text, None
+
+
+def has_tibetan_script(text: str) -> bool:
+    """Whether `text` has a character of the Tibetan block: a text query without one (Latin, a transliteration
+    typed into the Tibetan field) only ranks lines by noise, so the CLI and the page both refuse it."""
+    return any("\u0f00" <= ch <= "\u0fff" for ch in text)
 
 
 def load_query_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:

@@ -38,7 +38,14 @@ from omegaconf import DictConfig
 
 from lineclip.cli import UsageError, check_model_args, hydra_command, run_command
 from lineclip.config import ServeConfig, asset_dir, register_configs
-from lineclip.search import Hit, line_picture, lines_for_embedding, normalize_query, tibetan_from_wylie
+from lineclip.search import (
+    Hit,
+    has_tibetan_script,
+    line_picture,
+    lines_for_embedding,
+    normalize_query,
+    tibetan_from_wylie,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -76,10 +83,6 @@ class PageError(Exception):
 
 class UploadTooLarge(Exception):
     """The request body passed max_upload_bytes while it was being read."""
-
-
-def is_tibetan(char: str) -> bool:
-    return "\u0f00" <= char <= "\u0fff"
 
 
 @dataclass
@@ -152,7 +155,7 @@ class LineSearch:
                                      + "; ".join(warnings), query)
         else:
             text = normalize_query(typed)
-            if text and not any(map(is_tibetan, text)):
+            if text and not has_tibetan_script(text):  # as the CLI's query= refuses it
                 raise PageError(400, "the query has no Tibetan script: to type transliteration, choose Wylie",
                                 query)
         if not text:

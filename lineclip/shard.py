@@ -37,9 +37,8 @@ import pyarrow as pa
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from PIL import Image
-from tqdm.auto import tqdm
 
-from lineclip.cli import UsageError, hydra_command, run_command
+from lineclip.cli import Progress, UsageError, hydra_command, run_command
 from lineclip.config import register_configs
 from lineclip.files import foreign_entries
 from lineclip.lines import TABLE_SCHEMA, LineTable, open_arrow_file, table_problem
@@ -125,7 +124,7 @@ def write_shards(manifest: str | Path, out_dir: str | Path, shard_size: int = 10
         shards: list[dict[str, Any]] = []
         tar: tarfile.TarFile | None = None
         names: list[str] = []
-        bar = tqdm(total=len(table), desc="shards", unit="line", disable=not progress)
+        bar = Progress(len(table), desc="shards", unit="line", enabled=progress)
 
         def close_shard() -> None:
             assert tar is not None

@@ -39,9 +39,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, ImageDraw, ImageFont, features
-from tqdm import tqdm
 
-from lineclip.cli import hydra_command
+from lineclip.cli import Progress, hydra_command
 from lineclip.config import register_configs
 from lineclip.files import usable_cpus
 from lineclip.manifest import normalize_text
@@ -562,7 +561,7 @@ def generate(cfg: SynthConfig | DictConfig) -> SynthReport:
     with ExitStack() as stack:
         handles = {split: stack.enter_context(manifest.open("w", encoding="utf-8"))
                    for split, manifest in manifests.items()}
-        bar = stack.enter_context(tqdm(total=cfg.n_lines, unit="line", desc="synth", disable=not cfg.progress))
+        bar = stack.enter_context(Progress(cfg.n_lines, unit="line", desc="synth", enabled=cfg.progress))
         if workers == 1:
             _init_worker(job)
             results: Iterator[list[tuple[str, dict[str, Any]]]] = map(_render_chunk, chunks)

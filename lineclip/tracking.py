@@ -43,8 +43,10 @@ def wandb_mode(cfg: DictConfig) -> str:
             return "online"
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         pass
-    log.warning("W&B: no credentials (WANDB_API_KEY or ~/.netrc); logging offline to the run dir "
-                "(`wandb sync` uploads it later; logger=none turns logging off)")
+    # INFO, not a warning: offline is the documented default without credentials (the demo's first run), and
+    # nothing is lost; it is still said once, as W&B's own lines that follow say too.
+    log.info("W&B: no credentials (WANDB_API_KEY or ~/.netrc); logging offline to the run dir "
+             "(`wandb sync` uploads it later; logger=none turns logging off)")
     return "offline"
 
 
@@ -66,8 +68,10 @@ def start_tracking(accelerator: Accelerator, cfg: DictConfig, output_dir: Path, 
 
         hydra_cfg = HydraConfig.get()
         run_name = f"{Path(hydra_cfg.runtime.output_dir).parent.name}/{Path(hydra_cfg.runtime.output_dir).name}"
-        if group is None and hydra_cfg.mode.name == "MULTIRUN":
-            group = Path(hydra_cfg.sweep.dir).name  # one W&B group per sweep
+        if hydra_cfg.mode.name == "MULTIRUN":
+            if group is None:
+                group = Path(hydra_cfg.sweep.dir).name  # one W&B group per sweep
+            run_name = sweep_run_name(run_name, cfg)
     except ValueError:  # not under @hydra.main (tests, the API)
         run_name = output_dir.name
     mode = wandb_mode(cfg)
@@ -78,6 +82,12 @@ def start_tracking(accelerator: Accelerator, cfg: DictConfig, output_dir: Path, 
                    "id": run_id, "resume": "allow"}
     accelerator.init_trackers(cfg.logger.project, config=OmegaConf.to_container(cfg, resolve=True),
                               init_kwargs={"wandb": init_kwargs})
+
+
+def sweep_run_name(job: str, cfg: DictConfig) -> str:
+    """A sweep job's W&B name: its `<sweep>/<job number>` and the two values most sweeps vary, so that runs side
+    by side in W&B's run list and legends say what they are: `10-21-42/3 lr=5e-05 batch=32`."""
+    return f"{job} lr={cfg.optim.lr:g} batch={cfg.data.batch_size}"
 
 
 def stage_in_run_dir(output_dir: Path) -> None:

@@ -1,8 +1,12 @@
-"""`python -m lineclip.train [overrides]`: the Hydra entry point (config tree in `conf/`, primary `train.yaml`)."""
+"""`python -m lineclip.train [group=option ...] [key=value ...]`: train a dual encoder that matches Tibetan line
+images with their transcriptions, and write its checkpoints, final bundle and corpus embeddings into a run dir
+(printed when the run starts); with no arguments, on the demo lines bundled in the package.
+
+The Hydra entry point: config tree in `conf/`, primary `train.yaml`.
+"""
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig
 
 from lineclip.cli import hydra_command
@@ -25,6 +29,8 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     finally:
+        import torch  # here: a module-level import would delay the command's first line by seconds
+
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -22,7 +22,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 import lineclip
 from lineclip import artifacts, bundle
@@ -37,9 +36,10 @@ from lineclip.checkpoint import (
     release_run_dirs,
     resolve_resume,
 )
-from lineclip.config import ConfigError, check_config
+from lineclip.cli import Progress
+from lineclip.config import ConfigError, check_config, manifests_from_layout
 from lineclip.data import build_data, load_lines
-from lineclip.files import first_line
+from lineclip.files import first_line, usable_cpus
 from lineclip.galleries import ValidationPlan
 from lineclip.loss import (
     ContrastiveOutput,
@@ -422,11 +422,39 @@ def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
     return [bool(v > 0) for v in summed.tolist()]
 
 
+# How launchers tell a process the number of processes: torchrun (and accelerate's torchrun path), then MPI's.
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started; a launch that asked for more but started one is refused.
+
+    `accelerate launch --num_processes 2` without `--multi_gpu` (or a config whose distributed_type is MULTI_CPU)
+    starts ONE process through its "simple" launcher, which expects mpirun to start the rest; it still sets
+    MASTER_ADDR (only when more than one process was asked for) and ACCELERATE_USE_CPU, but no world size. That
+    process would train alone while the user believes two gather each other's negatives."""
+    for var in _WORLD_SIZE_VARS:
+        if os.environ.get(var):
+            return int(os.environ[var])
+    if "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ:
+        raise ConfigError("accelerate launch asked for several processes but started one (without --multi_gpu it "
+                          "expects mpirun to start the others): on CPUs use --config_file launch/cpu_2proc.yaml, "
+                          "on GPUs --multi_gpu or launch/single_node_multi_gpu.yaml, or torchrun "
+                          "(README, Multi-GPU)")
+    return 1
+
+
 def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     """The accelerator (checked against the launcher), the run dir every process writes to, claimed for this run,
     and the training state to resume from (None: a fresh start). Seeds every generator."""
+    for key, path in manifests_from_layout(cfg).items():
+        log.info("%s: %s (the layout under data.dataset_dir)", key, path)
+    if cfg.data.num_workers > usable_cpus():  # more would only contend (and PyTorch warns about each loader)
+        log.info("data.num_workers=%d is more than the %d CPUs this process may use: %d loader workers",
+                 cfg.data.num_workers, usable_cpus(), usable_cpus())
+        cfg.data.num_workers = usable_cpus()
     check_config(cfg)
-    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    launched_world = launched_world_size()
     accelerator = Accelerator(
         # Without this, accelerate treats torchrun workers on a CPU-only machine as N independent runs.
         cpu=launched_world > 1 and not torch.cuda.is_available(),
@@ -460,7 +488,10 @@ def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     # training state is accepted (train), since the state may still be refused.
     if accelerator.is_main_process and resume_from is None:
         artifacts.write_launch_record(output_dir, cfg)
+        log.info("run dir: %s", output_dir.resolve())  # the one place a run says where everything goes
     accelerator.wait_for_everyone()
+    if cfg.trainer.cpu_threads and accelerator.device.type == "cpu":
+        torch.set_num_threads(cfg.trainer.cpu_threads)
     set_seed(cfg.trainer.seed)
     return accelerator, output_dir, resume_from
 
@@ -570,8 +601,10 @@ def _train(cfg: DictConfig) -> TrainResult:
     startup.lap("optimizer and tracking")
 
     # ---- the loop
-    bar = tqdm(total=total_steps, initial=state.step, desc="train",
-               disable=not (accelerator.is_main_process and cfg.trainer.progress_bar))
+    # A bar on a terminal, log lines every 10% otherwise; and after the first logged steps, the time to go.
+    bar = Progress(total_steps, initial=state.step, desc="train", unit="step",
+                   enabled=accelerator.is_main_process and cfg.trainer.progress_bar,
+                   first_at=cfg.trainer.log_every_steps)
     postfix: dict[str, str] = {}
     pending: list[dict[str, Any]] = []  # micro-batches of the current grad-cache step
     bad_in_a_row, interrupted, collapse_warned = 0, False, False
@@ -698,6 +731,9 @@ def _train(cfg: DictConfig) -> TrainResult:
                 data_report["export_skipped_images"] = len(train_records) - len(corpus.indices)
         checkpointer.save_final(corpus, train_records)
         panels.log_bundle("", state.step)
+        if accelerator.is_main_process:
+            log.info("done: the bundle, corpus and logs are in %s (use it as run_dir= of evaluate, index, search, "
+                     "serve)", output_dir.resolve())
     panels.close()
     finish_tracking(accelerator)
     return TrainResult(output_dir, state.val_metrics, opt.schedule, state.checkpoints, world,

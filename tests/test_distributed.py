@@ -33,12 +33,32 @@ def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return proc
 
 
+REPO = Path(__file__).resolve().parent.parent
+CPU_2PROC = REPO / "launch" / "cpu_2proc.yaml"
+
+
+def accelerate_launch(*args: str, config: Path | None = CPU_2PROC, check: bool = True, env: dict | None = None,
+                      timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch [--config_file config] args...`, as the README tells a user to run it."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*launch, *(["--config_file", str(config)] if config else []), *args]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
 def reports(out: Path, mode: str) -> list[dict]:
     return [json.loads((out / f"{mode}_rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path):
-    torchrun(str(CHECKS), "grads", str(tmp_path))
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate_cpu_2proc"])
+def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path, launcher):
+    # The shipped launch/cpu_2proc.yaml must start two processes that gather each other's negatives: the loss
+    # of 2 x B with gathering equals the loss of one batch of 2B only if each rank saw the other's B lines.
+    launch = torchrun if launcher == "torchrun" else accelerate_launch
+    launch(str(CHECKS), "grads", str(tmp_path))
     for rep in reports(tmp_path, "grads"):
         assert rep["grad_names_equal"] and rep["n_grads"] > 50
         assert rep["loss_2xB"] == pytest.approx(rep["loss_1x2B"], rel=1e-5)
@@ -187,3 +207,26 @@ def test_gradient_accumulation_sums_batches_without_adding_negatives():
     train_step(Accelerator(cpu=True), model, batches, None, gather=False, grad_cache=False)
     for name, g in expected.items():
         torch.testing.assert_close(model.get_parameter(name).grad, g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_accelerate_launch_of_the_shipped_cpu_config_trains_one_model_on_two_processes(tmp_path):
+    """The README's command: `accelerate launch --config_file launch/cpu_2proc.yaml -m lineclip.train`."""
+    run = tmp_path / "run"
+    proc = accelerate_launch("-m", "lineclip.train", f"hydra.run.dir={run}", "trainer.max_steps=1", "logger=none",
+                             "trainer.export_embeddings=false", "trainer.progress_bar=false")
+    info = json.loads((run / "training_config.json").read_text())
+    assert info["world_size"] == 2
+    assert info["contrastive_batch_size"] == 2 * info["config"]["data"]["batch_size"]
+    logged = proc.stdout + proc.stderr  # torchrun's workers log to stdout
+    assert "2 processes x batch 16" in logged and "negatives: global batch (gathered)" in logged
+
+
+def test_accelerate_launch_that_starts_one_of_two_processes_is_refused(tmp_path):
+    # Without --multi_gpu, accelerate's simple launcher starts one process and expects mpirun for the rest.
+    run = tmp_path / "run"
+    proc = accelerate_launch("--num_processes", "2", "-m", "lineclip.train", f"hydra.run.dir={run}", "logger=none",
+                             config=None, check=False, env={"HF_HOME": str(tmp_path / "hf")})  # no default config
+    assert proc.returncode != 0  # accelerate reports the process's exit status 2 as its own 1
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and "started one" in errors[0] and "launch/cpu_2proc.yaml" in errors[0]
+    assert not (run / "training_config.json").exists()

@@ -243,9 +243,9 @@ def test_init_from_evaluate_index_search_never_open_the_training_state(planted, 
     assert json.loads((tmp_path / "e.json").read_text())["bundle"]["prefix"] == CKPT
     assert replay("index", [f"run_dir={run}", f"manifest={data['eval']}",
                             f"index.output={tmp_path / 'idx'}"]) == (0, [])
-    assert replay("search", [f"run_dir={run}", f"corpus={tmp_path / 'idx'}", "query=x",
+    assert replay("search", [f"run_dir={run}", f"corpus={tmp_path / 'idx'}", "query=ཀ",
                              f"search.output={tmp_path / 's.html'}"]) == (0, [])
-    assert replay("search", [f"run_dir={run}", "query=x", f"search.output={tmp_path / 's2.html'}"]) == (0, [])
+    assert replay("search", [f"run_dir={run}", "query=ཀ", f"search.output={tmp_path / 's2.html'}"]) == (0, [])
     assert not marker.exists() and tree(run) == before
 
 
@@ -261,7 +261,7 @@ def test_planted_heads_are_refused_in_one_line(trained, tmp_path, marker, comman
     elif command == "evaluate":
         args = [f"run_dir={copy}", f"manifest={data['eval']}", f"eval.output={tmp_path / 'e.json'}"]
     else:
-        args = [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]
+        args = [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's.html'}"]
     line = one_error(*replay(command, args))
     assert artifacts.IMAGE_HEAD in line
     assert tree(copy) == before and not (tmp_path / "e.json").exists() and not (tmp_path / "s.html").exists()
@@ -290,7 +290,7 @@ def test_outputs_refuse_a_runs_own_files(trained, tmp_path, command, option, tar
     shutil.copy(data["eval"], manifest)
     path = manifest if target == "MANIFEST" else copy / target
     args = {"index": [f"manifest={manifest}", f"dataset_dir={data['root']}", "index.overwrite=true"],
-            "search": ["query=x"], "evaluate": [f"manifest={manifest}", f"dataset_dir={data['root']}"]}[command]
+            "search": ["query=ཀ"], "evaluate": [f"manifest={manifest}", f"dataset_dir={data['root']}"]}[command]
     line = one_error(*replay(command, [f"run_dir={copy}", *args, f"{option}={path}"]))
     assert expected in line and option in line
     assert tree(copy) == before and manifest.read_bytes() == data["eval"].read_bytes()
@@ -350,7 +350,7 @@ def test_a_final_save_failing_midway_leaves_no_mixed_run(trained, tmp_path, monk
     monkeypatch.setattr(Path, "rename", original)
     assert "No space left on device" in line
     assert not list(copy.glob(".staging_*")) and not (copy / artifacts.CONFIG).exists()
-    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's.html'}"]))
     assert "no lineclip bundle" in line or "incomplete bundle" in line
     from lineclip.corpus import Corpus, CorpusError
 
@@ -364,7 +364,7 @@ def test_search_refuses_a_corpus_embedded_by_another_model(trained, tmp_path):
     for head in (artifacts.IMAGE_HEAD, artifacts.TEXT_HEAD):  # the checkpoint's model beside the final corpus
         shutil.copy(copy / f"{CKPT}{head}", copy / head)
     before = tree(copy)
-    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's.html'}"]))
     assert "embedded by another model" in line and tree(copy) == before
     recorded = json.loads((run / artifacts.CONFIG).read_text())["corpus"]
     assert recorded["n_lines"] == 8 and recorded["fingerprint"] == bundle.model_fingerprint(bundle.resolve_bundle(run))
@@ -375,7 +375,7 @@ def test_a_run_trained_without_export_has_no_corpus(trained, tmp_path):
     copy = copy_run(run, tmp_path / "run")
     config = json.loads((copy / artifacts.CONFIG).read_text())
     (copy / artifacts.CONFIG).write_text(json.dumps({**config, "corpus": None}))
-    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's.html'}"]))
     assert "export_embeddings=false" in line
 
 
@@ -526,7 +526,7 @@ def test_fifos_and_devices_are_refused_before_they_are_opened(trained, tmp_path,
     meta = pd.read_parquet(copy / artifacts.EMBEDDINGS_META)
     meta["image_path"] = str(fifo)
     meta.to_parquet(copy / artifacts.EMBEDDINGS_META, index=False)
-    assert replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]) == (0, [])
+    assert replay("search", [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's.html'}"]) == (0, [])
     assert "image not readable" in (tmp_path / "s.html").read_text()
 
 
@@ -545,7 +545,7 @@ def test_fifos_in_a_bundle_corpus_or_training_state_are_refused(trained, tmp_pat
     if where in ("trainer_state", "rng"):
         line = one_error(*replay("train", train_args(data, copy, "trainer.resume=latest")))
     else:
-        line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+        line = one_error(*replay("search", [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's.html'}"]))
     assert target.name in line and ("not a regular file" in line)
     assert tree_without_fifos(copy) == before
 
@@ -687,7 +687,7 @@ def test_damaged_corpora_are_one_line(trained, hnsw_corpus, tmp_path, damage, ex
                       "info_dim": ("dim", 3)}[damage]
         (corpus / "corpus.json").write_text(json.dumps({**info, key: value}))
     before = tree(corpus)
-    line = one_error(*replay("search", [f"run_dir={run}", f"corpus={corpus}", "query=x",
+    line = one_error(*replay("search", [f"run_dir={run}", f"corpus={corpus}", "query=ཀ",
                                         f"search.output={tmp_path / 's.html'}"]))
     assert expected in line and tree(corpus) == before and not (tmp_path / "s.html").exists()
 

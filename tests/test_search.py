@@ -177,14 +177,14 @@ def test_bad_input_is_one_error_line_and_writes_nothing(trained, tmp_path):
     empty.write_text("")
     text = _train_meta(run)["text"][0]
     search_cases = [
-        ([f"run_dir={tmp_path / 'no_such_run'}", "query=x"], "does not exist"),
-        ([f"run_dir={partial}", "query=x"], "incomplete bundle at"),
-        ([f"run_dir={mixed}", "query=x"], "must share one prefix"),
+        ([f"run_dir={tmp_path / 'no_such_run'}", "query=ཀ"], "does not exist"),
+        ([f"run_dir={partial}", "query=ཀ"], "incomplete bundle at"),
+        ([f"run_dir={mixed}", "query=ཀ"], "must share one prefix"),
         ([f"run_dir={run}", f"query_image={broken}"], "cannot be read as an image"),
         ([f"run_dir={run}", f"query_image={tmp_path / 'nope.jpg'}"], "does not exist"),
         ([f"run_dir={run}"], "give exactly one of"),
-        ([f"run_dir={run}", "query=x", f"query_image={broken}"], "give exactly one of"),
-        ([f"run_dir={run}", "query=x", f"corpus={tmp_path}"], "is not a corpus"),
+        ([f"run_dir={run}", "query=ཀ", f"query_image={broken}"], "give exactly one of"),
+        ([f"run_dir={run}", "query=ཀ", f"corpus={tmp_path}"], "is not a corpus"),
         ([f"run_dir={run}/checkpoint_step_0000030_", f"query='{text}'"], "embedded by another model"),
     ]
     index_cases = [
