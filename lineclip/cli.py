@@ -196,7 +196,7 @@ def unknown_option(config_name: str, args: Sequence[str]) -> str | None:
         for depth, part in enumerate(key.split(".")):
             if not isinstance(node, DictConfig) or node._is_none() or OmegaConf.get_type(node) is dict:
                 break
-            if part not in node:
+            if part not in node.keys():  # (`in node` is False for a mandatory ??? field such as synth's out_dir)
                 parent = ".".join(key.split(".")[:depth])
                 known = ", ".join(sorted(str(k) for k in node.keys()))
                 where = f"options of {parent}" if parent else "its options"

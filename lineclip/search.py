@@ -161,6 +161,10 @@ def query_text(cfg: DictConfig) -> tuple[str, str | None]:
     return text, None
 
 
+# The keys whose values are free text, taken literally on the command line (lineclip.cli.quote_overrides).
+QUERY_KEYS = ("query", "query_wylie")
+
+
 def has_tibetan_script(text: str) -> bool:
     """Whether `text` has a character of the Tibetan block: a text query without one (Latin, a transliteration
     typed into the Tibetan field) only ranks lines by noise, so the CLI and the page both refuse it."""
@@ -364,7 +368,7 @@ register_configs()
 ConfigStore.instance().store(name="search_schema", node=SearchConfig)
 
 
-@hydra_command("search", free_text=("query", "query_wylie"))
+@hydra_command("search", free_text=QUERY_KEYS)
 def main(cfg: DictConfig) -> None:
     run_command(search, cfg)
 

@@ -141,8 +141,9 @@ def test_semantic_checks_name_the_field(overrides, field):
 
 
 def test_phrase_training_keys_default_off_and_compose():
-    cfg = _compose()
+    cfg = _compose(["data=openpecha"])  # (the demo trains on phrases: conf/data/demo.yaml sets text_span.p=1)
     assert cfg.data.text_span.p == 0.0 and cfg.data.group_batches_by is None and cfg.data.min_batch_size == 2
+    assert _compose().data.text_span.p == 1.0
     assert cfg.loss.name == "infonce"
     siglip = _compose(["loss=siglip", "data.text_span.p=0.3", "data.group_batches_by=page_id"])
     check_config(siglip)
@@ -229,7 +230,7 @@ def test_help_lists_hydra_groups_only_and_launch_configs_load_in_accelerate():
 
     help_text = subprocess.run([sys.executable, "-m", "lineclip.train", "--help"], capture_output=True, text=True,
                                timeout=120).stdout
-    groups = help_text.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    groups = help_text.split("== Config groups (group=option) ==")[1].split("== Config (key=value")[0]
     assert "model: dinov2_base, dinov2_cpu" in groups and "accelerate" not in groups
     launch = CONF.parent / "launch"
     configs = {p.stem: load_config_from_file(str(p)) for p in sorted(launch.glob("*.yaml"))}

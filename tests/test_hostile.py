@@ -32,7 +32,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from usage_support import TRAIN_OVERRIDES, make_dataset, overfit_run, run_capturing_errors
+from usage_support import TRAIN_OVERRIDES, compose_cfg, make_dataset, overfit_run, run_capturing_errors
 
 from lineclip import artifacts, bundle
 from lineclip.bundle import TRAINING_STATE
@@ -79,10 +79,8 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def compose(config_name: str, overrides: list[str]) -> Any:
-    from lineclip.config import compose as compose_config
-
     extra = [] if config_name == "train" else ["progress=false"]
-    return compose_config(config_name, [*overrides, *extra])
+    return compose_cfg(*overrides, *extra, config_name=config_name)
 
 
 def replay(command: str, overrides: list[str]) -> tuple[int, list[str]]:
@@ -834,7 +832,7 @@ def test_outputs_replace_only_files_lineclip_wrote(trained, tmp_path, command):
     run, data = trained
     name, option = ("s.html", "search.output") if command == "search" else ("e.json", "eval.output")
     target = tmp_path / name
-    args = ["query=x"] if command == "search" else [f"manifest={data['eval']}", f"dataset_dir={data['root']}"]
+    args = ["query=ཀ"] if command == "search" else [f"manifest={data['eval']}", f"dataset_dir={data['root']}"]
     for foreign in (b"<html>my notes</html>", b'{"mine": 1}', b""):
         target.write_bytes(foreign)
         line = one_error(*replay(command, [f"run_dir={run}", *args, f"{option}={target}"]))
@@ -1154,7 +1152,7 @@ def test_a_deeply_nested_training_config_is_one_line(trained, tmp_path, command)
     copy = copy_run(run, tmp_path / "run")
     (copy / artifacts.CONFIG).write_text("[" * 100000 + "]" * 100000)
     before = tree(copy)
-    args = ["query=x", f"search.output={tmp_path / 's.html'}"] if command == "search" else \
+    args = ["query=ཀ", f"search.output={tmp_path / 's.html'}"] if command == "search" else \
         [f"manifest={data['eval']}", f"index.output={tmp_path / 'idx'}"]
     line = one_error(*replay(command, [f"run_dir={copy}", *args]))
     assert f"cannot read {copy / artifacts.CONFIG}: RecursionError" in line and tree(copy) == before
@@ -1328,14 +1326,14 @@ def test_search_refuses_a_bundle_whose_backbone_was_replaced(trained, tmp_path, 
     shutil.rmtree(copy / artifacts.BACKBONE)
     shutil.copytree(copy / f"{CKPT}{artifacts.BACKBONE}", copy / artifacts.BACKBONE)
     before = tree(copy)
-    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's.html'}"]))
     assert "embedded by another model" in line and tree(copy) == before
     # a corpus from before this fingerprint: compared on its heads only, and said so
     config = json.loads((copy / artifacts.CONFIG).read_text())
     config["corpus"]["fingerprint"] = bundle.heads_fingerprint(copy)
     (copy / artifacts.CONFIG).write_text(json.dumps(config))
     with caplog.at_level(logging.WARNING, logger="lineclip"):
-        assert replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's2.html'}"]) == (0, [])
+        assert replay("search", [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's2.html'}"]) == (0, [])
     assert "older fingerprint of the projection heads only" in caplog.text
 
 
@@ -1357,7 +1355,7 @@ def test_a_head_declaring_huge_dims_is_refused_before_it_is_built(trained, tmp_p
 
     monkeypatch.setattr(ProjectionHead, "__init__", recording)
     before = tree(copy)
-    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's.html'}"]))
     assert artifacts.TEXT_HEAD in line and "input_dim 12000" in line
     assert (12000, 12000) not in built and tree(copy) == before
 
@@ -1378,7 +1376,7 @@ def test_a_bundle_config_is_validated_like_a_config(trained, tmp_path, change, e
     path = copy / artifacts.CONFIG
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     before = tree(copy)
-    line = one_error(*replay("search", [f"run_dir={copy}", "query=x", f"search.output={tmp_path / 's.html'}"]))
+    line = one_error(*replay("search", [f"run_dir={copy}", "query=ཀ", f"search.output={tmp_path / 's.html'}"]))
     assert expected in line and str(path) in line and tree(copy) == before
 
 

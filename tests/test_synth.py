@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -176,10 +177,16 @@ def test_cli(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stdout + bad.stderr
 
 
-def test_progress_bar_shows_lines_done_and_the_rate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    generate(SynthConfig(out_dir=str(tmp_path / "bar"), n_lines=4, chunk_size=2, workers=1, eval_fraction=0.0,
-                         progress=True))  # type: ignore[arg-type]
-    bar = capsys.readouterr().err
-    assert "synth: 100%" in bar and "4/4" in bar and "line/s" in bar  # e.g. `4/4 [00:00<00:00, 9.8line/s]`
-    _run(tmp_path / "quiet", n_lines=2, workers=1, eval_fraction=0.0)  # progress=False: no bar at all
+def test_progress_shows_lines_done_and_the_rate(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    # Under pytest stderr is no terminal: no bar (its redraws would fill a log), a log line every 10% instead.
+    with caplog.at_level(logging.INFO):
+        generate(SynthConfig(out_dir=str(tmp_path / "bar"), n_lines=4, chunk_size=2, workers=1, eval_fraction=0.0,
+                             progress=True))  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("synth: ")]
+    assert said and "synth: 4/4 lines (100%)" in said[-1] and "lines/s" in said[-1], said
     assert "synth" not in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _run(tmp_path / "quiet", n_lines=2, workers=1, eval_fraction=0.0)  # progress=False: no progress at all
+    assert not [r for r in caplog.records if r.getMessage().startswith("synth: ")]

@@ -101,9 +101,12 @@ def run_cli(module: str, *args: str, cwd: Path | None = None) -> subprocess.Comp
 def compose_cfg(*overrides: str, config_name: str = "train") -> Any:
     """A config of conf/ (training's by default), composed with overrides as Hydra's command line does: the one
     place tests compose a config (also the `compose_cfg` fixture of conftest.py)."""
+    from lineclip.cli import quote_overrides
     from lineclip.config import compose
+    from lineclip.search import QUERY_KEYS
 
-    return compose(config_name, overrides)
+    # quoted as the command line quotes them: `query=ཀ` is what a user types
+    return compose(config_name, quote_overrides(overrides, QUERY_KEYS if config_name == "search" else ()))
 
 
 def compose_config(config_name: str, overrides: list[str]) -> Any:
