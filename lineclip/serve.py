@@ -284,6 +284,8 @@ td img { display: block; max-width: 100%; border: 1px solid #eee; }
    area, which is ~3x the text height and covered the thumbnail above */
 mark { background: #ffe066; padding: 0 .05em; display: inline-block; line-height: 1.25; max-width: 100%; }
 .meta { color: #777; font-size: .82em; }
+/* a long id or an unbroken run of text wraps where it must rather than widen a phone's page */
+.bo, .meta { overflow-wrap: anywhere; }
 .error { background: #fde8e8; border: 1px solid #e0a0a0; color: #900; padding: .6em .9em; }
 .note { background: #fff8e0; border: 1px solid #e8d8a0; padding: .4em .9em; }
 .searched { margin: .5em 0; }
