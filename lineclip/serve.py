@@ -259,12 +259,20 @@ def _upload_error(exc: BaseException, path: Path, filename: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- page
 
+# The tab's icon: a search lens, drawn (no text, so no font is needed), served by the page itself.
+FAVICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle cx="6.5" cy="6.5" r="4.5" '
+               'fill="#ffe066" stroke="#222" stroke-width="2"/><path d="M10 10l4.5 4.5" stroke="#222" '
+               'stroke-width="2.5" stroke-linecap="round"/></svg>')
+
 _STYLE = """
 @font-face { font-family: "Noto Serif Tibetan (lineclip)"; src: url("/font/tibetan.ttf") format("truetype"); }
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 80em; padding: 0 1em; color: #222; }
 header p { color: #666; margin-top: -.6em; font-size: .9em; }
 form { margin: .6em 0; display: flex; gap: .6em; align-items: center; flex-wrap: wrap; }
-input[type=search] { flex: 1; min-width: 20em; font-size: 1.3em; padding: .25em .4em; }
+/* min-width 0: the box shrinks to a phone's width (its clear button in view); line-height: the Tibetan font's
+   normal one is ~3x the text, which made the box three lines tall */
+input[type=search] { flex: 1 1 16em; min-width: 0; max-width: 100%; box-sizing: border-box; font-size: 1.3em;
+                     padding: .25em .4em; line-height: 1.7; }
 .bo, input[type=search] { font-family: "Noto Serif Tibetan (lineclip)", "Noto Serif Tibetan", "Jomolhari", serif; }
 .bo { font-size: 1.35em; line-height: 1.7; padding-bottom: .3em; }
 button { font-size: 1em; padding: .35em .9em; }
@@ -272,12 +280,31 @@ table { border-collapse: collapse; width: 100%; margin: 1em 0; }
 th, td { border-bottom: 1px solid #ddd; padding: .4em .6em; text-align: left; vertical-align: top; }
 .num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; width: 4em; }
 td img { display: block; max-width: 100%; border: 1px solid #eee; }
-mark { background: #ffe066; padding: 0 .05em; }
+/* inline-block: the mark's background is its own line box (line-height 1.25), not the Tibetan font's content
+   area, which is ~3x the text height and covered the thumbnail above */
+mark { background: #ffe066; padding: 0 .05em; display: inline-block; line-height: 1.25; max-width: 100%; }
 .meta { color: #777; font-size: .82em; }
+/* a long id or an unbroken run of text wraps where it must rather than widen a phone's page */
+.bo, .meta { overflow-wrap: anywhere; }
 .error { background: #fde8e8; border: 1px solid #e0a0a0; color: #900; padding: .6em .9em; }
 .note { background: #fff8e0; border: 1px solid #e8d8a0; padding: .4em .9em; }
 .searched { margin: .5em 0; }
 nav a, nav span { margin-right: 1em; }
+/* A phone: each result is the thumbnail at the full width, rank and score one short line above it */
+@media (max-width: 40em) {
+  body { margin: .6em auto; padding: 0 .5em; }
+  h1 { font-size: 1.4em; }
+  #results, #results tbody, #results tr, #results td { display: block; width: auto; }
+  #results tr:first-child { display: none; }
+  #results tr.hit { display: flex; flex-wrap: wrap; border-bottom: 1px solid #ddd; padding: .4em 0; }
+  #results td { border: 0; padding: .1em .2em; }
+  #results td.num { width: auto; color: #666; font-size: .9em; }
+  #results td.num:first-child::before { content: "#"; }
+  #results td.num + td.num::before { content: "score "; }
+  #results td:last-child { flex: 1 1 100%; }
+  /* a line image is wide and low: shown at the page's width, scaled up if need be, it stays readable */
+  #results td img { width: 100%; box-sizing: border-box; }
+}
 """
 
 
@@ -352,6 +379,7 @@ def render_page(label: str, query: Query | None = None, results: Results | None 
     title = f"{query.text} – lineclip search" if query.text else "lineclip search"
     return (f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<style>{_STYLE}</style>\n'
+            '<link rel="icon" href="/favicon.svg" type="image/svg+xml">\n'
             "</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
 
 
@@ -487,8 +515,13 @@ def build_app(engine: LineSearch) -> Any:
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         return page(500, error="the server failed to answer this request (its log says why)")
 
+    def favicon(request: Request) -> Response:
+        return Response(FAVICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
+
     routes = [
         Route("/", home, methods=["GET"]),
+        Route("/favicon.svg", favicon, methods=["GET"]),
+        Route("/favicon.ico", favicon, methods=["GET"]),  # what a browser asks for when a page names no icon
         Route("/image", image_search, methods=["POST"]),
         # {row} as text, parsed by _row_number: Starlette's int convertor takes any digits and int() fails on
         # 5,000 of them (a 500); here any row that is not one is a 404.

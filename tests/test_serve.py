@@ -2,7 +2,9 @@
 input, what the server lets a browser read, and the real command in headless Chromium.
 
 The browser test needs Debian's `chromium` and `chromium-driver`; without them it is skipped, unless
-LINECLIP_REQUIRE_BROWSER=1 (set by .ci/run, which installs them) makes a missing browser a failure."""
+LINECLIP_REQUIRE_BROWSER=1 (set by .ci/run, which installs them) makes a missing browser a failure. With
+LINECLIP_SCREENSHOT_DIR=docs it also writes the README's screenshots (docs/serve.png at 1280 px, docs/serve_phone.png
+at 390 px); a plain run keeps them in its tmp dir."""
 
 import html
 import io
@@ -13,7 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -148,8 +152,14 @@ def test_line_images_are_served_by_row_from_the_corpus_paths_only(client, engine
 
     params = {r.path: set(r.param_convertors) for r in client.app.routes if isinstance(r, Route)}
     assert params == {"/": set(), "/image": set(), "/thumb/{row}": {"row"}, "/line/{row}": {"row"},
-                      "/upload/{key:str}": {"key"}, "/font/tibetan.ttf": set()}
+                      "/upload/{key:str}": {"key"}, "/font/tibetan.ttf": set(), "/favicon.svg": set(),
+                      "/favicon.ico": set()}
     assert client.get("/font/tibetan.ttf").content[:4] == b"\x00\x01\x00\x00"  # the bundled TrueType font
+    for url in ("/favicon.svg", "/favicon.ico"):  # the page's icon, and what a browser asks for by default: no 404
+        icon = client.get(url)
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml", url
+        assert icon.content.startswith(b"<svg") and icon.content.endswith(b"</svg>")
+    assert '<link rel="icon" href="/favicon.svg"' in client.get("/").text
 
 
 @pytest.mark.slow
@@ -319,5 +329,57 @@ def test_search_page_in_headless_chromium(server, meta, tmp_path):
         WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.hit")) == 3)
         ranks = [r.find_element(By.CSS_SELECTOR, "td").text for r in driver.find_elements(By.CSS_SELECTOR, "tr.hit")]
         assert ranks == ["6", "7", "8"]
+
+        shots = Path(os.environ.get("LINECLIP_SCREENSHOT_DIR") or tmp_path)
+        for width, height, name in ((1280, 1000, "serve.png"), (390, 844, "serve_phone.png")):
+            _check_layout(driver, server + "?q=" + urllib.parse.quote(phrase), width, height, shots / name)
     finally:
         driver.quit()
+
+
+# Where each part of the result page lies, in CSS px of the viewport (getBoundingClientRect).
+_LAYOUT_JS = """
+const box = e => { const r = e.getBoundingClientRect(); return {left: r.left, right: r.right, top: r.top,
+                                                                 bottom: r.bottom, width: r.width, height: r.height}; };
+return {inner: window.innerWidth, scroll: document.documentElement.scrollWidth,
+        query: box(document.querySelector('input[name=q]')),
+        rows: [...document.querySelectorAll('tr.hit')].map(tr => {
+          const line = tr.querySelector('.bo');
+          return {thumb: box(tr.querySelector('img')), line: box(line),
+                  lineHeight: parseFloat(getComputedStyle(line).lineHeight),
+                  marks: [...tr.querySelectorAll('mark')].map(box), nums: [...tr.querySelectorAll('td.num')].map(box)};
+        })};
+"""
+
+
+def _check_layout(driver, url: str, width: int, height: int, screenshot: Path) -> None:
+    """The result page in a viewport `width` px wide (a phone's when < 600: its viewport meta tag applies): no
+    horizontal scrolling, the query box (with its clear button) inside the page, on a phone each thumbnail as wide
+    as the page less its margins with rank and score above it, and each phrase mark inside its own text line,
+    below the thumbnail (the Tibetan font's tall inline boxes once covered the thumbnail above)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+    driver.get(url)
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+        "return document.fonts.status === 'loaded' && [...document.images].every(i => i.complete && i.naturalWidth)"))
+    page = driver.execute_script(_LAYOUT_JS)
+    # a page wider than the phone makes the browser widen its layout viewport: innerWidth says so too
+    assert (page["inner"], page["scroll"] <= width) == (width, True), (width, page["inner"], page["scroll"])
+    assert 0 <= page["query"]["left"] and page["query"]["right"] <= width, page["query"]
+    assert len(page["rows"]) == 5
+    for row in page["rows"]:
+        thumb = row["thumb"]
+        assert 0 <= thumb["left"] and thumb["right"] <= width, thumb
+        if width < 600:
+            assert thumb["width"] >= width - 2 * 12, thumb  # the page's and the cell's margins, <= 12 px a side
+            assert all(num["bottom"] <= thumb["top"] for num in row["nums"]), row  # rank and score above it
+        for mark in row["marks"]:
+            assert mark["top"] >= thumb["bottom"] - 0.5, (mark, thumb)  # not over the thumbnail
+            assert row["line"]["top"] - 0.5 <= mark["top"] and mark["bottom"] <= row["line"]["bottom"] + 0.5, row
+            assert mark["height"] <= row["lineHeight"] + 0.5, row  # no taller than a line of the text
+    assert sum(len(row["marks"]) for row in page["rows"]) >= 1  # the memorised line holds the phrase
+    driver.save_screenshot(str(screenshot))
+    with Image.open(screenshot) as shot:
+        assert shot.size == (width, height)
