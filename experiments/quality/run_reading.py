@@ -27,7 +27,7 @@ SYNTH_ARGS = ["n_lines=12000", "height=[32,32]", "p_short=1.0", "short_aspect=[2
 CURVE_KEYS = {"train/loss": "train loss", "train/embedding_cosine_image": "image cos",
               "train/embedding_cosine_text": "text cos", "train/reading_loss": "CTC/char",
               "val_t2i_r1": "val t2i R@1", "val_t2i_r10": "R@10", "val_page_t2i_r1": "page t2i R@1",
-              "val_phrase_t2i_r10": "phrase R@10"}
+              "val_phrase_t2i_r10": "phrase R@10", "val_cer": "val CER", "val_read_t2i_r1": "read+match R@1"}
 
 
 def data_args(dataset: Path) -> list[str]:
