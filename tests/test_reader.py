@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import Dinov2Model, T5EncoderModel
 from usage_support import compose_cfg
 
@@ -41,6 +42,21 @@ def test_init_from_the_shipped_reader_loads_its_weights(tmp_path):
                           model.text_encoder)):
         expected, got = loaded.state_dict(), mine.state_dict()
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    # the CTC head saved beside the bundle too, read by safetensors directly: stage 2 does not restart its reading
+    head = load_file(READER / "reading_head.safetensors")
+    got = model.reading_head.state_dict()
+    assert head.keys() == got.keys() and all(torch.equal(head[k], got[k]) for k in head)
+
+
+def test_a_reading_head_of_another_geometry_starts_fresh_with_a_warning(tmp_path, caplog):
+    manifest = tmp_path / "lines.jsonl"
+    manifest.write_text("")
+    cfg = compose_cfg("experiment=cpu_read_real", f"data.train_manifest={manifest}", "data.val_manifest=null",
+                      "data.dataset_dir=null", "loss.reading_frames_per_column=3")
+    model, _, _ = build_model(cfg)
+    saved = load_file(READER / "reading_head.safetensors")
+    assert model.reading_head.proj.weight.shape[0] != saved["proj.weight"].shape[0]
+    assert any("reading head starts fresh" in r.getMessage() and "3" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow
