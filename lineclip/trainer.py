@@ -3,8 +3,9 @@
 `train` reads setup -> loop -> finish: `setup_run` (accelerator, run dir, resume point), `load_lines` and
 `build_data` (lineclip.data), `build_model`, `build_optimization` (AdamW, schedule), a `Checkpointer`
 (lineclip.checkpoint: the TrainerState, checkpoints, SIGTERM); then the loop (`train_step` per optimizer step,
-validation Recall@K every `eval_every_steps` via lineclip.validation, a bundle every `checkpoint_every_steps`);
-at the end the final bundle and the corpus embeddings.
+`skip_step` when its loss is not finite, `StepLog` for what a step shows and validation Recall@K every
+`eval_every_steps` via lineclip.validation, a bundle every `checkpoint_every_steps`); at the end `finish`: the
+final bundle and the corpus embeddings.
 """
 
 from __future__ import annotations
