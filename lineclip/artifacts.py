@@ -25,6 +25,7 @@ from lineclip.bundle import (  # noqa: F401
     TEXT_HEAD,
     TRAINING_STATE,
 )
+from lineclip.errors import LineclipError
 
 # The bundle's entry names, which a run dir holds too (re-exported: artifacts.CONFIG reads as "a run's config").
 from lineclip.files import foreign_entries
@@ -48,7 +49,7 @@ _BUNDLE_ENTRY = re.compile(
     rf"^({PREFIX_PATTERN})?(" + "|".join(re.escape(e) for e in (*BUNDLE_ENTRIES, TRAINING_STATE)) + ")$")
 
 
-class OutputPathError(ValueError):
+class OutputPathError(LineclipError, ValueError):
     """An output option that points at a run's or a corpus's own files; one line."""
 
 

@@ -244,7 +244,7 @@ class LineDataset(torch.utils.data.Dataset):
             # Decoded here, inside the try (a truncated JPEG opens fine and only fails once its pixels are
             # read), turned by its EXIF orientation as the header size was. No mode conversion here: the
             # transform owns it (it flattens alpha onto white paper, which a plain convert("RGB") would turn black).
-            images = self.records.images  # lines read from tar shards (lineclip.shard) carry their bytes there
+            images = self.records.images  # lines read from tar shards (lineclip.shards) carry their bytes there
             image = images.load(index, self.max_image_pixels) if images is not None else load_image(
                 image_path, self.max_image_pixels)
             if self.visible_share[index] < 1.0:

@@ -27,6 +27,7 @@ from typing import Any
 
 from transformers.utils import logging as hf_logging
 
+from lineclip.errors import LineclipError
 from lineclip.files import as_write_error, file_sha256, first_line, first_non_regular, remove_staging
 from lineclip.patches import patch_hw
 from lineclip.towers import DualEncoder, ProjectionHead, build_image_backbone, build_text_encoder
@@ -55,7 +56,7 @@ def checkpoint_step(name: str) -> int | None:
     return int(match[1]) if match else None
 
 
-class BundleError(ValueError):
+class BundleError(LineclipError, ValueError):
     """A run dir or bundle that cannot be loaded; the message is one line naming the path."""
 
 

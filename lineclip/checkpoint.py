@@ -46,6 +46,7 @@ from lineclip.bundle import (
     staging_dir,
     workbench_keys,
 )
+from lineclip.errors import LineclipError
 from lineclip.files import as_write_error, first_line, remove_staging
 from lineclip.tracking import METRICS_FILE, RUN_ID_FILE
 
@@ -65,7 +66,7 @@ def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LineclipError, ValueError):
     """A training state that cannot be loaded safely; the message is one line naming the file."""
 
 
@@ -481,11 +482,11 @@ def checkpoint_steps(output_dir: str | Path) -> list[int]:
     return sorted(steps)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(LineclipError, RuntimeError):
     """Too many non-finite losses in a row; the last good checkpoint is kept."""
 
 
-class ResumeError(ValueError):
+class ResumeError(LineclipError, ValueError):
     """`trainer.resume` names nothing resumable; the message says what was looked for."""
 
 

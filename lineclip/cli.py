@@ -15,37 +15,27 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import math
 import os
 import re
 import shlex
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lineclip.config import ModelArgs, conf_dir  # noqa: F401 - ModelArgs: importable here as before
+from lineclip.errors import LineclipError
+from lineclip.progress import Progress, duration  # noqa: F401 - importable here as before
+
 log = logging.getLogger("lineclip")
 
 
-class UsageError(ValueError):
+class UsageError(LineclipError, ValueError):
     """A command-line option that cannot work; the message is one line naming it."""
-
-
-@dataclass
-class ModelArgs:
-    """Options every using command has: which bundle, and how to run it."""
-
-    # A finished run dir, a checkpoint bundle by prefix (run/checkpoint_step_0002400_) or any file of a bundle.
-    run_dir: str | None = None
-    device: str | None = None  # null: cuda when available, else cpu
-    batch_size: int = 32
-    num_workers: int = 0  # DataLoader workers decoding line images
-    progress: bool = True
 
 
 # ------------------------------------------------------------------------------------ the command line
@@ -166,8 +156,6 @@ def command_help(name: str) -> str:
 
 
 def _training_groups() -> set[str]:
-    from lineclip.config import conf_dir
-
     return {p.name for p in conf_dir().iterdir() if p.is_dir() and p.name != "hydra"}
 
 
@@ -215,7 +203,6 @@ def hydra_command(config_name: str, free_text: Collection[str] = ()) -> Callable
     through `quote_overrides` first: the one place where every command reads its overrides."""
     import hydra
 
-    from lineclip.config import conf_dir  # here: lineclip.config imports this module for ModelArgs
 
     if not OmegaConf.has_resolver("lineclip_help"):
         OmegaConf.register_new_resolver("lineclip_help", command_help)
@@ -267,17 +254,10 @@ def check_model_args(cfg: DictConfig) -> None:
 
 def one_line_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input, not a bug (for every command, training included): reported as one
-    `log.error` line and exit status 2."""
-    from lineclip.artifacts import OutputPathError
-    from lineclip.bundle import BundleError
-    from lineclip.checkpoint import CheckpointError, ResumeError, TrainingDiverged
-    from lineclip.config import ConfigError
-    from lineclip.corpus import CorpusError
-    from lineclip.encoder import DeviceError, ImageReadError
-    from lineclip.manifest import ManifestError
-
-    return (UsageError, ConfigError, ManifestError, BundleError, ImageReadError, DeviceError, CorpusError,
-            OutputPathError, CheckpointError, ResumeError, TrainingDiverged, OmegaConfBaseException)
+    `log.error` line and exit status 2. Every lineclip one-line error derives from LineclipError (UsageError,
+    ConfigError, ManifestError, BundleError, ImageReadError, DeviceError, CorpusError, OutputPathError,
+    CheckpointError, ResumeError, TrainingDiverged), so this list names none of the modules that raise them."""
+    return (LineclipError, OmegaConfBaseException)
 
 
 def run_command(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
@@ -313,68 +293,3 @@ def write_text_atomic(target: str | Path, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(target)
-
-
-def duration(seconds: float) -> str:
-    """`45 s`, `3 min 10 s`, `2 h 05 min`: a time to go, as a person reads it."""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-class Progress:
-    """A progress bar on a terminal; where stderr is not one (a log file, a batch job) no bar, whose `\\r` redraws
-    would fill the log, but one log line every 10% with the rate and the time to go. `first_at`: after that many
-    units, one such line whether or not the bar is drawn (training's first ETA, which a bar shows only once its
-    rate has settled and a log never shows)."""
-
-    def __init__(self, total: int, *, desc: str, unit: str, enabled: bool = True, initial: int = 0,
-                 first_at: int | None = None, logger: logging.Logger = log) -> None:
-        import time
-
-        from tqdm.auto import tqdm
-
-        self._clock = time.monotonic
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=None if enabled else True)
-        self.total, self.done, self.desc, self.unit, self.log = total, initial, desc, unit, logger
-        self._start, self._start_done = self._clock(), initial
-        self._every = max(1, math.ceil(total / 10)) if enabled and self.bar.disable else None
-        self._first_at = initial + first_at if enabled and first_at else None
-        self._next = initial + self._every if self._every else None
-
-    def update(self, n: int = 1) -> None:
-        self.bar.update(n)
-        self.done += n
-        due = self._first_at is not None and self.done >= self._first_at
-        if self._next is not None and self.done >= min(self._next, self.total):
-            due = True
-            while self._next <= self.done:
-                self._next += self._every or 1
-        if due:
-            self._first_at = None
-            self.say()
-
-    def say(self) -> None:
-        elapsed, done = self._clock() - self._start, self.done - self._start_done
-        if done <= 0:
-            return
-        pace = elapsed / done
-        left = "" if self.done >= self.total else f", about {duration(pace * (self.total - self.done))} to go"
-        rate = f"{pace:.2f} s a {self.unit}" if pace >= 1 else f"{1 / pace:.1f} {self.unit}s/s"
-        self.log.info("%s: %d/%d %ss (%d%%), %s%s", self.desc, self.done, self.total, self.unit,
-                      100 * self.done // max(1, self.total), rate, left)
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        self.bar.set_postfix(*args, **kwargs)
-
-    def close(self) -> None:
-        self.bar.close()
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

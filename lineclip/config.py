@@ -22,11 +22,23 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from lineclip.cli import ModelArgs
+from lineclip.errors import LineclipError
 from lineclip.ocr import OcrOptions
 from lineclip.patches import check_patch_geometry, position_table_problem
 
 log = logging.getLogger("lineclip.config")
+
+
+@dataclass
+class ModelArgs:
+    """Options every using command has: which bundle, and how to run it."""
+
+    # A finished run dir, a checkpoint bundle by prefix (run/checkpoint_step_0002400_) or any file of a bundle.
+    run_dir: str | None = None
+    device: str | None = None  # null: cuda when available, else cpu
+    batch_size: int = 32
+    num_workers: int = 0  # DataLoader workers decoding line images
+    progress: bool = True
 
 
 @dataclass
@@ -289,7 +301,7 @@ def asset_dir(name: str) -> Path:
     return Path(str(resources.files("lineclip") / "assets" / name))
 
 
-class ConfigError(ValueError):
+class ConfigError(LineclipError, ValueError):
     """A composed config that types alone cannot reject; the message names the field."""
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from lineclip import artifacts
+from lineclip.errors import LineclipError
 from lineclip.files import as_write_error, first_line, first_non_regular
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ TEXT_EMBEDDINGS = "text_embeddings.npy"
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
 
-class CorpusError(ValueError):
+class CorpusError(LineclipError, ValueError):
     """A corpus dir that cannot be used (missing files, another model's embeddings); one line."""
 
 

@@ -32,6 +32,7 @@ from lineclip.lines import LineRecord, LineTable
 from lineclip.manifest import ManifestError, ManifestReport
 from lineclip.metrics import text_ids
 from lineclip.preprocess import LineGeometry, LineImageTransform
+from lineclip.shards import load_shards
 from lineclip.sizes import load_line_table, main_first
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,6 @@ def load_lines(cfg: DictConfig, run_dir: str | Path | None = None, is_main: bool
 
     def read(path: str) -> tuple[LineTable, ManifestReport]:
         if cfg.data.format == "shards":
-            from lineclip.shard import load_shards
-
             return load_shards(path, cfg.data.on_bad_row)
         return load_line_table(path, cfg.data.dataset_dir, cfg.data.on_bad_row, cfg.data.max_text_bytes, pixels,
                                fallback_dir=run_dir, use_cache=cfg.data.line_cache, cache_dir=cfg.data.line_cache_dir,

@@ -44,6 +44,7 @@ from lineclip.bundle import (
     resolve_bundle,
 )
 from lineclip.data import make_loader
+from lineclip.errors import LineclipError
 from lineclip.files import first_line, usable_cpus
 from lineclip.lines import LineRecord
 from lineclip.manifest import normalize_text
@@ -64,11 +65,11 @@ log = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | Image.Image
 
 
-class ImageReadError(ValueError):
+class ImageReadError(LineclipError, ValueError):
     """A line image that cannot be opened or decoded; the message is one line naming the file."""
 
 
-class DeviceError(ValueError):
+class DeviceError(LineclipError, ValueError):
     """A device that this machine does not have."""
 
 

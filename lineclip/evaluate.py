@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lineclip.cli import (
-    ModelArgs,
     UsageError,
     check_manifest_args,
     check_model_args,
@@ -48,7 +47,7 @@ from lineclip.cli import (
     run_command,
     write_text_atomic,
 )
-from lineclip.config import register_configs
+from lineclip.config import ModelArgs, register_configs
 from lineclip.manifest import manifest_label
 from lineclip.ocr import OcrOptions, ocr_level
 
@@ -238,23 +237,38 @@ def evaluate_records(
                                                                               scores=read_line_scores))
             result["galleries"][key] = block
     if plan is not None:
-        low, high = phrase_syllables
-        phrase_texts, query_lines, answers = plan.phrases, plan.query_lines, plan.answers
-        phrase_emb = torch.from_numpy(encoder.encode_texts(phrase_texts, text_batch_size, progress))
-        block = {"seed": phrase_seed, "syllables": [low, high], "n_queries": len(phrase_texts),
-                 "n_lines_without_phrase": len(texts) - len(phrase_texts),
-                 "mean_correct_lines": float(np.mean([len(a) for a in answers])) if answers else 0.0,
-                 "metrics": galleries.phrase_metrics(phrase_emb, image_t, answers, ks, chunk_size)}
-        if names:
-            block["levels"] = picked(galleries.phrase_levels(
-                answers, query_lines, galleries.text_bytes(phrase_texts), len(texts), collection, ks, predicted,
-                scores=scores.phrase_scores("ocr") if scores is not None else None))
-        if read_scores is not None:
-            block["decode_then_match"] = _only_read(galleries.phrase_levels(
-                answers, query_lines, galleries.text_bytes(phrase_texts), len(texts), None, ks,
-                scores=read_scores.phrase_scores("read")))
-        result["phrase"] = block
+        result["phrase"] = _phrase_block(encoder, plan, image_t, len(texts), ks, chunk_size, text_batch_size, progress,
+                                         (phrase_seed, *phrase_syllables), picked if names else None, collection,
+                                         predicted, scores, read_scores)
     return result
+
+
+def _phrase_block(encoder: LineEncoder, plan: Any, image: Any, n_lines: int, ks: Sequence[int], chunk_size: int,
+                  text_batch_size: int, progress: bool, drawn: tuple[int, int, int],
+                  picked: Callable[[dict[str, Any]], dict[str, Any]] | None, collection: Any, predicted: Any,
+                  scores: Any, read_scores: Any) -> dict[str, Any]:
+    """evaluate_records' phrase queries: each phrase of `plan` (drawn with seed and syllable range `drawn`) against
+    the line images, and their levels (`picked`: None when no level is asked for) and decode-then-match."""
+    import torch
+
+    from lineclip import galleries
+
+    phrase_seed, low, high = drawn
+    phrase_texts, query_lines, answers = plan.phrases, plan.query_lines, plan.answers
+    phrase_emb = torch.from_numpy(encoder.encode_texts(phrase_texts, text_batch_size, progress))
+    block = {"seed": phrase_seed, "syllables": [low, high], "n_queries": len(phrase_texts),
+             "n_lines_without_phrase": n_lines - len(phrase_texts),
+             "mean_correct_lines": float(np.mean([len(a) for a in answers])) if answers else 0.0,
+             "metrics": galleries.phrase_metrics(phrase_emb, image, answers, ks, chunk_size)}
+    if picked is not None:
+        block["levels"] = picked(galleries.phrase_levels(
+            answers, query_lines, galleries.text_bytes(phrase_texts), n_lines, collection, ks, predicted,
+            scores=scores.phrase_scores("ocr") if scores is not None else None))
+    if read_scores is not None:
+        block["decode_then_match"] = _only_read(galleries.phrase_levels(
+            answers, query_lines, galleries.text_bytes(phrase_texts), n_lines, None, ks,
+            scores=read_scores.phrase_scores("read")))
+    return block
 
 
 def _only_read(levels: dict[str, Any]) -> dict[str, Any]:

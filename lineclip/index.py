@@ -17,8 +17,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from lineclip.artifacts import check_output_path
-from lineclip.cli import ModelArgs, UsageError, check_manifest_args, check_model_args, hydra_command, run_command
-from lineclip.config import register_configs
+from lineclip.cli import UsageError, check_manifest_args, check_model_args, hydra_command, run_command
+from lineclip.config import ModelArgs, register_configs
 from lineclip.corpus import INDEX_KINDS, IndexParams
 from lineclip.manifest import manifest_label
 

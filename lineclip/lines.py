@@ -166,7 +166,7 @@ class LineTable(Sequence[LineRecord]):
         # True when every size is final (read from headers, or manifest sizes checked against them): the line
         # cache and shards; complete_sizes then only applies the pixel limit.
         self.sizes_checked = sizes_checked
-        # Where the image bytes are when not at image_path: lineclip.shard.ShardImages for lines read from shards.
+        # Where the image bytes are when not at image_path: lineclip.shards.ShardImages for lines read from shards.
         self.images = images
         self.columns = {name: StringColumn(self.table.column(name), mapped=cache_path is not None)
                         for name in STRING_COLUMNS}

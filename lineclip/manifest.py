@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from lineclip.errors import LineclipError
 from lineclip.lines import (
     TABLE_SCHEMA,
     LineRecord,
@@ -125,7 +126,7 @@ class ManifestReport:
         return text
 
 
-class ManifestError(ValueError):
+class ManifestError(LineclipError, ValueError):
     """A manifest that cannot be used; the message is one line naming the file (and line where it applies)."""
 
 

@@ -195,7 +195,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMA
 
 
 def decode_image(handle: BinaryIO, max_pixels: int | None, name: str | os.PathLike) -> Image.Image:
-    """`load_image` of an open binary file (a line image inside a tar shard, lineclip.shard); `name` for errors."""
+    """`load_image` of an open binary file (a line image inside a tar shard, lineclip.shards); `name` for errors."""
     with _decoding(name), open_image(handle) as image:
         _check_pixels(*image.size, max_pixels, name)
         orientation = exif_orientation(image)

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from lineclip.cli import ModelArgs, UsageError, check_model_args, hydra_command, run_command, write_text_atomic
-from lineclip.config import register_configs
+from lineclip.cli import UsageError, check_model_args, hydra_command, run_command, write_text_atomic
+from lineclip.config import ModelArgs, register_configs
 
 if TYPE_CHECKING:
     import numpy as np

@@ -40,10 +40,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, ImageDraw, ImageFont, features
 
-from lineclip.cli import Progress, hydra_command
+from lineclip.cli import hydra_command
 from lineclip.config import register_configs
 from lineclip.files import usable_cpus
 from lineclip.manifest import normalize_text
+from lineclip.progress import Progress
 
 log = logging.getLogger("lineclip.synth")
 
@@ -346,7 +347,26 @@ def render_line(
     if weight:
         mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)), iterations=weight)
 
-    # Rotation (< 1 deg) and a smooth baseline warp in one remap.
+    mask = _warp(rng, mask, cfg, k, crop_h)  # rotation and baseline warp
+    m = mask[margin:margin + crop_h].astype(np.float32) / 255.0
+    if rng.random() < cfg.p_border * min(k, 1.0):
+        _draw_borders(rng, m, scale)
+
+    m = _bleed(rng, m, k, size)
+    out_w = max(1, round(width * stretch * height / crop_h))
+    img, style = _on_paper(rng, m, cfg, k, crop_h, out_w, height)
+    out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if rng.random() < cfg.p_jpeg * min(k, 1.0):
+        quality = int(rng.integers(35, 91))
+        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])  # channel order is moot here
+        if ok:
+            out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    return out, text, font_path.name, style
+
+
+def _warp(rng: np.random.Generator, mask: np.ndarray, cfg: SynthConfig, k: float, crop_h: int) -> np.ndarray:
+    """render_line's rotation (< 1 deg) and smooth baseline warp of the ink `mask` (canvas_h x width), in one remap."""
+    canvas_h, width = mask.shape
     theta = math.radians(_uniform(rng, (-cfg.max_rotation_deg, cfg.max_rotation_deg)) * k)
     xs = np.arange(width, dtype=np.float32)
     warp = np.zeros(width, dtype=np.float32)
@@ -364,30 +384,36 @@ def render_line(
         warp *= limit / np.abs(warp).max()
     map_x = np.broadcast_to(xs, (canvas_h, width))
     map_y = np.arange(canvas_h, dtype=np.float32)[:, None] + warp[None, :]
-    mask = cv2.remap(mask, np.ascontiguousarray(map_x), map_y, cv2.INTER_LINEAR, borderValue=0)
-    m = mask[margin:margin + crop_h].astype(np.float32) / 255.0
+    return cv2.remap(mask, np.ascontiguousarray(map_x), map_y, cv2.INTER_LINEAR, borderValue=0)
+
+
+def _bleed(rng: np.random.Generator, m: np.ndarray, k: float, size: int) -> np.ndarray:
+    """render_line's bleed and rough edges of the ink coverage `m` (0..1): blur, add grain, then a soft threshold
+    (ink spreading into paper fibres); worn blocks; spatter. None of it at degradation 0."""
+    if k <= 0:
+        return m
     shape = m.shape
-    if rng.random() < cfg.p_border * min(k, 1.0):
-        _draw_borders(rng, m, scale)
+    m = cv2.GaussianBlur(m, (0, 0), _uniform(rng, (0.5, 1.3)) * size / 40)
+    grain = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0), 0.8)
+    m = m + grain * _uniform(rng, (0.05, 0.25)) * k
+    m = np.clip((m - _uniform(rng, (0.35, 0.55))) / 0.12 + 0.5, 0.0, 1.0)
+    # Worn blocks and dry ink: low-frequency fading plus small gaps.
+    wear = _uniform(rng, (0.0, 0.45)) * k
+    m *= 1.0 - wear * (0.5 + 0.5 * _smooth_noise(rng, shape, size * 1.5))
+    holes = _smooth_noise(rng, shape, max(2.0, size / 10)) > _uniform(rng, (1.0, 1.6))
+    m[holes] *= 0.15
+    # Ink spatter and dirt.
+    spots = _sparse_points(rng, shape, _uniform(rng, (0.0, 4e-4)) * k)
+    spots = cv2.GaussianBlur(spots, (0, 0), _uniform(rng, (0.7, 1.6)))
+    m = np.maximum(m, np.clip(spots * 12.0, 0.0, 1.0))
+    return np.clip(m, 0.0, 1.0)
 
-    # Bleed and rough edges: blur, add grain, then a soft threshold (ink spreading into paper fibres).
-    if k > 0:
-        m = cv2.GaussianBlur(m, (0, 0), _uniform(rng, (0.5, 1.3)) * size / 40)
-        grain = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0), 0.8)
-        m = m + grain * _uniform(rng, (0.05, 0.25)) * k
-        m = np.clip((m - _uniform(rng, (0.35, 0.55))) / 0.12 + 0.5, 0.0, 1.0)
-        # Worn blocks and dry ink: low-frequency fading plus small gaps.
-        wear = _uniform(rng, (0.0, 0.45)) * k
-        m *= 1.0 - wear * (0.5 + 0.5 * _smooth_noise(rng, shape, size * 1.5))
-        holes = _smooth_noise(rng, shape, max(2.0, size / 10)) > _uniform(rng, (1.0, 1.6))
-        m[holes] *= 0.15
-        # Ink spatter and dirt.
-        spots = _sparse_points(rng, shape, _uniform(rng, (0.0, 4e-4)) * k)
-        spots = cv2.GaussianBlur(spots, (0, 0), _uniform(rng, (0.7, 1.6)))
-        m = np.maximum(m, np.clip(spots * 12.0, 0.0, 1.0))
-        m = np.clip(m, 0.0, 1.0)
 
-    # Paper: colour, uneven tone, fibres and stains; ink: near black or brown, not quite opaque.
+def _on_paper(rng: np.random.Generator, m: np.ndarray, cfg: SynthConfig, k: float, crop_h: int, out_w: int,
+              height: int) -> tuple[np.ndarray, str]:
+    """render_line's ink coverage `m` printed on paper and scanned at out_w x height: (float image 0..1, style).
+    Paper: colour, uneven tone, fibres and stains; ink: near black or brown, not quite opaque."""
+    shape = m.shape
     style = "binarized" if rng.random() < cfg.p_binarized else "paper"
     paper = _PAPERS[int(rng.integers(len(_PAPERS)))] + rng.uniform(-0.04, 0.04, 3).astype(np.float32)
     tone = _smooth_noise(rng, shape, crop_h * _uniform(rng, (0.5, 3.0))) * _uniform(rng, (0.01, 0.08)) * k
@@ -401,7 +427,6 @@ def render_line(
         shade -= np.clip(_smooth_noise(rng, shape, crop_h) - 0.6, 0.0, None) * _uniform(rng, (0.1, 0.3))
     ink_rgb = np.array([0.08, 0.07, 0.06], np.float32) + rng.uniform(0.0, 0.12) * np.array([1.0, 0.7, 0.4])
     alpha = m * _uniform(rng, (0.85, 1.0))
-    out_w = max(1, round(width * stretch * height / crop_h))
     if style == "binarized":
         # A bilevel scan of the same page, in grey only (its colours would be thrown away).
         ink_level, paper_level = float(ink_rgb.mean()), float(paper.mean())
@@ -415,13 +440,7 @@ def render_line(
         img = cv2.GaussianBlur(img, (0, 0), _uniform(rng, (0.3, 0.9)) * max(k, 0.01))
         img = cv2.resize(img, (out_w, height), interpolation=cv2.INTER_AREA)
         img += rng.standard_normal((height, out_w, 1), dtype=np.float32) * _uniform(rng, (0, 0.03)) * k
-    out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    if rng.random() < cfg.p_jpeg * min(k, 1.0):
-        quality = int(rng.integers(35, 91))
-        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])  # channel order is moot here
-        if ok:
-            out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    return out, text, font_path.name, style
+    return img, style
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 `train` reads setup -> loop -> finish: `setup_run` (accelerator, run dir, resume point), `load_lines` and
 `build_data` (lineclip.data), `build_model`, `build_optimization` (AdamW, schedule), a `Checkpointer`
 (lineclip.checkpoint: the TrainerState, checkpoints, SIGTERM); then the loop (`train_step` per optimizer step,
-validation Recall@K every `eval_every_steps` via lineclip.validation, a bundle every `checkpoint_every_steps`);
-at the end the final bundle and the corpus embeddings.
+`skip_step` when its loss is not finite, `StepLog` for what a step shows and validation Recall@K every
+`eval_every_steps` via lineclip.validation, a bundle every `checkpoint_every_steps`); at the end `finish`: the
+final bundle and the corpus embeddings.
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ from lineclip.bundle import BundleError, BundleRef, check_bundle, resolve_bundle
 from lineclip.checkpoint import (
     Checkpointer,
     ResumeError,
+    TrainerState,
     TrainingDiverged,
     claim_run_dir,
     lock_run_dir,
     release_run_dirs,
     resolve_resume,
 )
-from lineclip.cli import Progress
 from lineclip.config import ConfigError, check_config, manifests_from_layout
-from lineclip.data import build_data, load_lines
+from lineclip.data import TrainData, build_data, load_lines
 from lineclip.files import first_line, usable_cpus
 from lineclip.galleries import ValidationPlan
+from lineclip.lines import LineTable
 from lineclip.loss import (
     ContrastiveOutput,
     contrastive_loss,
@@ -50,6 +52,7 @@ from lineclip.loss import (
 )
 from lineclip.manifest import ManifestError
 from lineclip.patches import check_patch_geometry, position_table_problem
+from lineclip.progress import Progress
 from lineclip.reading import READING_HEAD_CONFIG, bag_loss, load_reading_head, reading_loss
 from lineclip.towers import (
     DualEncoder,
@@ -559,7 +562,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
 
 def _train(cfg: DictConfig) -> TrainResult:
-    # ---- setup: run dir, data, model, optimizer and schedule, checkpointer
+    # ---- setup: run dir, data, model, optimizer and schedule, checkpointer, tracking
     startup = StartupClock()
     accelerator, output_dir, resume_from = setup_run(cfg)
     startup.lap("run setup")
@@ -573,17 +576,9 @@ def _train(cfg: DictConfig) -> TrainResult:
                       world)
     startup.lap("bucketing")
     model, opt = build_optimization(cfg, model, accelerator, len(data.sampler))
-    optimizer, scheduler, total_steps = opt.optimizer, opt.scheduler, opt.total_steps
-    run_info = {
-        "world_size": world,
-        "global_batch_size": cfg.data.batch_size * world * opt.micro_per_step,
-        "contrastive_batch_size": cfg.data.batch_size * (world if opt.gather else 1) * (opt.grad_cache or 1),
-        "seed": cfg.trainer.seed,
-        "lineclip_version": lineclip.__version__,
-        "schedule": opt.schedule,
-    }
-    checkpointer = Checkpointer(cfg, accelerator, output_dir, model, optimizer, scheduler, image_processor,
-                                tokenizer, len(train_records), run_info, data_report)
+    total_steps = opt.total_steps
+    checkpointer = Checkpointer(cfg, accelerator, output_dir, model, opt.optimizer, opt.scheduler, image_processor,
+                                tokenizer, len(train_records), run_info(cfg, world, opt), data_report)
     if resume_from is not None:
         checkpointer.resume(resume_from, len(data.sampler))
         if accelerator.is_main_process:  # only once the state is accepted: a refused resume leaves the run's record
@@ -597,39 +592,28 @@ def _train(cfg: DictConfig) -> TrainResult:
              "(%d per epoch), warmup %d; negatives: %s", len(train_records), len(val_records), world,
              cfg.data.batch_size, opt.micro_per_step, total_steps, opt.steps_per_epoch, opt.warmup,
              "global batch (gathered)" if opt.gather else "local batch")
-
     startup.lap("optimizer and tracking")
 
-    # ---- the loop
-    # A bar on a terminal, log lines every 10% otherwise; and after the first logged steps, the time to go.
-    bar = Progress(total_steps, initial=state.step, desc="train", unit="step",
-                   enabled=accelerator.is_main_process and cfg.trainer.progress_bar,
-                   first_at=cfg.trainer.log_every_steps)
-    postfix: dict[str, str] = {}
+    # ---- the loop: one optimizer step per opt.micro_per_step readable batches; validation, checkpoints on schedule
+    shown = StepLog(accelerator, cfg, output_dir, model, total_steps, state.step)
     pending: list[dict[str, Any]] = []  # micro-batches of the current grad-cache step
-    bad_in_a_row, interrupted, collapse_warned = 0, False, False
-    throughput = Throughput(state.step)
+    bad_in_a_row, interrupted = 0, False
     model.train()
     with checkpointer.stop_on_sigterm():
         while state.step < total_steps and not interrupted:
             data.sampler.set_epoch(state.epoch, skip=state.batches_done_in_epoch)
             data.train_texts.set_epoch(state.epoch)
             whole_epoch, readable_batches = state.batches_done_in_epoch == 0, 0
-            for batch in throughput.batches(data.loader):
+            for batch in shown.throughput.batches(data.loader):
                 if startup is not None:  # the loader's workers started and the first batch decoded
                     startup.lap("first batch")
                     log.info("%s", startup.summary())
                     startup = None
                 state.batches_done_in_epoch += 1
-                checkpointer.corrupt[batch["corrupt_indices"]] = True
-                if batch["corrupt_indices"] and cfg.data.on_bad_row == "error":
-                    record = train_records[batch["corrupt_indices"][0]]
-                    raise ManifestError(f"{record.source}: corrupt_image ({record.image_path})")
-                # A batch whose every image was corrupt: all processes skip it together (DDP needs matching steps).
-                if any_rank(accelerator, len(batch["indices"]) == 0)[0]:
+                if not readable(batch, accelerator, checkpointer, train_records, cfg.data.on_bad_row):
                     continue
                 readable_batches += 1
-                throughput.samples += len(batch["indices"]) * world
+                shown.throughput.samples += len(batch["indices"]) * world
                 pending.append(data.train_texts.encode(batch, cfg.text.max_length))
                 panels.log_inputs(pending[-1], state.step)
                 if len(pending) < opt.micro_per_step:
@@ -642,62 +626,15 @@ def _train(cfg: DictConfig) -> TrainResult:
                 non_finite, stop_now = any_rank(accelerator, not torch.isfinite(result.loss).item(),
                                                 checkpointer.stop_requested)
                 if non_finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    state.bad_steps += 1
-                    bad_in_a_row += 1
-                    log.warning("non-finite loss at step %d: step skipped (%d in a row)", state.step + 1,
-                                bad_in_a_row)
-                    if bad_in_a_row >= cfg.trainer.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"{bad_in_a_row} non-finite losses in a row at step {state.step + 1} "
-                            f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); last good checkpoint: "
-                            f"{state.checkpoints[-1] if state.checkpoints else 'none'}. Lower optim.lr or try bf16")
+                    bad_in_a_row = skip_step(opt, state, bad_in_a_row + 1, cfg.trainer.max_bad_steps)
                     continue
                 bad_in_a_row = 0
-                if cfg.optim.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                optimizer_step(accelerator, model, opt, cfg.optim.grad_clip)
                 state.step += 1
                 step = state.step
-                bar.update(1)
-                lr = scheduler.get_last_lr()[0]
-                contrastive = result.contrastive
-                postfix.update(loss=f"{result.loss.item():.3f}", i2t=f"{contrastive.i2t_accuracy.item():.2f}",
-                               t2i=f"{contrastive.t2i_accuracy.item():.2f}", lr=f"{lr:.2e}")
-                if result.reading is not None:
-                    postfix["read"] = f"{result.reading.item():.2f}"
-                cosine = max(result.image_cosine.item(), result.text_cosine.item())
-                if cosine > COLLAPSE_COSINE and not collapse_warned:
-                    collapse_warned = True
-                    log.warning(COLLAPSE_WARNING, step, result.image_cosine.item(), result.text_cosine.item())
-                bar.set_postfix(postfix, refresh=False)
-                if step % cfg.trainer.log_every_steps == 0 or step == total_steps:
-                    log_metrics(accelerator, output_dir, {
-                        "train/loss": result.loss.item(), "train/i2t": contrastive.i2t_accuracy.item(),
-                        "train/t2i": contrastive.t2i_accuracy.item(), "train/lr": lr,
-                        "train/embedding_cosine": cosine, "train/embedding_cosine_image": result.image_cosine.item(),
-                        "train/embedding_cosine_text": result.text_cosine.item(),
-                        **({"train/reading_loss": result.reading.item()} if result.reading is not None else {}),
-                        "train/logit_scale": accelerator.unwrap_model(model).scale().item(),
-                        **logit_bias_log(accelerator.unwrap_model(model)),
-                        "train/epoch": state.epoch, "train/bad_steps": state.bad_steps,
-                        **throughput.metrics(step)}, step)
+                shown.step(step, result, opt.scheduler.get_last_lr()[0], state)
                 if data.val_set is not None and (step % opt.eval_every == 0 or step == total_steps):
-                    state.val_metrics = validate(accelerator, model, data.val_set, data.collate, data.val_ids, cfg,
-                                                 data.val_plan, on_ranked=panels.validation(step))
-                    state.val_history.append({"step": step, "train_loss": result.loss.item(), **state.val_metrics})
-                    log_validation(step, total_steps, result.loss.item(), state.val_metrics, data.val_plan)
-                    # The levels (chance, collection-only, length-only) are constants: logged with every
-                    # validation, so that W&B draws them next to the curves, but kept once (data_report), not
-                    # in val_history.
-                    data_report["val_levels"] = data.val_plan.embedded_levels
-                    log_metrics(accelerator, output_dir, {**state.val_metrics, **data.val_plan.embedded_levels},
-                                step)
-                    postfix.update({"vi2t@1": f"{state.val_metrics['val_i2t_r1']:.3f}",
-                                    "vt2i@1": f"{state.val_metrics['val_t2i_r1']:.3f}"})
-                    bar.set_postfix(postfix)
+                    shown.validation(step, result.loss.item(), state, data, panels, data_report)
                 if step < total_steps and (step % cfg.trainer.checkpoint_every_steps == 0 or stop_now):
                     checkpointer.save()
                     panels.log_bundle(bundle.checkpoint_prefix(step), step)
@@ -709,15 +646,133 @@ def _train(cfg: DictConfig) -> TrainResult:
                 if step >= total_steps:
                     break
             else:  # the epoch ran out
-                if whole_epoch and readable_batches == 0:  # every image failed to decode: epochs would spin forever
-                    n_corrupt = len(checkpointer.sync_corrupt())  # a collective: every process is here
-                    raise ManifestError(f"epoch {state.epoch} had no line image that decodes ({n_corrupt} of "
-                                        f"{len(train_records)} train lines are corrupt_image): nothing to train on")
-                state.epoch += 1
-                state.batches_done_in_epoch = 0
-        bar.close()
+                next_epoch(state, whole_epoch and readable_batches == 0, checkpointer, len(train_records))
+        shown.bar.close()
 
     # ---- finish: the final bundle with the corpus embeddings and the data report
+    finish(cfg, accelerator, model, data, checkpointer, panels, data_report, output_dir, interrupted)
+    return TrainResult(output_dir, state.val_metrics, opt.schedule, state.checkpoints, world,
+                       accelerator.unwrap_model(model), interrupted=interrupted, bad_steps=state.bad_steps,
+                       val_history=state.val_history)
+
+
+def run_info(cfg: DictConfig, world: int, opt: Optimization) -> dict[str, Any]:
+    """What the run's bundles record of how it was run (batch sizes as the loss saw them, seed, schedule)."""
+    return {
+        "world_size": world,
+        "global_batch_size": cfg.data.batch_size * world * opt.micro_per_step,
+        "contrastive_batch_size": cfg.data.batch_size * (world if opt.gather else 1) * (opt.grad_cache or 1),
+        "seed": cfg.trainer.seed,
+        "lineclip_version": lineclip.__version__,
+        "schedule": opt.schedule,
+    }
+
+
+def readable(batch: dict[str, Any], accelerator: Accelerator, checkpointer: Checkpointer, records: LineTable,
+             on_bad_row: str) -> bool:
+    """Counts the batch's corrupt images (data.on_bad_row=error: stops at the first); False when no process has a
+    readable image in it: all processes skip it together (DDP needs matching steps)."""
+    checkpointer.corrupt[batch["corrupt_indices"]] = True
+    if batch["corrupt_indices"] and on_bad_row == "error":
+        record = records[batch["corrupt_indices"][0]]
+        raise ManifestError(f"{record.source}: corrupt_image ({record.image_path})")
+    return not any_rank(accelerator, len(batch["indices"]) == 0)[0]
+
+
+def skip_step(opt: Optimization, state: TrainerState, bad_in_a_row: int, max_bad_steps: int) -> int:
+    """A step with a non-finite loss: its gradients dropped and counted; `max_bad_steps` in a row end the run
+    (TrainingDiverged). Returns the count in a row (`bad_in_a_row`, this one included)."""
+    opt.optimizer.zero_grad(set_to_none=True)
+    state.bad_steps += 1
+    log.warning("non-finite loss at step %d: step skipped (%d in a row)", state.step + 1, bad_in_a_row)
+    if bad_in_a_row >= max_bad_steps:
+        raise TrainingDiverged(
+            f"{bad_in_a_row} non-finite losses in a row at step {state.step + 1} "
+            f"(trainer.max_bad_steps={max_bad_steps}); last good checkpoint: "
+            f"{state.checkpoints[-1] if state.checkpoints else 'none'}. Lower optim.lr or try bf16")
+    return bad_in_a_row
+
+
+def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, opt: Optimization, grad_clip: float) -> None:
+    if grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.optimizer.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scheduler.step()
+
+
+def next_epoch(state: TrainerState, nothing_read: bool, checkpointer: Checkpointer, n_lines: int) -> None:
+    """The epoch ran out: on to the next, unless a whole epoch had no image that decodes (epochs would spin)."""
+    if nothing_read:
+        n_corrupt = len(checkpointer.sync_corrupt())  # a collective: every process is here
+        raise ManifestError(f"epoch {state.epoch} had no line image that decodes ({n_corrupt} of "
+                            f"{n_lines} train lines are corrupt_image): nothing to train on")
+    state.epoch += 1
+    state.batches_done_in_epoch = 0
+
+
+class StepLog:
+    """What the loop shows of each optimizer step: the bar (or its log lines) and its postfix, the collapse
+    warning (once a run), the train/* metrics every trainer.log_every_steps; and each validation's results."""
+
+    def __init__(self, accelerator: Accelerator, cfg: DictConfig, output_dir: Path, model: torch.nn.Module,
+                 total_steps: int, step: int) -> None:
+        # A bar on a terminal, log lines every 10% otherwise; and after the first logged steps, the time to go.
+        self.bar = Progress(total_steps, initial=step, desc="train", unit="step",
+                            enabled=accelerator.is_main_process and cfg.trainer.progress_bar,
+                            first_at=cfg.trainer.log_every_steps)
+        self.throughput = Throughput(step)
+        self.accelerator, self.cfg, self.output_dir, self.model = accelerator, cfg, output_dir, model
+        self.total_steps = total_steps
+        self.postfix: dict[str, str] = {}
+        self.collapse_warned = False
+
+    def step(self, step: int, result: StepOutput, lr: float, state: TrainerState) -> None:
+        self.bar.update(1)
+        contrastive = result.contrastive
+        self.postfix.update(loss=f"{result.loss.item():.3f}", i2t=f"{contrastive.i2t_accuracy.item():.2f}",
+                            t2i=f"{contrastive.t2i_accuracy.item():.2f}", lr=f"{lr:.2e}")
+        if result.reading is not None:
+            self.postfix["read"] = f"{result.reading.item():.2f}"
+        cosine = max(result.image_cosine.item(), result.text_cosine.item())
+        if cosine > COLLAPSE_COSINE and not self.collapse_warned:
+            self.collapse_warned = True
+            log.warning(COLLAPSE_WARNING, step, result.image_cosine.item(), result.text_cosine.item())
+        self.bar.set_postfix(self.postfix, refresh=False)
+        if step % self.cfg.trainer.log_every_steps == 0 or step == self.total_steps:
+            model = self.accelerator.unwrap_model(self.model)
+            log_metrics(self.accelerator, self.output_dir, {
+                "train/loss": result.loss.item(), "train/i2t": contrastive.i2t_accuracy.item(),
+                "train/t2i": contrastive.t2i_accuracy.item(), "train/lr": lr,
+                "train/embedding_cosine": cosine, "train/embedding_cosine_image": result.image_cosine.item(),
+                "train/embedding_cosine_text": result.text_cosine.item(),
+                **({"train/reading_loss": result.reading.item()} if result.reading is not None else {}),
+                "train/logit_scale": model.scale().item(), **logit_bias_log(model),
+                "train/epoch": state.epoch, "train/bad_steps": state.bad_steps,
+                **self.throughput.metrics(step)}, step)
+
+    def validation(self, step: int, loss: float, state: TrainerState, data: TrainData, panels: RunPanels,
+                   data_report: dict[str, Any]) -> None:
+        """Validation Recall@K (lineclip.validation) into the state's history, the log, the metrics and the bar."""
+        state.val_metrics = validate(self.accelerator, self.model, data.val_set, data.collate, data.val_ids, self.cfg,
+                                     data.val_plan, on_ranked=panels.validation(step))
+        state.val_history.append({"step": step, "train_loss": loss, **state.val_metrics})
+        log_validation(step, self.total_steps, loss, state.val_metrics, data.val_plan)
+        # The levels (chance, collection-only, length-only) are constants: logged with every validation, so that
+        # W&B draws them next to the curves, but kept once (data_report), not in val_history.
+        data_report["val_levels"] = data.val_plan.embedded_levels
+        log_metrics(self.accelerator, self.output_dir, {**state.val_metrics, **data.val_plan.embedded_levels}, step)
+        self.postfix.update({"vi2t@1": f"{state.val_metrics['val_i2t_r1']:.3f}",
+                             "vt2i@1": f"{state.val_metrics['val_t2i_r1']:.3f}"})
+        self.bar.set_postfix(self.postfix)
+
+
+def finish(cfg: DictConfig, accelerator: Accelerator, model: torch.nn.Module, data: TrainData,
+           checkpointer: Checkpointer, panels: RunPanels, data_report: dict[str, Any], output_dir: Path,
+           interrupted: bool) -> None:
+    """The run's end: the corrupt images counted; unless stopped by SIGTERM, the corpus embeddings (exported by
+    every process, merged by the main one) and the final bundle; then the trackers closed."""
+    state, train_records = checkpointer.state, data.train_records
     state.corrupt_indices = checkpointer.sync_corrupt()
     if state.corrupt_indices:
         log.warning("skipped %d corrupt line images while training", len(state.corrupt_indices))
@@ -736,9 +791,6 @@ def _train(cfg: DictConfig) -> TrainResult:
                      "serve)", output_dir.resolve())
     panels.close()
     finish_tracking(accelerator)
-    return TrainResult(output_dir, state.val_metrics, opt.schedule, state.checkpoints, world,
-                       accelerator.unwrap_model(model), interrupted=interrupted, bad_steps=state.bad_steps,
-                       val_history=state.val_history)
 
 
 def log_validation(step: int, total_steps: int, loss: float, m: dict[str, float], plan: ValidationPlan) -> None:
