@@ -68,11 +68,29 @@ from lineclip.validation import eval_batch_size, export_corpus, validate
 log = logging.getLogger(__name__)
 
 # Above this mean pairwise cosine the batch's embeddings are (nearly) one point: the contrastive loss sits at
-# ln B with no gradient to leave it. Warned once a run; logged every log step as train/embedding_cosine.
+# ln B with no gradient to leave it. Warned once a run, when COLLAPSE_STEPS steps in a row are above it: one batch
+# of look-alike lines is not a collapse (a random-init tower already gives 0.97-0.98, and the demo's one batch
+# of near-identical lines an epoch reached 0.990 with its backbone frozen). Logged as train/embedding_cosine.
 COLLAPSE_COSINE = 0.99
-COLLAPSE_WARNING = ("step %d: embeddings collapsing (mean pairwise cosine image %.3f, text %.3f > 0.99): every "
-                    "line looks the same to the model and the loss cannot fall below ln(batch). Usual causes: a "
-                    "from-scratch tower at too high an lr or logit scale; see README, Recipes (loss.reading_weight)")
+COLLAPSE_STEPS = 5
+COLLAPSE_WARNING = ("step %d: embeddings collapsing (mean pairwise cosine image %.3f, text %.3f > 0.99 for "
+                    f"{COLLAPSE_STEPS} steps in a row): every line looks the same to the model and the loss cannot "
+                    "fall below ln(batch). Usual causes: a from-scratch tower at too high an lr or logit scale; see "
+                    "README, Recipes (loss.reading_weight)")
+
+
+class CollapseWatch:
+    """`update(cosine)` once a step: True once, on the COLLAPSE_STEPS-th step in a row above COLLAPSE_COSINE."""
+
+    def __init__(self) -> None:
+        self.run, self.warned = 0, False
+
+    def update(self, cosine: float) -> bool:
+        self.run = self.run + 1 if cosine > COLLAPSE_COSINE else 0
+        if self.run >= COLLAPSE_STEPS and not self.warned:
+            self.warned = True
+            return True
+        return False
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -725,7 +743,7 @@ class StepLog:
         self.accelerator, self.cfg, self.output_dir, self.model = accelerator, cfg, output_dir, model
         self.total_steps = total_steps
         self.postfix: dict[str, str] = {}
-        self.collapse_warned = False
+        self.collapse = CollapseWatch()
 
     def step(self, step: int, result: StepOutput, lr: float, state: TrainerState) -> None:
         self.bar.update(1)
@@ -735,8 +753,7 @@ class StepLog:
         if result.reading is not None:
             self.postfix["read"] = f"{result.reading.item():.2f}"
         cosine = max(result.image_cosine.item(), result.text_cosine.item())
-        if cosine > COLLAPSE_COSINE and not self.collapse_warned:
-            self.collapse_warned = True
+        if self.collapse.update(cosine):
             log.warning(COLLAPSE_WARNING, step, result.image_cosine.item(), result.text_cosine.item())
         self.bar.set_postfix(self.postfix, refresh=False)
         if step % self.cfg.trainer.log_every_steps == 0 or step == self.total_steps:

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from lineclip import bundle
+from lineclip.trainer import COLLAPSE_COSINE, COLLAPSE_STEPS, CollapseWatch
 
 pytestmark = pytest.mark.slow
 SPEC_BUNDLE = [
@@ -263,8 +264,23 @@ def test_collapse_is_logged_and_warned_once(trained_run):
         assert r["train/embedding_cosine"] == max(r["train/embedding_cosine_image"], r["train/embedding_cosine_text"])
     warnings = (trained_run / "train.log").read_text().count("embeddings collapsing")
     assert warnings <= 1
-    if any(r["train/embedding_cosine"] > 0.99 for r in train_rows):
-        assert warnings == 1
+    above = [r["step"] for r in train_rows if r["train/embedding_cosine"] > COLLAPSE_COSINE]
+    if any(above[i + COLLAPSE_STEPS - 1] - above[i] == COLLAPSE_STEPS - 1 for i in range(len(above) - 4)):
+        assert warnings == 1  # (logged steps only: a run logged every step shows every run of steps)
+
+
+def test_collapse_is_warned_once_after_steps_in_a_row_not_after_one_batch():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        cosines = rng.choice([0.5, 0.995], size=40, p=[0.3, 0.7])
+        watch = CollapseWatch()
+        warned_at = [i for i, c in enumerate(cosines) if watch.update(float(c))]
+        # independently: the first index closing COLLAPSE_STEPS values above the threshold in a row
+        first = next((i for i in range(COLLAPSE_STEPS - 1, len(cosines))
+                      if all(cosines[i - COLLAPSE_STEPS + 1 : i + 1] > COLLAPSE_COSINE)), None)
+        assert warned_at == ([] if first is None else [first])
+    spikes = CollapseWatch()  # the demo's pattern: one look-alike batch an epoch
+    assert not any(spikes.update(0.990 + 0.001 * (i % 10 == 9)) for i in range(60))
 
 
 @pytest.mark.slow
