@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 if TYPE_CHECKING:
     from lineclip.data import TrainData
@@ -72,8 +73,8 @@ def start_tracking(accelerator: Accelerator, cfg: DictConfig, output_dir: Path, 
             if group is None:
                 group = Path(hydra_cfg.sweep.dir).name  # one W&B group per sweep
             run_name = sweep_run_name(run_name, cfg)
-    except ValueError:  # not under @hydra.main (tests, the API)
-        run_name = output_dir.name
+    except (ValueError, MissingMandatoryValue):  # not under @hydra.main (tests, the API: a composed config's hydra
+        run_name = output_dir.name               # node, when there is one, has no runtime.output_dir)
     mode = wandb_mode(cfg)
     if mode == "offline" and accelerator.is_main_process:
         stage_in_run_dir(output_dir)

@@ -21,7 +21,7 @@ from lineclip.data import text_ids_of
 from lineclip.loss import contrastive_loss, sigmoid_loss
 from lineclip.manifest import read_manifest
 from lineclip.metrics import retrieval_metrics
-from lineclip.preprocess import LineGeometry, LineImageTransform
+from lineclip.preprocess import IMAGENET_MEAN, IMAGENET_STD, LineGeometry, LineImageTransform
 from lineclip.trainer import build_model, grad_cache_step, train
 
 
@@ -41,7 +41,10 @@ def single_process_val_metrics(model, cfg):
     records, _ = read_manifest(cfg.data.val_manifest, cfg.data.dataset_dir)
     geometry = LineGeometry(cfg.preprocess.target_height, cfg.preprocess.max_width,
                             tuple(cfg.preprocess.width_buckets), cfg.preprocess.patch_multiple)
-    dataset = LineDataset(records, LineImageTransform(cfg.preprocess.pipeline, geometry))
+    # the pixel normalisation the run used: the config's (the demo's paper-white one), else the processor's ImageNet
+    mean = tuple(cfg.preprocess.image_mean) if cfg.preprocess.image_mean is not None else IMAGENET_MEAN
+    std = tuple(cfg.preprocess.image_std) if cfg.preprocess.image_std is not None else IMAGENET_STD
+    dataset = LineDataset(records, LineImageTransform(cfg.preprocess.pipeline, geometry, mean, std))
     collate = LineCollator(cfg.text.max_length)
     model.eval()
     images, texts = [], []
