@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 from lineclip.errors import LineclipError
 from lineclip.files import as_write_error, file_sha256, first_line, first_non_regular, remove_staging
 from lineclip.patches import patch_hw
+from lineclip.reading import READING_HEAD_CONFIG, ReadingHead, load_reading_head
 from lineclip.towers import DualEncoder, ProjectionHead, build_image_backbone, build_text_encoder
 
 BACKBONE = "text_hierarchy_vit_backbone"
@@ -247,6 +248,14 @@ def model_fingerprint(ref: BundleRef, config: dict[str, Any] | None = None) -> s
     """The fingerprint of the bundle at `ref` (`config`: its training config, read if not given), as a corpus
     records the model that embedded it."""
     return _fingerprint(ref.directory, ref.prefix, check_bundle(ref) if config is None else config)
+
+
+def reading_head_beside(ref: BundleRef) -> tuple[ReadingHead | None, str]:
+    """The CTC reading head saved in the bundle's folder (lineclip.reading.save_reading_head), if it was trained with
+    this bundle: (head, ""); (None, "") when there is none; (None, why) when one is there but refused."""
+    if not (ref.directory / READING_HEAD_CONFIG).exists():
+        return None, ""
+    return load_reading_head(ref.directory, model_fingerprint(ref))
 
 
 def fingerprint_matches(recorded: str, ref: BundleRef, current: str | None = None) -> bool:

@@ -41,6 +41,7 @@ from lineclip.bundle import (
     check_bundle,
     load_model,
     model_fingerprint,
+    reading_head_beside,
     resolve_bundle,
 )
 from lineclip.data import make_loader
@@ -427,15 +428,11 @@ class LineEncoder:
 def _attach_reading_head(model: DualEncoder, ref: BundleRef) -> None:
     """Give `model` the reading head saved beside its bundle (lineclip.reading.save_reading_head), if there is one
     that was trained with this bundle; a head that is there but refused is one warning, not an error."""
-    from lineclip.reading import READING_HEAD_CONFIG, load_reading_head
-
-    if not (ref.directory / READING_HEAD_CONFIG).exists():
-        return
-    head, why = load_reading_head(ref.directory, model_fingerprint(ref))
-    if head is None:
+    head, why = reading_head_beside(ref)
+    if why:
         log.warning("reading head not used: %s", why)
-        return
-    model.reading_head = head
+    if head is not None:
+        model.reading_head = head
 
 
 def load_encoder(path: str | Path, device: str | torch.device | None = None) -> LineEncoder:

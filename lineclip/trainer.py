@@ -53,7 +53,7 @@ from lineclip.loss import (
 from lineclip.manifest import ManifestError
 from lineclip.patches import check_patch_geometry, position_table_problem
 from lineclip.progress import Progress
-from lineclip.reading import READING_HEAD_CONFIG, bag_loss, load_reading_head, reading_loss
+from lineclip.reading import READING_HEAD_CONFIG, bag_loss, reading_loss
 from lineclip.towers import (
     DualEncoder,
     Embeddings,
@@ -181,9 +181,11 @@ def _init_reading_head(model: DualEncoder, init: BundleRef) -> None:
     when it was trained with that bundle and has this run's frames per column: a stage 2 from a reader that
     restarted its head would first spend its steps relearning what the tower already reads."""
     # A head is saved beside a run's final bundle only (prefix ""), never beside its checkpoints.
-    if model.reading_head is None or init.prefix or not (init.directory / READING_HEAD_CONFIG).exists():
+    if model.reading_head is None or init.prefix:
         return
-    head, why = load_reading_head(init.directory, bundle.model_fingerprint(init))
+    head, why = bundle.reading_head_beside(init)
+    if head is None and not why:
+        return
     if head is None or head.frames_per_column != model.reading_head.frames_per_column:
         log.warning("model.init_from: reading head starts fresh: %s",
                     why or f"the saved head has {head.frames_per_column} frames per column, the run "
