@@ -28,7 +28,7 @@ from lineclip.batch import (
 )
 from lineclip.config import ConfigError
 from lineclip.galleries import ValidationPlan, setting_name
-from lineclip.lines import LineRecord, LineTable
+from lineclip.lines import LineRecord, LineTable, return_free_heap
 from lineclip.manifest import ManifestError, ManifestReport
 from lineclip.metrics import text_ids
 from lineclip.preprocess import LineGeometry, LineImageTransform
@@ -228,6 +228,8 @@ def build_data(cfg: DictConfig, train_records: LineTable, val_records: LineTable
                  "(shuffled: mostly different ones each epoch)", cfg.data.min_batch_size, bucketed.n_dropped)
     report["text_padding_fraction"] = text_padding_fraction(bucketed.batch_arrays(), lengths)
     log.info("text padding: %.1f%% of the text positions of an epoch", 100 * report["text_padding_fraction"])
+    del lengths, groups
+    return_free_heap()  # the bucketing's per-line temporaries, before the loader's workers fork from this process
     sampler = ShardedBatches(bucketed, rank, world)
     loader = make_loader(train_set, sampler, collate, cfg.data.num_workers, cfg.trainer.seed)
     return TrainData(train_records, val_records, report, train_set, val_set, eval_transform, pixels, collate,

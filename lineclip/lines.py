@@ -96,6 +96,20 @@ def release_mapped_pages(buffer: pa.Buffer) -> None:
     libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(advice))
 
 
+def return_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim). After a phase that built and freed
+    many per-line temporaries (a parse, the bucketing), glibc keeps the freed memory for reuse and it still counts
+    in the resident set (at 10M lines, hundreds of MB), which the loader workers forked next would share too.
+    A no-op where glibc is not the allocator."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except AttributeError:  # musl and other C libraries have no malloc_trim
+        return
+    trim(ctypes.c_size_t(0))
+
+
 class StringColumn(Sequence[str]):
     """One string column of a LineTable, indexable like a list; an item becomes a Python str only when asked."""
 
@@ -242,34 +256,54 @@ _EXTRA_PATTERN = (r"^(?:\{(?:" + _JSON_STRING + ": " + _JSON_STRING + "(?:, " + 
                   + r")*)?\})?$")
 
 
-def table_problem(table: pa.Table, size_codes: Sequence[int] = ()) -> str | None:
+def table_problem(table: pa.Table, size_codes: Sequence[int] = (), mapped: bool = False) -> str | None:
     """What makes a LineTable read from a file (a line cache, a shard index) unusable, or None: the checks the
     manifest parser applies to every row (a non-empty text, unique ids, an `extra` that is a JSON object of
     strings), no nulls, and per line a size (width, height > 0) or, when `size_codes` allows, one of those codes
-    in both columns. Vectorised (Arrow compute): a 10M-line table is checked in seconds, not minutes."""
+    in both columns. Vectorised (Arrow compute): a 10M-line table is checked in seconds, not minutes.
+    `mapped`: the table is a read-only memory-mapped file (open_arrow_file); the rows are checked a record batch
+    at a time and each batch's pages released once checked, so checking a 10M-line file does not leave all its
+    gigabytes in the resident set (only for such a table: on heap memory the release would discard data)."""
     for name in table.column_names:
         if table.column(name).null_count:
             return f"column {name} has nulls"
     if not len(table):
         return None
-    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table.column("text"))), 0)
-    if pc.any(blank).as_py():
-        return f"row {pc.index(blank, True).as_py()}: empty text"
     ids = table.column("sample_id")
     if pc.count_distinct(ids).as_py() != len(ids):
         counts = pc.value_counts(ids)
         twice = counts.filter(pc.greater(counts.field("counts"), 1))
         return f"duplicated sample_id {twice.field('values')[0].as_py()!r}"
-    good = pc.match_substring_regex(table.column("extra"), _EXTRA_PATTERN)
+    first_row = 0
+    for batch in table.to_batches():
+        problem = _batch_problem(batch, size_codes)
+        if problem is not None:
+            row, what = problem
+            return f"row {first_row + row}: {what}"
+        first_row += batch.num_rows
+        if mapped:
+            for column in batch.columns:
+                for buffer in column.buffers():
+                    if buffer is not None:
+                        release_mapped_pages(buffer)
+    return None
+
+
+def _batch_problem(batch: pa.RecordBatch, size_codes: Sequence[int]) -> tuple[int, str] | None:
+    """table_problem's per-row checks on one record batch: (row in the batch, what is wrong) or None."""
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(batch.column("text"))), 0)
+    if pc.any(blank).as_py():
+        return pc.index(blank, True).as_py(), "empty text"
+    good = pc.match_substring_regex(batch.column("extra"), _EXTRA_PATTERN)
     if not pc.all(good).as_py():
-        return f"row {pc.index(good, False).as_py()}: extra is not a JSON object of strings"
-    width, height = table.column("width").to_numpy(), table.column("height").to_numpy()
+        return pc.index(good, False).as_py(), "extra is not a JSON object of strings"
+    width, height = batch.column("width").to_numpy(), batch.column("height").to_numpy()
     ok = (width > 0) & (height > 0)
     for code in size_codes:
         ok |= (width == code) & (height == code)
     if not ok.all():
         row = int(np.flatnonzero(~ok)[0])
-        return f"row {row}: width/height {int(width[row])}/{int(height[row])} is neither a size nor a known code"
+        return row, f"width/height {int(width[row])}/{int(height[row])} is neither a size nor a known code"
     return None
 
 

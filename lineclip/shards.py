@@ -215,7 +215,8 @@ def load_shards(spec: str, on_bad_row: str = "skip") -> tuple[LineTable, Manifes
             if not table.schema.remove_metadata().equals(INDEX_SCHEMA) or len(table) != summary["n_lines"]:
                 raise ValueError("its columns or line count do not match shards.json")
             where = np.stack([table.column(c).to_numpy().astype(np.int64) for c in ("shard", "offset", "nbytes")], 1)
-            problem = _locations_problem(where, summary["shards"]) or table_problem(table.select(TABLE_SCHEMA.names))
+            problem = _locations_problem(where, summary["shards"]) or table_problem(
+                table.select(TABLE_SCHEMA.names), mapped=True)
             if problem:
                 raise ValueError(problem)
         except (OSError, ValueError, pa.ArrowException) as exc:

@@ -42,6 +42,7 @@ from lineclip.lines import (
     open_arrow_file,
     open_cached_table,
     release_mapped_pages,
+    return_free_heap,
     table_problem,
 )
 from lineclip.manifest import (
@@ -261,13 +262,14 @@ def read_cache(path: Path, key: dict[str, Any]) -> tuple[LineTable, ManifestRepo
         line_nos = table.column("line_no").to_numpy()
         if len(line_nos) and (line_nos[0] < 1 or (np.diff(line_nos) <= 0).any()):
             raise ValueError("its line numbers are not the manifest's, in order")
-        problem = table_problem(table, tuple(IMAGE_PROBLEMS))
+        problem = table_problem(table, tuple(IMAGE_PROBLEMS), mapped=True)
         if problem:
             raise ValueError(problem)
     except (OSError, ValueError, TypeError, KeyError, RecursionError, pa.ArrowException) as exc:
         logger.warning("ignoring line cache %s (%s); rebuilding it", path, " ".join(f"{exc}".split())[:300])
         return None
-    return LineTable(table, key["manifest"], cache_path=str(path)), report
+    # sizes_checked: the cache holds the sizes its build read from the headers (or checked), final as they are
+    return LineTable(table, key["manifest"], cache_path=str(path), sizes_checked=True), report
 
 
 def write_cache(table: LineTable, report: ManifestReport, key: dict[str, Any], dirs: Sequence[Path]) -> Path | None:
@@ -364,6 +366,7 @@ def load_line_table(manifest: str | Path, dataset_dir: str | None = None, on_bad
     logger.info("line cache written: %s", written)
     del table
     pa.default_memory_pool().release_unused()  # the parsed copy; the mapped file replaces it
+    return_free_heap()  # and the parse's freed Python objects and arrays
     return open_cached_table(str(written), str(path)), report
 
 

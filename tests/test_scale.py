@@ -194,6 +194,61 @@ def test_dataset_from_table_equals_dataset_from_records(tmp_path):
     assert item["text"] == table[5].text and item["pixel_values"].shape[-1] == from_table.buckets[5]
 
 
+def test_dataset_without_a_crop_keeps_no_shares_and_buckets_like_the_transform(tmp_path):
+    table, _ = read_line_table(DEMO_TRAIN)
+    transform = LineImageTransform("bdrc", LineGeometry())
+    dataset = LineDataset(table, transform)
+    assert dataset.visible_share is None  # no crop: every share would be 1.0
+    assert dataset.buckets.dtype == np.int16  # canvas widths fit: 2 bytes a line
+    for i in range(0, 160, 13):
+        assert dataset.buckets[i] == transform.bucket_of(*header_size(table.image_paths[i]))
+
+
+def _rss_file_kb() -> int:
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("RssFile:"))
+
+
+def test_checking_a_mapped_table_names_the_row_and_releases_its_pages(tmp_path):
+    from lineclip.lines import TABLE_SCHEMA, open_arrow_file, table_problem
+
+    n = 3000
+    table = LineTable.from_records([LineRecord(f"id{i}", f"/x/{i}.png", "ཀ" * 2000 + f" {i}") for i in range(n)])
+    table = table.with_sizes(np.full((n, 2), 7, np.int32)).table
+    path = tmp_path / "lines.arrow"
+
+    def write(t: pa.Table) -> pa.Table:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, TABLE_SCHEMA) as writer:
+            for batch in t.to_batches(max_chunksize=1000):  # three record batches: rows are numbered across them
+                writer.write_batch(batch)
+        return open_arrow_file(path).read_all()
+
+    mapped = write(table)
+    texts = mapped.column("text").to_pylist()  # every page of the ~18 MB of texts is now resident
+    touched = _rss_file_kb()
+    assert table_problem(mapped, mapped=True) is None is table_problem(table)
+    assert _rss_file_kb() < touched - 12_000  # released once checked
+    assert mapped.column("text").to_pylist() == texts  # and read back unchanged
+    # a bad row in the third batch is named by its row in the table, as the unmapped check names it
+    blank = table.set_column(TABLE_SCHEMA.get_field_index("text"), "text",
+                             pa.array([t if i != 2345 else " " for i, t in enumerate(texts)]))
+    assert table_problem(write(blank), mapped=True) == table_problem(blank) == "row 2345: empty text"
+    sizes = table.set_column(TABLE_SCHEMA.get_field_index("width"), "width",
+                             pa.array(np.where(np.arange(n) == 1500, 0, 7).astype(np.int32)))
+    assert table_problem(write(sizes), mapped=True) == "row 1500: width/height 0/7 is neither a size nor a known code"
+
+
+def test_a_line_cache_read_back_keeps_its_sizes_as_final(tmp_path, monkeypatch):
+    import lineclip.sizes as sizes
+
+    manifest = big_manifest(tmp_path, 150)
+    load_line_table(manifest, scan_workers=1, progress=False, cache_min_rows=100)
+    cached, _ = load_line_table(manifest, scan_workers=1, progress=False, cache_min_rows=100)
+    # no header is probed again and the dataset holds the cached table itself (one sizes array, not two)
+    monkeypatch.setattr(sizes, "scan_sizes", lambda *a, **k: pytest.fail("probed again"))
+    assert cached.sizes_checked and LineDataset(cached, LineImageTransform("bdrc", LineGeometry())).records is cached
+
+
 def test_collator_text_ids_match_identical_transcriptions():
     texts = ["ཀ་ཁ", "ག་ང", "ཀ་ཁ", "ཅ"]
     ids = text_hash_ids(texts)
