@@ -119,6 +119,7 @@ def load_lines(cfg: DictConfig, run_dir: str | Path | None = None, is_main: bool
     if truncated:
         log.warning("text: %d of %d train transcriptions exceed text.max_length=%d bytes and are truncated",
                     truncated, len(train_records), cfg.text.max_length)
+    train_records.release_pages()  # what the cache's checks and the length pass read (hundreds of MB at 10M lines)
     return train_records, val_records, report
 
 
@@ -228,8 +229,11 @@ def build_data(cfg: DictConfig, train_records: LineTable, val_records: LineTable
                  "(shuffled: mostly different ones each epoch)", cfg.data.min_batch_size, bucketed.n_dropped)
     report["text_padding_fraction"] = text_padding_fraction(bucketed.batch_arrays(), lengths)
     log.info("text padding: %.1f%% of the text positions of an epoch", 100 * report["text_padding_fraction"])
+    # The bucketing's per-line temporaries and the cache pages its passes read, before the loader's workers fork
+    # from this process (a 10M-line start: ~0.4 GB less in this process and in each worker).
     del lengths, groups
-    return_free_heap()  # the bucketing's per-line temporaries, before the loader's workers fork from this process
+    train_records.release_pages()
+    return_free_heap()
     sampler = ShardedBatches(bucketed, rank, world)
     loader = make_loader(train_set, sampler, collate, cfg.data.num_workers, cfg.trainer.seed)
     return TrainData(train_records, val_records, report, train_set, val_set, eval_transform, pixels, collate,

@@ -16,7 +16,7 @@ import mmap
 import os
 import stat
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +161,18 @@ class StringColumn(Sequence[str]):
         return np.concatenate([pc.binary_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
                                for chunk in self.chunks])
 
+    def release_pages(self) -> None:
+        """Where the column is a memory-mapped file, drop its pages from this process's resident set."""
+        if self.mapped:
+            _release_chunks(self.chunks)
+
+
+def _release_chunks(chunks: Iterable[pa.Array]) -> None:
+    for chunk in chunks:
+        for buffer in chunk.buffers():
+            if buffer is not None:
+                release_mapped_pages(buffer)
+
 
 class LineTable(Sequence[LineRecord]):
     """The usable rows of a manifest as columns (an Arrow table, memory-mapped when it comes from the line
@@ -231,6 +243,18 @@ class LineTable(Sequence[LineRecord]):
     def __iter__(self) -> Iterator[LineRecord]:
         for index in range(len(self)):
             yield self[index]
+
+    def release_pages(self) -> None:
+        """Drop the pages of the line cache file this process has read from its resident set (they stay in the page
+        cache and are read back when needed). The start-up's passes over whole columns (text lengths, sizes) touch
+        hundreds of MB of them at 10M lines, which would otherwise count in this process until it ends and in
+        every loader worker forked from it. Only the mapped columns: a column replaced in memory (with_sizes) is
+        never released."""
+        for column in self.columns.values():
+            column.release_pages()
+        if self.cache_path is not None:  # every column is the file's (with_sizes returns a table without cache_path)
+            for name in ("line_no", "width", "height"):
+                _release_chunks(self.table.column(name).chunks)
 
     def with_sizes(self, sizes: np.ndarray) -> LineTable:
         """The same lines with these (width, height) rows (what the header scan found)."""

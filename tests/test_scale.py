@@ -238,6 +238,28 @@ def test_checking_a_mapped_table_names_the_row_and_releases_its_pages(tmp_path):
     assert table_problem(write(sizes), mapped=True) == "row 1500: width/height 0/7 is neither a size nor a known code"
 
 
+def test_a_mapped_line_table_releases_the_pages_it_read_and_reads_them_back(tmp_path):
+    from lineclip.lines import TABLE_SCHEMA, open_cached_table
+
+    n = 3000
+    table = LineTable.from_records([LineRecord(f"id{i}", f"/x/{i}.png", "ཀ" * 2000 + f" {i}") for i in range(n)])
+    sizes = np.stack([np.arange(n), np.arange(n) + 1], 1).astype(np.int32) + 1
+    path = tmp_path / "lines.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, TABLE_SCHEMA) as writer:
+        writer.write_table(table.with_sizes(sizes).table)
+    mapped = open_cached_table(str(path), "lines.jsonl")
+    texts = [mapped.texts[i] for i in range(n)]  # every page of the ~18 MB of texts is now resident
+    touched = _rss_file_kb()
+    mapped.release_pages()
+    assert _rss_file_kb() < touched - 12_000
+    assert [mapped.texts[i] for i in range(n)] == texts and np.array_equal(mapped.sizes, sizes)
+    # a table whose sizes were replaced in memory keeps them (heap memory is never released)
+    resized = mapped.with_sizes(sizes + 5)
+    resized.release_pages()
+    assert np.array_equal(resized.table.column("width").to_numpy(), sizes[:, 0] + 5)
+    assert [resized.texts[i] for i in range(0, n, 7)] == texts[::7]
+
+
 def test_a_line_cache_read_back_keeps_its_sizes_as_final(tmp_path, monkeypatch):
     import lineclip.sizes as sizes
 
