@@ -119,7 +119,9 @@ def load_lines(cfg: DictConfig, run_dir: str | Path | None = None, is_main: bool
     if truncated:
         log.warning("text: %d of %d train transcriptions exceed text.max_length=%d bytes and are truncated",
                     truncated, len(train_records), cfg.text.max_length)
-    train_records.release_pages()  # what the cache's checks and the length pass read (hundreds of MB at 10M lines)
+    # What the cache's checks and the length pass read and allocated (hundreds of MB at 10M lines).
+    train_records.release_pages()
+    return_free_heap()
     return train_records, val_records, report
 
 

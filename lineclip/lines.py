@@ -97,10 +97,12 @@ def release_mapped_pages(buffer: pa.Buffer) -> None:
 
 
 def return_free_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim). After a phase that built and freed
-    many per-line temporaries (a parse, the bucketing), glibc keeps the freed memory for reuse and it still counts
-    in the resident set (at 10M lines, hundreds of MB), which the loader workers forked next would share too.
-    A no-op where glibc is not the allocator."""
+    """Give the free pages of Arrow's memory pool and of the C heap (glibc's malloc_trim) back to the system. After
+    a phase that built and freed many per-line temporaries (a parse, the cache checks, the bucketing), both
+    allocators keep the freed memory for reuse and it still counts in the resident set (at 10M lines, hundreds of
+    MB), which the loader workers forked next would share too. malloc_trim is skipped where glibc is not the
+    allocator."""
+    pa.default_memory_pool().release_unused()
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -196,9 +198,17 @@ class LineTable(Sequence[LineRecord]):
         self.images = images
         self.columns = {name: StringColumn(self.table.column(name), mapped=cache_path is not None)
                         for name in STRING_COLUMNS}
-        self.line_nos = self.table.column("line_no").to_numpy()
-        self.sizes = np.stack([self.table.column("width").to_numpy(), self.table.column("height").to_numpy()],
-                              axis=1).astype(np.int32) if len(self.table) else np.zeros((0, 2), np.int32)
+        # Line numbers stay in the table (memory-mapped from a cache), read one at a time by source(): an array of
+        # them would be 8 bytes a line of private memory (80 MB at 10M lines) for error messages.
+        self.line_nos = self.table.column("line_no")
+        # Sizes are read all the time (buckets, pixel limits): one int32 array, filled a chunk at a time (a whole
+        # column's to_numpy would first concatenate the chunks into a copy of its own).
+        self.sizes = np.empty((len(self.table), 2), np.int32)
+        for col, name in enumerate(("width", "height")):
+            start = 0
+            for chunk in self.table.column(name).chunks:
+                self.sizes[start : start + len(chunk), col] = chunk.to_numpy(zero_copy_only=False)
+                start += len(chunk)
 
     @classmethod
     def from_records(cls, records: Sequence[LineRecord]) -> LineTable:
@@ -224,10 +234,10 @@ class LineTable(Sequence[LineRecord]):
     def source(self, index: int) -> str:
         if self.sources is not None:
             return self.sources[index]
-        return f"{self.manifest}:{int(self.line_nos[index])}"
+        return f"{self.manifest}:{self.line_nos[index].as_py()}"
 
     def __len__(self) -> int:
-        return len(self.line_nos)
+        return len(self.table)
 
     def __getitem__(self, index: int) -> LineRecord:  # type: ignore[override]
         if not isinstance(index, (int, np.integer)):

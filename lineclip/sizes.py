@@ -365,8 +365,7 @@ def load_line_table(manifest: str | Path, dataset_dir: str | None = None, on_bad
         return table, report
     logger.info("line cache written: %s", written)
     del table
-    pa.default_memory_pool().release_unused()  # the parsed copy; the mapped file replaces it
-    return_free_heap()  # and the parse's freed Python objects and arrays
+    return_free_heap()  # the parsed copy (the mapped file replaces it), the parse's Python objects and arrays
     return open_cached_table(str(written), str(path)), report
 
 
