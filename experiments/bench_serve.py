@@ -1,7 +1,7 @@
 """Benchmark: how long `lineclip.serve` takes to answer a text query over a 100k-line corpus on the CPU.
 
 Setup, all in a temp dir:
-- a bundle of the `experiment=cpu_small` towers (ByT5-cpu text tower, 128-dim embeddings), trained 2 steps on the
+- a bundle of the `experiment=cpu_scratch` towers (ByT5-cpu text tower, 128-dim embeddings), trained 2 steps on the
   bundled demo lines through `python -m lineclip.train` (the weights do not change the time; `--run RUN` uses a
   run of your own instead);
 - a corpus dir in lineclip.index's format (`faiss_embeddings.npy`, its meta parquet, `corpus.json` with the
@@ -51,8 +51,8 @@ TARGET_MS = 200.0
 
 
 def train_bundle(out: Path) -> Path:
-    """A 2-step `experiment=cpu_small` run on the bundled demo (a real bundle in a real run dir)."""
-    args = [sys.executable, "-m", "lineclip.train", "experiment=cpu_small", "trainer.max_steps=2",
+    """A 2-step `experiment=cpu_scratch` run on the bundled demo (a real bundle in a real run dir)."""
+    args = [sys.executable, "-m", "lineclip.train", "experiment=cpu_scratch", "trainer.max_steps=2",
             "trainer.checkpoint_every_steps=2", "trainer.val_levels=false", "trainer.val_phrases=false",
             "trainer.progress_bar=false", "data.num_workers=0", "logger=none", f"hydra.run.dir={out}"]
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, default=None, help="corpus lines (default 100000; --quick 20000)")
     parser.add_argument("--queries", type=int, default=None, help="timed queries (default 200; --quick 40)")
-    parser.add_argument("--run", default=None, help="a run dir to use instead of training a cpu_small bundle")
+    parser.add_argument("--run", default=None, help="a run dir to use instead of training a cpu_scratch bundle")
     args = parser.parse_args()
     n = args.n or (20_000 if args.quick else 100_000)
     q = args.queries or (40 if args.quick else 200)

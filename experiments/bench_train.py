@@ -25,7 +25,7 @@ from lineclip.trainer import any_rank, build_model, build_optimization, train_st
 
 CONFIGS = {
     "tiny": ["model=dinov2_tiny", "text=byt5_tiny"],
-    "small": ["experiment=cpu_small"],
+    "small": ["experiment=cpu_scratch"],
 }
 
 

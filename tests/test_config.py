@@ -44,16 +44,31 @@ def test_every_group_option_composes(group, option):
 
 
 def test_every_experiment_has_a_test():
-    assert set(_options("experiment")) == {"openpecha_bdrc_1gpu", "openpecha_bdrc_3gpu", "cpu_small",
+    assert set(_options("experiment")) == {"openpecha_bdrc_1gpu", "openpecha_bdrc_3gpu", "cpu_small", "cpu_scratch",
                                            "stage1_synthetic", "stage2_real", "cpu_read", "cpu_read_real",
                                            "cpu_reader"}
 
 
-def test_cpu_small_recipe_composes_and_checks():
-    cfg = _compose(["experiment=cpu_small"])
+def test_cpu_scratch_recipe_composes_and_checks():
+    cfg = _compose(["experiment=cpu_scratch"])
     assert (cfg.preprocess.target_height, cfg.preprocess.patch_multiple) == (32, 8)
     assert cfg.model.config.patch_size == 8 and cfg.text.max_length == 128 and not cfg.data.crop_to_text
+    assert cfg.model.init_from is None
     check_config(cfg)  # on the bundled demo data it is ready to run
+
+
+def test_cpu_small_adapts_the_shipped_reader_to_any_manifest(tmp_path):
+    small, reader = _compose(["experiment=cpu_small"]), _compose(["experiment=cpu_reader"])
+    # the reader's towers, pixels, text length and reading loss: the weights it starts from fit and mean the same
+    assert small.model.init_from == "lineclip:cpu_reader" and small.model.config == reader.model.config
+    assert small.text == reader.text and small.loss == reader.loss and small.preprocess == reader.preprocess
+    assert small.optim.lr < reader.optim.lr and small.model.backbone_lr_multiplier < 1
+    # any manifest: no page grouping (cpu_read_real's), and the corpus is exported for search
+    assert small.data.group_batches_by is None and small.trainer.export_embeddings
+    manifest = tmp_path / "lines.jsonl"
+    manifest.write_text("")
+    check_config(_compose(["experiment=cpu_small", f"data.train_manifest={manifest}", "data.val_manifest=null",
+                           "data.dataset_dir=null"]))
 
 
 def test_cpu_read_stages_compose_with_the_collapse_remedies():
@@ -69,6 +84,10 @@ def test_cpu_read_stages_compose_with_the_collapse_remedies():
     assert real.model.init_from == "lineclip:cpu_reader" and real.model.config == reader.model.config
     assert real.text == reader.text and real.loss == reader.loss and real.preprocess == reader.preprocess
     assert real.data.group_batches_by == "page_id" and real.model.backbone_lr_multiplier < 1
+    small = OmegaConf.to_container(_compose(["experiment=cpu_small"]))
+    small["data"]["group_batches_by"] = "page_id"  # the one thing cpu_read_real adds to cpu_small (and its tags)
+    small["logger"]["tags"] = list(real.logger.tags)
+    assert small == OmegaConf.to_container(real)
     assert real.optim.lr < reader.optim.lr
     mine = _compose(["experiment=cpu_read_real", "model.init_from=runs/reader"])
     assert mine.model.init_from == "runs/reader"

@@ -107,7 +107,8 @@ def test_strip_tokens_read_one_row_and_round_trip_through_save_pretrained(tmp_pa
         torch.testing.assert_close(loaded.encode_image(pixels), model.encode_image(pixels))
 
 
-FROM_SCRATCH = [[], ["experiment=cpu_small"], ["experiment=cpu_read"], ["experiment=cpu_read_real"],
+FROM_SCRATCH = [[], ["experiment=cpu_small"], ["experiment=cpu_scratch"], ["experiment=cpu_read"],
+                ["experiment=cpu_read_real"],
                 ["experiment=cpu_reader"], ["model=dinov2_cpu_strip", "preprocess.target_height=32",
                                             "preprocess.patch_multiple=4", "preprocess.max_width=512",
                                             "preprocess.width_buckets=[256,512]"]]

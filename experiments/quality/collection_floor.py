@@ -23,7 +23,7 @@ def collection_floor(dev_dir: Path, overrides: list[str] = (), epochs: int = 3) 
     """Mean over `epochs` of the recipe's batches of ln(members of the line's collection in its batch); None
     when the train manifest has no `collection` field."""
     manifest = dev_dir.resolve() / "train" / "meta" / "lines.jsonl"
-    cfg = compose("train", ["experiment=cpu_small", *overrides])
+    cfg = compose("train", ["experiment=cpu_scratch", *overrides])
     records, _ = read_manifest(manifest, dev_dir)
     collections = [r.extra.get("collection") for r in records]
     if None in collections:
@@ -31,7 +31,7 @@ def collection_floor(dev_dir: Path, overrides: list[str] = (), epochs: int = 3) 
     p = cfg.preprocess
     geometry = LineGeometry(p.target_height, p.max_width, tuple(p.width_buckets), p.patch_multiple)
     lines = LineDataset(records, LineImageTransform(p.pipeline, geometry))
-    # Seeded and stepped through epochs as the trainer does, so these are the batches a cpu_small run trains on.
+    # Seeded and stepped through epochs as the trainer does, so these are the batches a cpu_scratch run trains on.
     groups = group_keys(records, cfg.data.group_batches_by) if cfg.data.group_batches_by else None
     sampler = BucketBatchSampler(lines.buckets, cfg.data.batch_size, shuffle=True, seed=cfg.trainer.seed,
                                  groups=groups, min_batch_size=min(cfg.data.min_batch_size, cfg.data.batch_size))
@@ -49,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dev-dir", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of batches to average over")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=cpu_small")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=cpu_scratch")
     args = parser.parse_args()
     floor = collection_floor(args.dev_dir, args.overrides, args.epochs)
     print(json.dumps({"collection_floor": None if floor is None else round(floor, 3)}))

@@ -1,4 +1,4 @@
-"""Retrieval quality of the CPU recipe on real lines: train `experiment=cpu_small` with a fixed step budget on
+"""Retrieval quality of the CPU recipe on real lines: train `experiment=cpu_scratch` with a fixed step budget on
 the real dev train lines (with and without synthetic pretraining), evaluate on the real dev eval lines with
 `lineclip.evaluate`, and print a markdown table against chance for that gallery and against what knowing only
 each line's collection gives (when the manifest has a `collection` field), plus the learning curves.
@@ -56,7 +56,7 @@ def data_args(dataset: Path) -> list[str]:
 
 def train(out: Path, dataset: Path, steps: int, *overrides: str) -> dict:
     if not (out / "training_config.json").exists():
-        cmd = [sys.executable, "-m", "lineclip.train", "experiment=cpu_small", *data_args(dataset), "logger=none",
+        cmd = [sys.executable, "-m", "lineclip.train", "experiment=cpu_scratch", *data_args(dataset), "logger=none",
                f"trainer.max_steps={steps}", f"trainer.eval_every_steps={max(10, steps // 10)}",
                "trainer.checkpoint_every_steps=100000", "trainer.progress_bar=false", f"hydra.run.dir={out}",
                *overrides]
@@ -151,7 +151,7 @@ def main() -> None:
     if args.study == "recipe":
         base = out / f"study_{args.steps}_recipe"  # the same run as every study's recipe variant
         cfg = train(base, dev, args.steps)
-        rows.append(row("cpu_small, real lines only", base, evaluate(base, eval_manifest)))
+        rows.append(row("cpu_scratch (cpu_small before), real lines only", base, evaluate(base, eval_manifest)))
         curves["real only"] = cfg["val_history"]
     if args.study == "recipe" and not args.no_synth:
         synth_dir = synth(out / f"synth_{args.synth_lines}", args.synth_lines)
