@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,20 @@ def test_dataset_dir_in_the_documented_layout_is_enough(compose_cfg, tmp_path):
     given = compose_cfg("data=openpecha", f"data.dataset_dir={tmp_path}", f"data.val_manifest={tmp_path}/x.jsonl")
     assert list(manifests_from_layout(given)) == ["data.train_manifest"]
     assert given.data.val_manifest == f"{tmp_path}/x.jsonl"
+
+
+def test_the_quickstart_reading_command_trains_the_shipped_reader_on_the_demo(compose_cfg):
+    """The README's second Quickstart command, as written there: cpu_small from the reader on the bundled demo."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("A model that reads, on the same demo lines")[1].split("```bash\n")[1].split("```")[0]
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:4] == ["python", "-m", "lineclip.train", "experiment=cpu_small"]
+    cfg = compose_cfg(*argv[3:])
+    demo = asset_dir("demo")
+    assert manifests_from_layout(cfg) == {"data.train_manifest": str(demo / "train/meta/lines.jsonl"),
+                                          "data.val_manifest": str(demo / "eval/meta/lines.jsonl")}
+    check_config(cfg)
+    assert cfg.model.init_from == "lineclip:cpu_reader" and cfg.trainer.export_embeddings
 
 
 def test_the_demo_defaults_cause_no_warning(compose_cfg):
