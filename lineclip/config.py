@@ -13,7 +13,7 @@ import importlib.metadata
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -367,15 +367,26 @@ def _check_numbers(cfg: DictConfig) -> None:
 LAYOUT_MANIFESTS = {"train_manifest": ("train",), "val_manifest": ("eval", "val")}
 
 
-def manifests_from_layout(cfg: DictConfig) -> dict[str, str]:
+def command_line_keys() -> set[str]:
+    """The keys this run's command line set (Hydra's task overrides: `data.val_manifest=null` gives
+    "data.val_manifest"); empty outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {override.split("=", 1)[0].lstrip("+~") for override in HydraConfig.get().overrides.task}
+
+
+def manifests_from_layout(cfg: DictConfig, given: Collection[str] = ()) -> dict[str, str]:
     """Set `data.train_manifest` / `data.val_manifest` that are not given to `<dataset_dir>/<split>/meta/lines.jsonl`
     where that file exists (train; eval, else val), so `data=openpecha data.dataset_dir=D` is enough for a dataset
-    in the documented layout. Returns what was set, for the log; explicit values are never replaced."""
+    in the documented layout. Returns what was set, for the log; explicit values are never replaced, an explicit
+    null included (`given`, e.g. command_line_keys(): `data.val_manifest=null` means no validation)."""
     found: dict[str, str] = {}
     if cfg.data.format != "manifest" or not cfg.data.dataset_dir:
         return found
     for key, splits in LAYOUT_MANIFESTS.items():
-        if cfg.data[key]:
+        if cfg.data[key] or f"data.{key}" in given:
             continue
         for split in splits:
             path = Path(cfg.data.dataset_dir) / split / "meta" / "lines.jsonl"

@@ -38,7 +38,7 @@ from lineclip.checkpoint import (
     release_run_dirs,
     resolve_resume,
 )
-from lineclip.config import ConfigError, check_config, manifests_from_layout
+from lineclip.config import ConfigError, check_config, command_line_keys, manifests_from_layout
 from lineclip.data import TrainData, build_data, load_lines
 from lineclip.files import first_line, usable_cpus
 from lineclip.galleries import ValidationPlan
@@ -470,7 +470,7 @@ def launched_world_size() -> int:
 def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path, Path | None]:
     """The accelerator (checked against the launcher), the run dir every process writes to, claimed for this run,
     and the training state to resume from (None: a fresh start). Seeds every generator."""
-    for key, path in manifests_from_layout(cfg).items():
+    for key, path in manifests_from_layout(cfg, command_line_keys()).items():
         log.info("%s: %s (the layout under data.dataset_dir)", key, path)
     if cfg.data.num_workers > usable_cpus():  # more would only contend (and PyTorch warns about each loader)
         log.info("data.num_workers=%d is more than the %d CPUs this process may use: %d loader workers",

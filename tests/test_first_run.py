@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lineclip.cli import Progress, UsageError, split_value, unknown_option
-from lineclip.config import ConfigError, asset_dir, check_config, manifests_from_layout
+from lineclip.config import ConfigError, asset_dir, check_config, command_line_keys, compose, manifests_from_layout
 
 COMMANDS = ["train", "evaluate", "index", "search", "serve", "synth", "shard"]
 TRAINING_GROUPS = ["data", "experiment", "hparams_search", "logger", "loss", "model", "optim", "preprocess", "text"]
@@ -111,6 +111,26 @@ def test_dataset_dir_in_the_documented_layout_is_enough(compose_cfg, tmp_path):
     given = compose_cfg("data=openpecha", f"data.dataset_dir={tmp_path}", f"data.val_manifest={tmp_path}/x.jsonl")
     assert list(manifests_from_layout(given)) == ["data.train_manifest"]
     assert given.data.val_manifest == f"{tmp_path}/x.jsonl"
+
+
+def test_a_manifest_set_to_null_on_the_command_line_is_not_filled_from_the_layout(compose_cfg):
+    """`data.val_manifest=null` (issue 25's command) means no validation, even where the layout has an eval split."""
+    from hydra.core.hydra_config import HydraConfig
+
+    demo = asset_dir("demo")
+    overrides = ["data=openpecha", f"data.dataset_dir={demo}", "data.val_manifest=null"]
+    HydraConfig.instance().set_config(compose("train", overrides, return_hydra_config=True))
+    try:
+        given = command_line_keys()
+    finally:
+        HydraConfig.instance().cfg = None
+    assert given == {"data", "data.dataset_dir", "data.val_manifest"} and command_line_keys() == set()
+    cfg = compose_cfg(*overrides)
+    assert manifests_from_layout(cfg, given) == {"data.train_manifest": str(demo / "train/meta/lines.jsonl")}
+    assert cfg.data.val_manifest is None
+    # not given: filled as before
+    filled = manifests_from_layout(compose_cfg(*overrides[:2]))
+    assert filled["data.val_manifest"] == str(demo / "eval/meta/lines.jsonl")
 
 
 def test_the_quickstart_reading_command_trains_the_shipped_reader_on_the_demo(compose_cfg):
