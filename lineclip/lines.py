@@ -316,10 +316,7 @@ def table_problem(table: pa.Table, size_codes: Sequence[int] = (), mapped: bool 
             return f"row {first_row + row}: {what}"
         first_row += batch.num_rows
         if mapped:
-            for column in batch.columns:
-                for buffer in column.buffers():
-                    if buffer is not None:
-                        release_mapped_pages(buffer)
+            _release_chunks(batch.columns)
     return None
 
 

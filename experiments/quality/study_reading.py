@@ -61,25 +61,28 @@ def main() -> None:
     synth, out = args.synth_dir.resolve(), args.out.resolve()
     if not (synth / "train" / "meta" / "lines.jsonl").exists():
         subprocess.run([sys.executable, "-m", "lineclip.synth", f"out_dir={synth}", *SYNTH_ARGS], check=True, cwd=ROOT)
-    common = [f"trainer.max_steps={args.steps}", f"trainer.eval_every_steps={args.eval_every}",
-              f"trainer.checkpoint_every_steps={args.steps}", "trainer.cpu_threads=2", "data.num_workers=1",
-              "trainer.export_embeddings=false"]
+
+    def budget(steps: int, eval_every: int = args.eval_every, threads: int = 2) -> list[str]:
+        """An arm's steps, validations and threads (one checkpoint: the final bundle)."""
+        return [f"trainer.max_steps={steps}", f"trainer.eval_every_steps={eval_every}",
+                f"trainer.checkpoint_every_steps={steps}", f"trainer.cpu_threads={threads}", "data.num_workers=1",
+                "trainer.export_embeddings=false"]
+
     for arm in args.arms.split(","):
         run = out / arm
         if arm == "strips2_1thread":
-            train(run, "cpu_read", synth, *ARMS["strips2"], *common, f"trainer.max_steps={args.thread_steps}",
-                  "trainer.cpu_threads=1", f"trainer.eval_every_steps={args.thread_steps}")
+            train(run, "cpu_read", synth, *ARMS["strips2"], *budget(args.thread_steps, args.thread_steps, threads=1))
         elif arm == "strips2_readfirst":
             first = args.steps // 3
-            train(out / "readfirst_a", "cpu_read", synth, *ARMS["strips2"], *common, f"trainer.max_steps={first}",
-                  f"trainer.eval_every_steps={first}", "loss.reading_weight=10")
-            train(run, "cpu_read", synth, *ARMS["strips2"], *common, f"trainer.max_steps={args.steps - first}",
+            train(out / "readfirst_a", "cpu_read", synth, *ARMS["strips2"], *budget(first, first),
+                  "loss.reading_weight=10")
+            train(run, "cpu_read", synth, *ARMS["strips2"], *budget(args.steps - first),
                   f"model.init_from={out / 'readfirst_a'}", "model.backbone_lr_multiplier=0.3",
                   "optim.warmup_steps=20")
             wall = int((out / "readfirst_a" / "wall_seconds").read_text())
             print(f"## readfirst_a (the first {first} steps, {wall} s)\n\n{curve(out / 'readfirst_a')}\n")
         else:
-            train(run, "cpu_read", synth, *ARMS[arm], *common)
+            train(run, "cpu_read", synth, *ARMS[arm], *budget(args.steps))
         wall = int((run / "wall_seconds").read_text())
         print(f"## {arm} ({wall} s, {samples_per_second(run):.1f} samples/s)\n\n{curve(run)}\n", flush=True)
 
