@@ -163,6 +163,10 @@ class LossConfig:
     reading_weight: float = 0.0
     reading_frames_per_column: int = 4
     bag_weight: float = 0.0  # which characters occur, predicted from the pooled image token (lineclip.reading)
+    # PHOC's pyramid for both bags: at level L the line is cut into L runs and each run's characters are a target
+    # ([1]: the whole line's bag; [1, 2, 3]: also where, roughly, each character is)
+    bag_levels: list[int] = field(default_factory=lambda: [1])
+    text_bag_weight: float = 0.0  # the same bag predicted from the text tower's pooled mean (what it embeds)
     # The logit scale is learnt as a log at optim.lr times this: from a low start (loss.temperature) it would
     # otherwise climb by at most ~lr per step (ln 20 = 3 needs ~3000 steps at lr 1e-3).
     logit_scale_lr_multiplier: float = 1.0
@@ -419,10 +423,12 @@ def check_config(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be > 0 or null, got {value}")
-    if not (cfg.loss.reading_weight >= 0 and cfg.loss.bag_weight >= 0) or cfg.loss.reading_frames_per_column < 1:
-        raise ConfigError(f"loss.reading_weight and loss.bag_weight must be >= 0 and loss.reading_frames_per_column "
-                          f">= 1, got {cfg.loss.reading_weight}, {cfg.loss.bag_weight}, "
-                          f"{cfg.loss.reading_frames_per_column}")
+    weights = [cfg.loss.reading_weight, cfg.loss.bag_weight, cfg.loss.text_bag_weight]
+    if not all(w >= 0 for w in weights) or cfg.loss.reading_frames_per_column < 1:
+        raise ConfigError(f"loss.reading_weight, loss.bag_weight and loss.text_bag_weight must be >= 0 and "
+                          f"loss.reading_frames_per_column >= 1, got {weights}, {cfg.loss.reading_frames_per_column}")
+    if not cfg.loss.bag_levels or min(cfg.loss.bag_levels) < 1:
+        raise ConfigError(f"loss.bag_levels must be a non-empty list of levels >= 1, got {list(cfg.loss.bag_levels)}")
     if cfg.trainer.grad_cache_chunks is not None:
         if cfg.trainer.grad_cache_chunks < 2:
             raise ConfigError(f"trainer.grad_cache_chunks must be >= 2 or null, got {cfg.trainer.grad_cache_chunks}")

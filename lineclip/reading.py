@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,12 +77,14 @@ class ReadingHead(nn.Module):
 
 
 class BagHead(nn.Module):
-    """The pooled image feature (DINOv2's CLS, what the embedding is made of) -> one logit per class: which
-    characters occur in the line, in any order. A direct reading signal on the token the embedding uses."""
+    """A pooled feature (DINOv2's CLS, what the image embedding is made of, or the text tower's mean, what the text
+    embedding is made of) -> one logit per class and part: which characters occur in each of the line's parts
+    (`parts` = the sum of the pyramid levels, `bag_targets`). A direct reading signal on the token the embedding
+    uses; with more than one level it also says where (PHOC's spatial pyramid)."""
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, parts: int = 1) -> None:
         super().__init__()
-        self.proj = nn.Linear(hidden_size, VOCAB_SIZE)
+        self.proj = nn.Linear(hidden_size, parts * VOCAB_SIZE)
         # At the prior (a line holds ~15 of the 259 classes: logit -3), for the reason given in ReadingHead.
         nn.init.constant_(self.proj.bias, BAG_PRIOR_LOGIT)
 
@@ -89,17 +92,57 @@ class BagHead(nn.Module):
         return self.proj(pooled)
 
 
-def bag_targets(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
-    """Multi-hot [B, VOCAB_SIZE] from CTC targets: 1 where the class occurs in the line."""
-    rows = torch.repeat_interleave(torch.arange(len(target_lengths)), target_lengths)
-    bag = torch.zeros(len(target_lengths), VOCAB_SIZE)
-    bag[rows, targets] = 1.0
-    return bag
+def bag_targets(targets: torch.Tensor, target_lengths: torch.Tensor, levels: Sequence[int] = (1,)) -> torch.Tensor:
+    """Multi-hot [B, sum(levels) * VOCAB_SIZE] from CTC targets, a pyramid as PHOC's (Almazan et al. 2014): at
+    level L the line's characters are cut into L runs of equal length, and a character belongs to the run its
+    centre falls in ((2i + 1) L / 2n for character i of n); 1 where a class occurs in a run. Level 1 alone is the
+    bag of the whole line."""
+    n_lines = len(target_lengths)
+    rows = torch.repeat_interleave(torch.arange(n_lines), target_lengths)
+    starts = torch.cumsum(target_lengths, 0) - target_lengths
+    position = torch.arange(len(targets)) - torch.repeat_interleave(starts, target_lengths)
+    length = target_lengths[rows]
+    bags = []
+    for level in levels:
+        part = ((2 * position + 1) * level) // (2 * length)
+        bag = torch.zeros(n_lines, level, VOCAB_SIZE)
+        bag[rows, part, targets] = 1.0
+        bags.append(bag.reshape(n_lines, level * VOCAB_SIZE))
+    return torch.cat(bags, dim=1)
 
 
-def bag_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
-    bag = bag_targets(targets, target_lengths).to(logits.device)
+def bag_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,
+             levels: Sequence[int] = (1,)) -> torch.Tensor:
+    bag = bag_targets(targets, target_lengths, levels).to(logits.device)
     return F.binary_cross_entropy_with_logits(logits.float(), bag)
+
+
+@dataclass(frozen=True)
+class ReadingWeights:
+    """How much each reading target weighs beside the contrastive loss (0: off), from `loss.*`: CTC over the image
+    tower's columns, the bag (pyramid) of characters on the image CLS, and the same bag on the text tower's mean."""
+
+    ctc: float = 0.0
+    bag: float = 0.0
+    text_bag: float = 0.0
+    bag_levels: tuple[int, ...] = (1,)
+
+    @classmethod
+    def from_loss(cls, loss: object) -> ReadingWeights:
+        return cls(loss.reading_weight, loss.bag_weight, loss.text_bag_weight, tuple(loss.bag_levels))
+
+
+NO_READING = ReadingWeights()  # the contrastive loss alone
+
+
+def byte_texts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+    """The texts a batch's ByT5 ids spell (ids 0-2 are pad, </s> and unk; a byte is its id - 3): what the text
+    tower saw, a phrase where training cut one (data.text_span), a cut at max_length dropping a broken character."""
+    texts = []
+    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+        raw = bytes(i - 3 for i, m in zip(ids, mask, strict=True) if m and 3 <= i < 259)
+        texts.append(raw.decode("utf-8", errors="ignore"))
+    return texts
 
 
 def reading_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,8 @@ class Embeddings:
     text: torch.Tensor | None
     logit_scale: torch.Tensor
     reading_logits: torch.Tensor | None = None  # [B, frames, classes], training only (lineclip.reading)
-    bag_logits: torch.Tensor | None = None  # [B, classes], training only
+    bag_logits: torch.Tensor | None = None  # [B, parts * classes], training only
+    text_bag_logits: torch.Tensor | None = None  # [B, parts * classes], training only
     logit_bias: torch.Tensor | None = None  # only a model trained with the sigmoid loss (loss=siglip) has one
 
 
@@ -106,6 +107,8 @@ class DualEncoder(nn.Module):
         max_logit_scale: float = 100.0,
         reading_frames_per_column: int | None = None,
         reading_bag: bool = False,
+        text_bag: bool = False,
+        bag_parts: int = 1,
         logit_bias: float | None = None,
     ) -> None:
         super().__init__()
@@ -119,7 +122,9 @@ class DualEncoder(nn.Module):
         # The auxiliary reading head (CTC over patch columns) exists only in training: never in a bundle.
         self.reading_head = (ReadingHead(image_backbone.config.hidden_size, reading_frames_per_column)
                              if reading_frames_per_column else None)
-        self.bag_head = BagHead(image_backbone.config.hidden_size) if reading_bag else None
+        # Bags of characters (a PHOC pyramid of `bag_parts` parts) on what each tower embeds: training only.
+        self.bag_head = BagHead(image_backbone.config.hidden_size, bag_parts) if reading_bag else None
+        self.text_bag_head = BagHead(text_encoder.config.d_model, bag_parts) if text_bag else None
         # SigLIP's learnable bias (init -10): only when training with the sigmoid loss, so InfoNCE models and
         # their checkpoints keep exactly the parameters they had. Retrieval (cosine ranking) never uses it.
         self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias))) if logit_bias is not None else None
@@ -150,8 +155,14 @@ class DualEncoder(nn.Module):
         return embedding, reading, bag
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._encode_text(input_ids, attention_mask)[0]
+
+    def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor | None]:
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(self.text_head(masked_mean(hidden, attention_mask)).float(), dim=-1)
+        pooled = masked_mean(hidden, attention_mask)
+        bag = self.text_bag_head(pooled) if self.text_bag_head is not None and self.training else None
+        return F.normalize(self.text_head(pooled).float(), dim=-1), bag
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
@@ -163,9 +174,9 @@ class DualEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> Embeddings:
         image, reading, bag = self._encode_image(pixel_values) if pixel_values is not None else (None, None, None)
-        text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        text, text_bag = self._encode_text(input_ids, attention_mask) if input_ids is not None else (None, None)
         return Embeddings(image=image, text=text, logit_scale=self.scale(), logit_bias=self.logit_bias,
-                          reading_logits=reading, bag_logits=bag)
+                          reading_logits=reading, bag_logits=bag, text_bag_logits=text_bag)
 
 
 def build_image_backbone(name_or_path: str | None, config: dict, trust_remote_code: bool = False,

@@ -53,7 +53,15 @@ from lineclip.loss import (
 from lineclip.manifest import ManifestError
 from lineclip.patches import check_patch_geometry, position_table_problem
 from lineclip.progress import Progress
-from lineclip.reading import READING_HEAD_CONFIG, bag_loss, reading_loss
+from lineclip.reading import (
+    NO_READING,
+    READING_HEAD_CONFIG,
+    ReadingWeights,
+    bag_loss,
+    byte_texts,
+    reading_loss,
+    reading_targets,
+)
 from lineclip.towers import (
     DualEncoder,
     Embeddings,
@@ -134,6 +142,8 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
         max_logit_scale=cfg.loss.max_logit_scale,
         reading_frames_per_column=cfg.loss.reading_frames_per_column if cfg.loss.reading_weight > 0 else None,
         reading_bag=cfg.loss.bag_weight > 0,
+        text_bag=cfg.loss.text_bag_weight > 0,
+        bag_parts=sum(cfg.loss.bag_levels),
         logit_bias=cfg.loss.logit_bias if cfg.loss.name == "siglip" else None,
     )
     if init is not None:
@@ -204,6 +214,7 @@ def param_groups(model: DualEncoder, cfg: DictConfig) -> list[dict[str, Any]]:
         "text_head.": cfg.text.head_lr_multiplier,
         "reading_head.": cfg.model.head_lr_multiplier,
         "bag_head.": cfg.model.head_lr_multiplier,
+        "text_bag_head.": cfg.text.head_lr_multiplier,
         "logit_scale": cfg.loss.logit_scale_lr_multiplier,
         "logit_bias": 1.0,
     }
@@ -331,14 +342,20 @@ class StepOutput:
         return self.contrastive.loss
 
 
-def _reading_term(out: Embeddings, batch: dict[str, Any], weights: tuple[float, float]) -> torch.Tensor | None:
-    """The weighted auxiliary reading losses (CTC over patch columns, bag of characters), or None when off."""
+def _reading_term(out: Embeddings, batch: dict[str, Any], weights: ReadingWeights) -> torch.Tensor | None:
+    """The weighted auxiliary reading losses (CTC over patch columns, the bags of characters of either tower), or
+    None when off."""
     terms = []
     if out.reading_logits is not None:
-        terms.append(weights[0] * reading_loss(out.reading_logits, batch["reading_targets"],
-                                               batch["reading_lengths"]))
+        terms.append(weights.ctc * reading_loss(out.reading_logits, batch["reading_targets"],
+                                                batch["reading_lengths"]))
     if out.bag_logits is not None:
-        terms.append(weights[1] * bag_loss(out.bag_logits, batch["reading_targets"], batch["reading_lengths"]))
+        terms.append(weights.bag * bag_loss(out.bag_logits, batch["reading_targets"], batch["reading_lengths"],
+                                            weights.bag_levels))
+    if out.text_bag_logits is not None:
+        # the text the text tower saw: a phrase where data.text_span cut one, not the line the image shows
+        targets, lengths = reading_targets(byte_texts(batch["input_ids"], batch["attention_mask"]))
+        terms.append(weights.text_bag * bag_loss(out.text_bag_logits, targets, lengths, weights.bag_levels))
     return torch.stack(terms).sum() if terms else None
 
 
@@ -366,7 +383,7 @@ def pair_loss(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor, 
 
 def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: list[dict[str, Any]],
                     train_texts: TrainTexts | None, gather: bool,
-                    reading_weights: tuple[float, float] = (0.0, 0.0)) -> StepOutput:
+                    reading_weights: ReadingWeights = NO_READING) -> StepOutput:
     """One contrastive batch of k micro-batches in the memory of one (gradient caching, Gao et al. 2021):
     embed all k without a graph, take the loss over all k*m pairs and its gradient w.r.t. the embeddings,
     then re-run each micro-batch with a graph and push those cached gradients through the towers. The
@@ -411,7 +428,7 @@ def grad_cache_step(accelerator: Accelerator, model: torch.nn.Module, batches: l
 
 def train_step(accelerator: Accelerator, model: torch.nn.Module, micro_batches: list[dict[str, Any]],
                train_texts: TrainTexts | None, gather: bool, grad_cache: bool,
-               reading_weights: tuple[float, float] = (0.0, 0.0)) -> StepOutput:
+               reading_weights: ReadingWeights = NO_READING) -> StepOutput:
     """Forward and backward of one optimizer step (no optimizer call): gradient caching turns the micro-batches
     into one contrastive batch; otherwise their gradients are summed (accumulation: no extra negatives).
     `train_texts`: None (positives: the batches' own text_ids), or the TrainTexts that say which are positives."""
@@ -640,7 +657,7 @@ def _train(cfg: DictConfig) -> TrainResult:
                     continue
                 result = train_step(accelerator, model, pending, data.train_texts, opt.gather,
                                     grad_cache=bool(opt.grad_cache),
-                                    reading_weights=(cfg.loss.reading_weight, cfg.loss.bag_weight))
+                                    reading_weights=ReadingWeights.from_loss(cfg.loss))
                 pending = []
                 # A non-finite loss (on any process) skips the whole step; too many in a row stop the run.
                 non_finite, stop_now = any_rank(accelerator, not torch.isfinite(result.loss).item(),

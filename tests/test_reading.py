@@ -1,14 +1,19 @@
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 
-from lineclip.batch import LineCollator
+from lineclip.batch import LineCollator, byte_encode
 from lineclip.reading import (
     OTHER_CLASS,
     SPACE_CLASS,
     VOCAB_SIZE,
+    BagHead,
     ReadingHead,
+    bag_loss,
+    bag_targets,
+    byte_texts,
     char_class,
     reading_loss,
     reading_targets,
@@ -69,3 +74,52 @@ def test_collator_adds_reading_targets_only_when_asked():
     assert batch["reading_lengths"].tolist() == lengths.tolist() == [3, 1]
     assert torch.equal(batch["reading_targets"], flat)
 
+
+
+def _pyramid_reference(text: str, levels: list[int]) -> torch.Tensor:
+    """PHOC's regions by their definition, in exact fractions: character i of n spans [i/n, (i+1)/n) and belongs to
+    the region [r/L, (r+1)/L) of level L that holds its centre."""
+    rows = []
+    n = len(text)
+    for level in levels:
+        region = torch.zeros(level, VOCAB_SIZE)
+        for i, char in enumerate(text):
+            centre = Fraction(2 * i + 1, 2 * n)
+            r = next(r for r in range(level) if Fraction(r, level) <= centre < Fraction(r + 1, level))
+            region[r, char_class(char)] = 1.0
+        rows.append(region.flatten())
+    return torch.cat(rows)
+
+
+def test_bag_pyramid_puts_each_character_in_the_region_of_its_centre():
+    texts = ["ཀ་ཁ", "ག", "ཀཁགངཅ་ཆ", "ཀཀཀཀཁ"]
+    targets, lengths = reading_targets(texts)
+    bags = bag_targets(targets, lengths, levels=[1, 2, 3])
+    assert bags.shape == (4, 6 * VOCAB_SIZE)
+    for text, bag in zip(texts, bags, strict=True):
+        torch.testing.assert_close(bag, _pyramid_reference(text, [1, 2, 3]))
+    # level 1 alone is the plain bag: 1 for each class in the line
+    plain = bag_targets(targets, lengths)
+    assert plain.shape == (4, VOCAB_SIZE)
+    assert plain[0].nonzero().flatten().tolist() == sorted({char_class(c) for c in "ཀ་ཁ"})
+    # "ཀཀཀཀཁ" at level 2: ཀ in both halves, ཁ only in the second
+    second = bags[3, VOCAB_SIZE:3 * VOCAB_SIZE].reshape(2, VOCAB_SIZE)
+    assert second[:, char_class("ཁ")].tolist() == [0.0, 1.0] and second[:, char_class("ཀ")].tolist() == [1.0, 1.0]
+
+
+def test_bag_loss_is_lowest_at_the_pyramid():
+    targets, lengths = reading_targets(["ཀཁག", "ང"])
+    bags = bag_targets(targets, lengths, levels=[1, 2])
+    right = bag_loss((bags * 2 - 1) * 20, targets, lengths, levels=[1, 2])
+    wrong = bag_loss((bags.flip(0) * 2 - 1) * 20, targets, lengths, levels=[1, 2])
+    assert right.item() < 1e-6 < wrong.item()
+    assert BagHead(8, parts=3)(torch.zeros(2, 8)).shape == (2, 3 * VOCAB_SIZE)
+
+
+def test_byte_texts_spell_what_the_text_tower_saw():
+    texts = ["ཀ་ཁ", "a ག", ""]
+    ids, mask, _ = byte_encode(texts, max_length=16)
+    assert byte_texts(ids, mask) == texts
+    # a cut inside a 3-byte character drops that character, not the line
+    cut_ids, cut_mask, _ = byte_encode(["ཀཁ"], max_length=5)
+    assert byte_texts(cut_ids, cut_mask) == ["ཀ"]

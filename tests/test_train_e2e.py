@@ -287,6 +287,7 @@ def test_collapse_is_warned_once_after_steps_in_a_row_not_after_one_batch():
 def test_reading_losses_train_and_stay_out_of_the_bundle(tmp_path, tiny_dataset):
     out = tmp_path / "run"
     run_train(out, tiny_dataset, "logger=none", "loss.reading_weight=1.0", "loss.bag_weight=1.0",
+              "loss.text_bag_weight=1.0", "loss.bag_levels=[1,2]",
               "preprocess.image_mean=[1.0,1.0,1.0]", "preprocess.image_std=[0.5,0.5,0.5]")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     reading = [r["train/reading_loss"] for r in rows if "train/loss" in r]

@@ -5,14 +5,17 @@ import math
 
 import pytest
 import torch
+from usage_support import TINY
 
 from lineclip.data import ShardedBatches
+from lineclip.reading import VOCAB_SIZE
 from lineclip.trainer import build_model, lr_lambda, param_groups
 
 
 def test_param_groups_decay_and_multipliers(compose_cfg):
-    cfg = compose_cfg(*["model.backbone_lr_multiplier=0.1", "text.head_lr_multiplier=3", "optim.lr=1e-3",
-                "loss.reading_weight=1", "loss.bag_weight=1", "loss.logit_scale_lr_multiplier=20"])
+    cfg = compose_cfg(*TINY, "model.backbone_lr_multiplier=0.1", "text.head_lr_multiplier=3", "optim.lr=1e-3",
+                      "loss.reading_weight=1", "loss.bag_weight=1", "loss.text_bag_weight=1", "loss.bag_levels=[1,2]",
+                      "loss.logit_scale_lr_multiplier=20")
     model, _, _ = build_model(cfg)
     groups = param_groups(model, cfg)
     by_param = {id(p): g for g in groups for p in g["params"]}
@@ -23,10 +26,12 @@ def test_param_groups_decay_and_multipliers(compose_cfg):
         g = by_param[id(p)]
         no_decay = p.ndim < 2 or name == "logit_scale"
         assert (g["weight_decay"] == 0.0) == no_decay, name
-        expected = 1e-3 * (0.1 if name.startswith("image_backbone.") else 3 if name.startswith("text_head.")
+        expected = 1e-3 * (0.1 if name.startswith("image_backbone.")
+                           else 3 if name.startswith(("text_head.", "text_bag_head."))
                            else 20 if name == "logit_scale" else 1)
         assert g["lr"] == pytest.approx(expected), name
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    assert model.bag_head.proj.out_features == model.text_bag_head.proj.out_features == 3 * VOCAB_SIZE
 
 
 def test_warmup_then_cosine():

@@ -27,6 +27,8 @@ from lineclip.config import asset_dir
 
 N_TRAIN = 8
 CROP_WIDTH = 250
+# The tiny random towers: for tests of mechanics on the bundled demo, whose default is the shipped reader
+TINY = ("model=dinov2_tiny", "text=byt5_tiny")
 TRAIN_OVERRIDES = ("optim.lr=1e-3", "optim.warmup_steps=5", "trainer.max_steps=60", "data.batch_size=8",
                    "text.max_length=64", "trainer.checkpoint_every_steps=30", "logger=none")
 

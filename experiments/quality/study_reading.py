@@ -8,6 +8,8 @@ invocation so that their speeds compare on the same box):
 - `strips2`:    full-height [32, 4] strips (model=dinov2_cpu_strip), 2 CTC frames a strip (the shipped reader's)
 - `strips1`, `strips4`: the same with 1 and 4 CTC frames a strip
 - `strips2_bag`: strips2 plus the bag-of-characters target on the pooled image token (loss.bag_weight=1)
+- `strips2_phoc`: strips2 plus order-aware bags (PHOC's pyramid, levels 1-3: which characters occur in each half
+  and third of the line) on both towers' pooled features (loss.bag_levels=[1,2,3], bag_weight=text_bag_weight=1)
 - `strips2_readfirst`: a read-first schedule: the first third of the steps mostly CTC (loss.reading_weight=10),
   then the rest from it at reading_weight 1 with the image tower at 0.3x the lr (LiT-style)
 - `strips2_1thread`: strips2 on one thread (trainer.cpu_threads=1) for `--thread-steps` steps: samples/s against
@@ -37,6 +39,8 @@ ARMS: dict[str, list[str]] = {
     "strips1": [*STRIPS, "loss.reading_frames_per_column=1"],
     "strips4": [*STRIPS, "loss.reading_frames_per_column=4"],
     "strips2_bag": [*STRIPS, "loss.reading_frames_per_column=2", "loss.bag_weight=1.0"],
+    "strips2_phoc": [*STRIPS, "loss.reading_frames_per_column=2", "loss.bag_weight=1.0", "loss.bag_levels=[1,2,3]",
+                     "loss.text_bag_weight=1.0"],
 }
 
 
@@ -55,7 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--thread-steps", type=int, default=40)
-    parser.add_argument("--arms", default="strips2,strips2_1thread,patches,strips4,strips1,strips2_bag,"
+    parser.add_argument("--arms", default="strips2,strips2_1thread,patches,strips4,strips1,strips2_bag,strips2_phoc,"
                                           "strips2_readfirst")
     args = parser.parse_args()
     synth, out = args.synth_dir.resolve(), args.out.resolve()
