@@ -37,7 +37,7 @@ from lineclip.tracking import RunPanels, finish_tracking, start_tracking  # noqa
 from lineclip.trainer import build_model  # noqa: E402
 from lineclip.validation import validate  # noqa: E402
 
-CONFIGS = {"tiny": [], "small": ["experiment=cpu_scratch", "data.num_workers=0"]}
+CONFIGS = {"tiny": ["model=dinov2_tiny", "text=byt5_tiny"], "small": ["experiment=cpu_scratch", "data.num_workers=0"]}
 
 
 

@@ -104,6 +104,15 @@ class CollapseWatch:
 # --------------------------------------------------------------------------------------------- model
 
 
+def config_not_used(wanted: dict[str, Any], loaded: Any) -> str:
+    """The keys of a composed tower config that a loaded tower's config contradicts, as `key=wanted (tower's)`."""
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    return ", ".join(f"{k}={v} ({plain(getattr(loaded, k))})" for k, v in wanted.items()
+                     if hasattr(loaded, k) and plain(getattr(loaded, k)) != plain(v))
+
+
 def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
     """The towers from `model`/`text` (hub id, local dir or random init), or, with `model.init_from`, both towers,
     both heads and the logit scale of an earlier run (the spec's pretraining before domain adaptation)."""
@@ -124,6 +133,12 @@ def build_model(cfg: DictConfig) -> tuple[DualEncoder, Any, Any]:
                                                               cfg.model.trust_remote_code, attn)
         except BundleError as err:
             raise BundleError(f"model.init_from={cfg.model.init_from}: {err}") from None
+        for key, wanted, tower in (("model.config", cfg.model.config, image_backbone),
+                                   ("text.config", cfg.text.config, text_encoder)):
+            unused = config_not_used(OmegaConf.to_container(wanted, resolve=True), tower.config)
+            if unused:
+                log.warning("model.init_from: the towers are the bundle's; %s differs from them and is not used "
+                            "(%s): choose the bundle's tower or drop init_from", key, unused)
     try:
         check_patch_geometry(image_backbone.config.patch_size, cfg.preprocess.target_height,
                              cfg.preprocess.patch_multiple, "the image tower's patch_size")

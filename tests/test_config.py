@@ -24,14 +24,34 @@ def _options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def test_defaults_are_the_offline_demo():
+def test_defaults_are_the_offline_demo_of_the_shipped_reader():
     cfg = _compose()
-    assert cfg.model.name == "dinov2_tiny" and cfg.model.name_or_path is None
-    assert cfg.text.name == "byt5_tiny" and cfg.text.name_or_path is None
+    # the demo trains the reader the package ships: its towers and weights, no download
+    assert cfg.model.name == "cpu_reader" and cfg.model.name_or_path is None
+    assert cfg.model.init_from == "lineclip:cpu_reader" and cfg.text.name == "byt5_cpu"
+    assert cfg.text.name_or_path is None
     assert cfg.data.name == "demo" and cfg.preprocess.pipeline == "bdrc" and cfg.logger.name == "wandb"
     assert Path(cfg.data.train_manifest).is_file() and Path(cfg.data.val_manifest).is_file()
     assert Path(cfg.data.dataset_dir).is_dir()
     check_config(cfg)
+
+
+def test_the_demo_sees_lines_as_the_reader_was_trained_to():
+    """The demo's towers, pixels and reading loss are cpu_small's (the reader adapted to real lines), so the
+    weights it loads mean what they meant in pretraining; another model= drops the reader's pixels with it."""
+    demo, small = _compose(), _compose(["experiment=cpu_small"])
+    assert demo.model == small.model and demo.text.config == small.text.config
+    assert demo.preprocess == small.preprocess and demo.loss == small.loss
+    hub = _compose(["model=dinov2_base", "text=byt5_small"])
+    assert hub.model.init_from is None
+    geometry = OmegaConf.to_container(_compose(["data=openpecha"]).preprocess)
+    assert OmegaConf.to_container(hub.preprocess) == geometry | {"image_mean": [1.0, 1.0, 1.0],
+                                                                 "image_std": [0.5, 0.5, 0.5]}  # the demo's paper
+    assert hub.loss.reading_weight == 0 and hub.text.name == "byt5_small"
+    assert _compose(["model=dinov2_base"]).text.name == "byt5_cpu"  # the demo's text tower stays
+    # other data: none of the demo's choices
+    real = _compose(["data=openpecha"])
+    assert (real.model.name, real.text.name, real.model.init_from) == ("dinov2_tiny", "byt5_tiny", None)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
@@ -139,7 +159,7 @@ def test_wrong_type_fails_at_composition(override):
         (["optim.lr=0"], "optim.lr"),
         (["optim.lr=-1e-4"], "optim.lr"),
         (["preprocess.pipeline=sharpen"], "preprocess.pipeline"),
-        (["preprocess.target_height=64"], "preprocess.target_height"),
+        (["preprocess.target_height=66"], "preprocess.target_height"),
         (["trainer.mixed_precision=fp8"], "trainer.mixed_precision"),
         (["data.train_manifest=/nonexistent/lines.jsonl"], "data.train_manifest"),
         (["data.on_bad_row=ignore"], "data.on_bad_row"),
@@ -151,6 +171,9 @@ def test_wrong_type_fails_at_composition(override):
         (["data.text_span.min_syllables=4", "data.text_span.max_syllables=3"], "data.text_span"),
         (["data.text_span.min_syllables=0"], "data.text_span"),
         (["data.min_batch_size=0"], "data.min_batch_size"),
+        (["loss.text_bag_weight=-1"], "loss.text_bag_weight"),
+        (["loss.bag_levels=[1,0]"], "loss.bag_levels"),
+        (["loss.bag_levels=[]"], "loss.bag_levels"),
     ],
 )
 def test_semantic_checks_name_the_field(overrides, field):
@@ -160,9 +183,9 @@ def test_semantic_checks_name_the_field(overrides, field):
 
 
 def test_phrase_training_keys_default_off_and_compose():
-    cfg = _compose(["data=openpecha"])  # (the demo trains on phrases: conf/data/demo.yaml sets text_span.p=1)
+    cfg = _compose(["data=openpecha"])
     assert cfg.data.text_span.p == 0.0 and cfg.data.group_batches_by is None and cfg.data.min_batch_size == 2
-    assert _compose().data.text_span.p == 1.0
+    assert _compose().data.text_span.p == 0.0  # the demo too: whole lines, as its reader was trained
     assert cfg.loss.name == "infonce"
     siglip = _compose(["loss=siglip", "data.text_span.p=0.3", "data.group_batches_by=page_id"])
     check_config(siglip)
@@ -250,7 +273,7 @@ def test_help_lists_hydra_groups_only_and_launch_configs_load_in_accelerate():
     help_text = subprocess.run([sys.executable, "-m", "lineclip.train", "--help"], capture_output=True, text=True,
                                timeout=120).stdout
     groups = help_text.split("== Config groups (group=option) ==")[1].split("== Config (key=value")[0]
-    assert "model: dinov2_base, dinov2_cpu" in groups and "accelerate" not in groups
+    assert "model: cpu_reader, dinov2_base, dinov2_cpu" in groups and "accelerate" not in groups
     launch = CONF.parent / "launch"
     configs = {p.stem: load_config_from_file(str(p)) for p in sorted(launch.glob("*.yaml"))}
     assert configs["cpu_2proc"].num_processes == 2 and configs["multi_node"].num_machines == 2

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from usage_support import TINY
 
 from lineclip.batch import BucketBatchSampler, LineCollator, LineDataset
 from lineclip.config import asset_dir, compose
@@ -138,7 +139,7 @@ def test_a_save_that_fails_on_one_process_stops_every_process(tmp_path):
 @pytest.mark.slow
 def test_two_process_cli_writes_one_complete_artifact_set(tmp_path):
     out = tmp_path / "run"
-    torchrun("-m", "lineclip.train", f"hydra.run.dir={out}", "data.batch_size=8", "trainer.max_steps=3",
+    torchrun("-m", "lineclip.train", *TINY, f"hydra.run.dir={out}", "data.batch_size=8", "trainer.max_steps=3",
              "trainer.checkpoint_every_steps=2", "trainer.progress_bar=false", "data.num_workers=0", "logger=wandb")
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     bundle = ["text_hierarchy_clip_text_encoder", "text_hierarchy_clip_text_projection_head.pt",
@@ -166,7 +167,7 @@ def _micro_batches(n_micro=3, per=4):
 
 
 def test_grad_cache_equals_one_big_batch_with_dropout_on():
-    cfg = compose("train", ["+text.config.dropout_rate=0.3"])
+    cfg = compose("train", [*TINY, "+text.config.dropout_rate=0.3"])
     torch.manual_seed(0)
     model, _, _ = build_model(cfg)
     model.train()
@@ -193,7 +194,7 @@ def test_grad_cache_equals_one_big_batch_with_dropout_on():
 def test_gradient_accumulation_sums_batches_without_adding_negatives():
     from lineclip.trainer import train_step
 
-    cfg = compose("train")
+    cfg = compose("train", list(TINY))
     torch.manual_seed(0)
     model, _, _ = build_model(cfg)
     model.eval()

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from usage_support import TINY
 
 from lineclip.config import compose
 
@@ -30,7 +31,7 @@ def test_optuna_search_composes_with_a_maximised_objective():
 def test_optuna_sweep_maximises_final_val_t2i_r1(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the `sweep` extra is not installed")
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "lineclip.train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+    cmd = [sys.executable, "-m", "lineclip.train", "-m", *TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=3",
            "trainer.max_steps=2", "trainer.export_embeddings=false", "logger=none", "trainer.progress_bar=false",
            "data.num_workers=0", f"hydra.sweep.dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})

@@ -51,7 +51,8 @@ def test_the_whole_run_config_builds_from_local_dirs(tmp_path):
     Dinov2Model(Dinov2Config(**TINY_VIT)).save_pretrained(tmp_path / "vit")
     T5EncoderModel(T5Config(**TINY_T5, is_encoder_decoder=False)).save_pretrained(tmp_path / "t5")
     ByT5Tokenizer().save_pretrained(tmp_path / "t5")
-    cfg = _cfg([f"model.name_or_path={tmp_path / 'vit'}", f"text.name_or_path={tmp_path / 't5'}"])
+    cfg = _cfg(["model=dinov2_base", "text=byt5_small", f"model.name_or_path={tmp_path / 'vit'}",
+                f"text.name_or_path={tmp_path / 't5'}"])
     model, _, tokenizer = build_model(cfg)
     assert model.image_backbone.config.hidden_size == 32 and model.text_encoder.config.d_model == 32
     assert model.image_head.output_dim == cfg.model.projection_dim
@@ -87,18 +88,37 @@ def test_dual_encoder_outputs_and_frozen_mask_token():
 
 
 def test_reading_heads_exist_in_training_only_and_read_the_columns():
-    model = DualEncoder(Dinov2Model(Dinov2Config(**TINY_VIT)), T5EncoderModel(T5Config(**TINY_T5)), projection_dim=16,
-                        reading_frames_per_column=3, reading_bag=True)
+    text = T5EncoderModel(T5Config(**{**TINY_T5, "dropout_rate": 0.0}))  # train mode, same numbers twice
+    model = DualEncoder(Dinov2Model(Dinov2Config(**TINY_VIT)), text, projection_dim=16,
+                        reading_frames_per_column=3, reading_bag=True, text_bag=True, bag_parts=3)
     pixels = torch.randn(2, 3, 28, 70)  # 2 x 5 patches of 14 px
-    out = model.train()(pixel_values=pixels)
-    assert out.reading_logits.shape == (2, 5 * 3, VOCAB_SIZE) and out.bag_logits.shape == (2, VOCAB_SIZE)
+    ids, mask = torch.randint(3, 259, (2, 6)), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    out = model.train()(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+    assert out.reading_logits.shape == (2, 5 * 3, VOCAB_SIZE) and out.bag_logits.shape == (2, 3 * VOCAB_SIZE)
+    # the text bag is read from what the text embedding is made of: the tower's masked mean
+    text_hidden = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out.text_bag_logits, model.text_bag_head(masked_mean(text_hidden, mask)))
     hidden = model.image_backbone(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(out.reading_logits, model.reading_head(hidden[:, 1:], rows=2))
-    evaluated = model.eval()(pixel_values=pixels)
-    assert evaluated.reading_logits is None and evaluated.bag_logits is None
+    evaluated = model.eval()(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+    assert evaluated.reading_logits is None and evaluated.bag_logits is None and evaluated.text_bag_logits is None
     torch.testing.assert_close(evaluated.image, model.encode_image(pixels))
 
 
 def test_masked_mean_ignores_padding():
     hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
     assert masked_mean(hidden, torch.tensor([[1, 1, 0]])).item() == 2.0
+
+
+def test_init_from_says_which_chosen_tower_config_it_does_not_use(caplog):
+    """The demo starts from the shipped reader: its towers are the bundle's, so a text= chosen beside it is not
+    what trains, and one warning says so; the demo's own choice (text=byt5_cpu) is the reader's and says nothing."""
+    with caplog.at_level("WARNING", logger="lineclip.trainer"):
+        model, _, _ = build_model(_cfg())
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="lineclip.trainer"):
+        model, _, _ = build_model(_cfg(["text=byt5_tiny"]))
+    assert model.text_encoder.config.d_model == 128  # the reader's tower, not byt5_tiny's 64
+    [record] = caplog.records
+    assert "text.config" in record.getMessage() and "d_model=64 (128)" in record.getMessage()
+    assert "model.config" not in record.getMessage()

@@ -24,6 +24,9 @@ from lineclip.metrics import retrieval_metrics
 from lineclip.preprocess import IMAGENET_MEAN, IMAGENET_STD, LineGeometry, LineImageTransform
 from lineclip.trainer import build_model, grad_cache_step, train
 
+# The tiny random towers (the demo's default is the shipped reader): these checks are about the mechanics
+TINY = ["model=dinov2_tiny", "text=byt5_tiny"]
+
 
 def flat_params(model):
     return torch.cat([p.detach().float().flatten() for p in model.parameters()])
@@ -59,7 +62,7 @@ def single_process_val_metrics(model, cfg):
 
 
 def check_train(out_dir: Path, overrides):
-    cfg = compose("train", [f"output_dir={out_dir / 'run'}", *overrides])
+    cfg = compose("train", [*TINY, f"output_dir={out_dir / 'run'}", *overrides])
     result = train(cfg)
     params = flat_params(result.model)
     report = {
@@ -83,7 +86,7 @@ def check_grads(out_dir: Path, per_rank: int = 4):
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(cpu=True)
-    cfg = compose("train", ["data.num_workers=0"])
+    cfg = compose("train", [*TINY, "data.num_workers=0"])
     demo = asset_dir("demo")
     records, _ = read_manifest(demo / "train" / "meta" / "lines.jsonl", demo)
     dataset = LineDataset(records, LineImageTransform("bdrc", LineGeometry()))
@@ -148,7 +151,7 @@ def check_siglip_phrase_grads(accelerator, batch, lines, per_rank):
     from lineclip.batch import TrainTexts
     from lineclip.trainer import train_step
 
-    cfg = compose("train", ["data.num_workers=0", "loss=siglip"])
+    cfg = compose("train", [*TINY, "data.num_workers=0", "loss=siglip"])
     n = 2 * per_rank
     lines = list(lines)
     lines[1] = f"{lines[1]} {lines[n - 1]}"
@@ -208,7 +211,7 @@ def check_export(out_dir: Path, n_lines: int = 13, batch: int = 3):
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     set_seed(0)
-    model, _, _ = build_model(compose("train", ["data.num_workers=0"]))
+    model, _, _ = build_model(compose("train", [*TINY, "data.num_workers=0"]))
     model.eval()
     demo = asset_dir("demo")
     records, _ = read_manifest(demo / "eval" / "meta" / "lines.jsonl", demo)
@@ -273,7 +276,7 @@ def check_save_fails(out_dir: Path, overrides):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         checkpoint.save_bundle = full_disk
-    cfg = compose("train", [f"output_dir={out_dir / 'run'}", *overrides])
+    cfg = compose("train", [*TINY, f"output_dir={out_dir / 'run'}", *overrides])
     try:
         train(cfg)
         outcome = {"error": None}
