@@ -135,11 +135,11 @@ def ship(run: Path, card: str) -> Path:
     for entry in BUNDLE:
         src = directory / f"{prefix}{entry}"
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / entry)
-    # The run's own paths (this machine's data dirs) mean nothing in a user's install: name them relative to --work.
+    # The run's own paths (this machine's data dirs) mean nothing in a user's install: name them relative to --work,
+    # in the config and in the card (its evaluation tables print the run and manifest paths).
     config = (dest / "training_config.json").read_text(encoding="utf-8")
-    (dest / "training_config.json").write_text(config.replace(str(run.parent), "<pretrain_reader --work>"),
-                                              encoding="utf-8")
-    (dest / "README.md").write_text(card, encoding="utf-8")
+    for name, text in (("training_config.json", config), ("README.md", card)):
+        (dest / name).write_text(text.replace(str(run.parent), "<pretrain_reader --work>"), encoding="utf-8")
     write_reading_head(run, dest)
     return dest
 
