@@ -650,6 +650,7 @@ def _train(cfg: DictConfig) -> TrainResult:
     shown = StepLog(accelerator, cfg, output_dir, model, total_steps, state.step)
     pending: list[dict[str, Any]] = []  # micro-batches of the current grad-cache step
     bad_in_a_row, interrupted = 0, False
+    reading_weights = ReadingWeights.from_loss(cfg.loss)
     model.train()
     with checkpointer.stop_on_sigterm():
         while state.step < total_steps and not interrupted:
@@ -672,7 +673,7 @@ def _train(cfg: DictConfig) -> TrainResult:
                     continue
                 result = train_step(accelerator, model, pending, data.train_texts, opt.gather,
                                     grad_cache=bool(opt.grad_cache),
-                                    reading_weights=ReadingWeights.from_loss(cfg.loss))
+                                    reading_weights=reading_weights)
                 pending = []
                 # A non-finite loss (on any process) skips the whole step; too many in a row stop the run.
                 non_finite, stop_now = any_rank(accelerator, not torch.isfinite(result.loss).item(),
